@@ -1,0 +1,142 @@
+"""The serialized compression config: `quantization_config` with `quant_method: "agentos"` in `config.json`."""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .version import FORMAT_VERSION, __version__
+
+
+QUANT_METHOD = "agentos"
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_METHODS = ("rtn", "gptq")
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+# Kept in full precision unless the user targets them explicitly: output head and embeddings.
+DEFAULT_IGNORE = ("lm_head", "re:.*embed.*", "re:.*wte$", "re:.*wpe$")
+
+
+class CheckpointVersionError(ValueError):
+    """A checkpoint written by a newer library than the one installed."""
+
+
+@dataclass
+class AgentOSConfig(QuantizationConfigMixin):
+    """Weight-only quantization settings, also the `quantization_config` stored in `config.json`.
+
+    Args:
+        bits (`int`, *optional*, defaults to `4`):
+            Bits per weight, one of 2, 3, 4, 8.
+        group_size (`int`, *optional*, defaults to `128`):
+            Input columns sharing one scale and zero point; `-1` means one group per output channel. A power of two.
+            When it does not divide a layer's input features the last group of that layer is shorter.
+        sym (`bool`, *optional*, defaults to `False`):
+            Symmetric quantization (zero point fixed at the middle of the range) instead of min/max asymmetric.
+        method (`str`, *optional*, defaults to `"rtn"`):
+            `"rtn"` (round to nearest, no data) or `"gptq"` (calibrated, Frantar et al. 2022).
+        damp_percent (`float`, *optional*, defaults to `0.01`):
+            GPTQ: fraction of the mean Hessian diagonal added to the diagonal before inversion.
+        act_order (`bool`, *optional*, defaults to `False`):
+            GPTQ: quantize columns by decreasing Hessian diagonal. Group parameters are fixed before the pass so the
+            stored format (contiguous groups) does not change.
+        block_size (`int`, *optional*, defaults to `128`):
+            GPTQ: columns updated together (lazy batch updates).
+        target (`list[str]`, *optional*):
+            Modules to quantize. Plain strings match a module name or its last components (`"q_proj"` matches
+            `model.layers.0.self_attn.q_proj`); `"re:<regex>"` matches the full name. `None` means every supported
+            linear layer not ignored.
+        ignore (`list[str]`, *optional*):
+            Modules kept in full precision, same syntax. Defaults to the output head and embeddings.
+        scale_dtype (`str`, *optional*, defaults to `"float16"`):
+            dtype of the stored scales.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    method: str = "rtn"
+    damp_percent: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+    target: list[str] | None = None
+    ignore: list[str] | None = None
+    scale_dtype: str = "float16"
+    format_version: int = FORMAT_VERSION
+    library_version: str = __version__
+    quant_method: str = field(default=QUANT_METHOD)
+
+    def __post_init__(self):
+        self.quant_method = QUANT_METHOD
+        if self.ignore is None:
+            self.ignore = list(DEFAULT_IGNORE)
+        self.target = list(self.target) if self.target is not None else None
+        self.ignore = list(self.ignore)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a `ValueError` naming the bad field and the accepted values."""
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={self.bits!r} is not supported; use one of {SUPPORTED_BITS}.")
+        gs = self.group_size
+        if not isinstance(gs, int) or isinstance(gs, bool) or (gs != -1 and (gs < 2 or gs & (gs - 1))):
+            raise ValueError(
+                f"group_size={gs!r} must be -1 (one group per output channel) or a power of two >= 2, e.g. 64 or 128."
+            )
+        if self.method not in SUPPORTED_METHODS:
+            raise ValueError(f"method={self.method!r} is not supported; use one of {SUPPORTED_METHODS}.")
+        if not 0 <= self.damp_percent < 1:
+            raise ValueError(f"damp_percent={self.damp_percent!r} must be in [0, 1), typically 0.01.")
+        if self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size!r} must be a positive number of columns.")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype={self.scale_dtype!r} must be one of {SCALE_DTYPES}.")
+        for name in ("target", "ignore"):
+            for pattern in getattr(self, name) or []:
+                if not isinstance(pattern, str) or not pattern:
+                    raise ValueError(f"{name} entries must be non-empty strings, got {pattern!r}.")
+                if pattern.startswith("re:"):
+                    try:
+                        re.compile(pattern[3:])
+                    except re.error as err:
+                        raise ValueError(f"{name} pattern {pattern!r} is not a valid regex: {err}") from err
+        if self.format_version > FORMAT_VERSION:
+            raise CheckpointVersionError(
+                f"This checkpoint uses agentos format version {self.format_version}, written by optimum-agentos "
+                f"{self.library_version}; the installed optimum-agentos {__version__} reads up to version "
+                f"{FORMAT_VERSION}. Upgrade with `pip install -U optimum-agentos`."
+            )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
+        """Build from a `quantization_config` dict, rejecting unknown keys (a typo must not pass silently)."""
+        config_dict = dict(config_dict)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config_dict) - known)
+        if unknown:
+            raise ValueError(f"Unknown agentos quantization_config keys {unknown}; known keys are {sorted(known)}.")
+        config = cls(**config_dict)
+        unused = {}
+        for key, value in kwargs.items():
+            if key in known:
+                setattr(config, key, value)
+            else:
+                unused[key] = value
+        if kwargs:
+            config.validate()
+        return (config, unused) if return_unused_kwargs else config
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+        data["quant_method"] = QUANT_METHOD
+        return data
+
+    def stamped(self) -> "AgentOSConfig":
+        """A copy carrying this library's format and package versions, written on save."""
+        config = copy.deepcopy(self)
+        config.format_version = FORMAT_VERSION
+        config.library_version = __version__
+        return config

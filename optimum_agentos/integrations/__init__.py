@@ -1,0 +1,1 @@
+"""Glue with the rest of the HF stack: transformers quantizer registration, PEFT dispatch, optimum-cli."""

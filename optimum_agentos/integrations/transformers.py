@@ -1,0 +1,110 @@
+"""The transformers side of `quant_method: "agentos"`: config + `HfQuantizer`, registered on import."""
+
+from __future__ import annotations
+
+import torch
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.utils import logging
+
+from ..config import QUANT_METHOD, AgentOSConfig
+from ..quantization import rtn
+from ..quantization.linear import SCALE_DTYPES, QuantLinear
+from ..quantization.packing import pack
+from ..quantization.replace import replace_with_quant_linear
+
+
+logger = logging.get_logger(__name__)
+
+
+class AgentOSQuantizeOp(ConversionOps):
+    """Quantize-on-load: turns one float checkpoint weight into the packed tensors of its `QuantLinear`."""
+
+    def __init__(self, hf_quantizer: "AgentOSHfQuantizer"):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, model=None, full_layer_name=None, missing_keys=None, **kwargs):
+        target_key, value = next(iter(input_dict.items()))
+        value = value[0] if isinstance(value, (list, tuple)) else value
+        module = model.get_submodule(target_key.rpartition(".")[0])
+        weight = value.t() if getattr(module, "transposed", False) else value
+        config = self.hf_quantizer.quantization_config
+        codes, scales, zeros = rtn.quantize_rtn(
+            weight, config.bits, config.group_size, config.sym, SCALE_DTYPES[config.scale_dtype]
+        )
+        return {
+            target_key: pack(codes, config.bits),
+            f"{target_key}_scale": scales,
+            f"{target_key}_zero": zeros,
+        }
+
+
+class AgentOSHfQuantizer(HfQuantizer):
+    """Loads `agentos` checkpoints (packed tensors 1:1 into `QuantLinear`) and quantizes float ones on load (RTN)."""
+
+    requires_calibration = False
+    quantization_config: AgentOSConfig
+
+    def __init__(self, quantization_config: AgentOSConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        if not self.pre_quantized and quantization_config.method != "rtn":
+            raise ValueError(
+                f"Quantize-on-load only supports method='rtn' (no calibration data at load time); got "
+                f"method={quantization_config.method!r}. Use `optimum_agentos.Quantizer(...).quantize(...)` for GPTQ."
+            )
+
+    def validate_environment(self, *args, **kwargs):
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("agentos checkpoints cannot be offloaded to disk; drop 'disk' from device_map.")
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if self.pre_quantized:
+            return False
+        module_name, _, tensor_name = param_name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            return False
+        return isinstance(module, QuantLinear) and tensor_name == "weight"
+
+    def get_quantize_ops(self):
+        return AgentOSQuantizeOp(self)
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        names = replace_with_quant_linear(model, self.quantization_config)
+        logger.info(f"agentos: {len(names)} layers use int{self.quantization_config.bits} QuantLinear")
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        self.quantization_config = self.quantization_config.stamped()
+        model.config.quantization_config = self.quantization_config
+        return model
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype
+
+    def is_serializable(self, safe_serialization=None):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+    def _dequantize(self, model, dtype=None):
+        from ..quantization.convert import dequantize_model
+
+        return dequantize_model(model, dtype)
+
+
+def register() -> None:
+    """Register `"agentos"` with transformers once (importing the package twice must not raise)."""
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not AgentOSConfig:
+        register_quantization_config(QUANT_METHOD)(AgentOSConfig)
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not AgentOSHfQuantizer:
+        register_quantizer(QUANT_METHOD)(AgentOSHfQuantizer)

@@ -1,0 +1,132 @@
+"""`QuantLinear`: a linear layer whose weight is stored as packed integer codes plus per-group scales and zeros."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import packing, rtn
+
+
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class QuantLinear(nn.Module):
+    """Weight-only quantized replacement for `nn.Linear` and GPT-2's `Conv1D`.
+
+    Tensors (all plain, saved as they are in safetensors):
+    - `weight`: uint8, flat, the packed codes of the `[out_features, in_features]` weight (see `packing`);
+    - `weight_scale`: `[out_features, groups]` float scales;
+    - `weight_zero`: `[out_features, groups]` uint8 zero points;
+    - `bias`: optional, in the model's dtype.
+
+    Forward is the reference path: dequantize to the activation dtype, then `F.linear`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        bits: int = 4,
+        group_size: int = 128,
+        scale_dtype: torch.dtype = torch.float16,
+        dtype: torch.dtype | None = None,
+        device=None,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        groups = rtn.num_groups(in_features, group_size)
+        nbytes = out_features * packing.packed_row_bytes(in_features, bits)
+        self.weight = nn.Parameter(torch.empty(nbytes, dtype=torch.uint8, device=device), requires_grad=False)
+        self.weight_scale = nn.Parameter(
+            torch.empty(out_features, groups, dtype=scale_dtype, device=device), requires_grad=False
+        )
+        self.weight_zero = nn.Parameter(
+            torch.empty(out_features, groups, dtype=torch.uint8, device=device), requires_grad=False
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype or torch.float32, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        bits: int,
+        group_size: int,
+        sym: bool,
+        scale_dtype: torch.dtype = torch.float16,
+    ) -> "QuantLinear":
+        """Round-to-nearest quantize a float weight `[out, in]` into a new layer."""
+        codes, scales, zeros = rtn.quantize_rtn(weight.detach(), bits, group_size, sym, scale_dtype)
+        return cls.from_codes(codes, scales, zeros, bias, bits, group_size)
+
+    @classmethod
+    def from_codes(cls, codes, scales, zeros, bias, bits, group_size) -> "QuantLinear":
+        """Build a layer from integer codes `[out, in]` and group parameters (e.g. GPTQ's output)."""
+        out_features, in_features = codes.shape
+        layer = cls(
+            in_features,
+            out_features,
+            bias=bias is not None,
+            bits=bits,
+            group_size=group_size,
+            scale_dtype=scales.dtype,
+            dtype=None if bias is None else bias.dtype,
+            device=codes.device,
+        )
+        layer.load_codes(codes, scales, zeros)
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
+    def load_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+        """Replace the stored weight by new codes and group parameters (shapes must match the layer)."""
+        if codes.shape != (self.out_features, self.in_features):
+            raise ValueError(f"codes of shape {tuple(codes.shape)} do not fit a {self.out_features}x{self.in_features} layer")
+        self.weight.data = packing.pack(codes, self.bits)
+        self.weight_scale.data = scales.to(self.weight_scale.dtype).contiguous()
+        self.weight_zero.data = zeros.to(torch.uint8).contiguous()
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked integer codes `[out, in]`."""
+        return packing.unpack(self.weight, self.bits, self.out_features, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight `[out, in]` this layer computes with."""
+        if dtype is None:
+            dtype = self.bias.dtype if self.bias is not None else torch.float32
+        return rtn.dequantize_codes(self.codes(), self.weight_scale, self.weight_zero, self.group_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dequantize(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"bits={self.bits}, group_size={self.group_size}"
+        )
+
+
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """A supported layer's weight in `[out, in]` orientation (`Conv1D` stores it transposed)."""
+    if is_conv1d(module):
+        return module.weight.t()
+    return module.weight
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """`(in_features, out_features)` of an `nn.Linear` or `Conv1D`."""
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
