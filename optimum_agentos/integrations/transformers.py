@@ -8,7 +8,9 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils import logging
 
+from ..checkpoint import check_safetensors
 from ..config import QUANT_METHOD, AgentOSConfig
+from .peft import register_peft
 from ..quantization import rtn
 from ..quantization.linear import SCALE_DTYPES, QuantLinear
 from ..quantization.packing import pack
@@ -72,7 +74,10 @@ class AgentOSHfQuantizer(HfQuantizer):
     def get_quantize_ops(self):
         return AgentOSQuantizeOp(self)
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        for file in checkpoint_files or []:
+            if str(file).endswith(".safetensors"):
+                check_safetensors(file)
         names = replace_with_quant_linear(model, self.quantization_config)
         logger.info(f"agentos: {len(names)} layers use int{self.quantization_config.bits} QuantLinear")
         return model
@@ -80,6 +85,7 @@ class AgentOSHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         self.quantization_config = self.quantization_config.stamped()
         model.config.quantization_config = self.quantization_config
+        register_peft()
         return model
 
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
@@ -100,6 +106,17 @@ class AgentOSHfQuantizer(HfQuantizer):
         from ..quantization.convert import dequantize_model
 
         return dequantize_model(model, dtype)
+
+
+def attach_quantizer(model, config: AgentOSConfig) -> None:
+    """Mark a model quantized in memory (not via `from_pretrained`) so `save_pretrained`/`push_to_hub` write the
+    agentos checkpoint and its `quantization_config`."""
+    config = config.stamped()
+    model.hf_quantizer = AgentOSHfQuantizer(config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    model.config.quantization_config = config
+    register_peft()
 
 
 def register() -> None:

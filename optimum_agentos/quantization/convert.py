@@ -11,7 +11,7 @@ from .targets import resolve_targets
 from .replace import check_group_size
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -25,7 +25,7 @@ def quantize_model_rtn(model: nn.Module, config: AgentOSConfig) -> list[str]:
         new = QuantLinear.from_float(
             float_weight(old), old.bias, config.bits, config.group_size, config.sym, SCALE_DTYPES[config.scale_dtype]
         )
-        _set_module(model, name, new)
+        set_module(model, name, new)
     return names
 
 
@@ -38,5 +38,5 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             linear.weight = nn.Parameter(weight)
             if module.bias is not None:
                 linear.bias = nn.Parameter(module.bias.detach().to(weight.dtype))
-            _set_module(model, name, linear)
+            set_module(model, name, linear)
     return model

@@ -1,0 +1,139 @@
+"""Block-by-block calibration: run calibration data through one decoder block at a time, collecting each target
+layer's input Hessian with forward hooks (no tracing, no whole-model activation store).
+
+Peak memory is the model plus one block's inputs for the calibration set. GPTQ here and SparseGPT/Wanda in the
+pruner plug in through `process_block`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .hessian import HessianAccumulator
+
+
+logger = logging.get_logger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first block's inputs are stored."""
+
+
+def find_blocks(model: nn.Module, layer_names: list[str]) -> tuple[str, nn.ModuleList]:
+    """The `nn.ModuleList` of repeated blocks (decoder/encoder layers) holding the most target layers."""
+    best, best_count = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            prefix = f"{name}."
+            count = sum(n.startswith(prefix) for n in layer_names)
+            if count > best_count:
+                best, best_count = (name, module), count
+    if best is None:
+        raise ValueError(
+            f"{type(model).__name__} has no list of repeated blocks holding the target layers; calibrated methods "
+            "need one (e.g. model.layers). Use method='rtn' instead."
+        )
+    return best
+
+
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor]) -> list[tuple]:
+    """Run the model up to `first_block` for each batch and keep that block's `(args, kwargs)`."""
+    captured = []
+
+    def hook(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids, **({"use_cache": False} if _accepts_use_cache(model) else {}))
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _accepts_use_cache(model: nn.Module) -> bool:
+    return hasattr(getattr(model, "config", None), "use_cache")
+
+
+class _SharedInputHessians:
+    """One accumulator per distinct input tensor: q/k/v (or gate/up) read the same tensor and share one Hessian."""
+
+    def __init__(self):
+        self.of_layer: dict[str, HessianAccumulator] = {}
+        self._seen: list[tuple[torch.Tensor, HessianAccumulator]] = []
+
+    def new_batch(self) -> None:
+        self._seen = []
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        for ref, acc in self._seen:
+            if ref is x:  # the reference keeps the tensor alive, so identity cannot be a reused address
+                self.of_layer.setdefault(name, acc)
+                return
+        acc = self.of_layer.setdefault(name, HessianAccumulator(x.shape[-1], device=x.device))
+        acc.add(x)
+        self._seen.append((x, acc))
+
+
+def _block_output(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def run_blockwise(
+    model: nn.Module,
+    layer_names: list[str],
+    calibration_ids: torch.Tensor,
+    process_block: Callable[[dict[str, nn.Module], dict[str, HessianAccumulator]], None],
+    batch_size: int = 8,
+    desc: str = "Calibrating",
+) -> list[str]:
+    """Calibrate every block holding target layers, in order; returns the target layers no block holds.
+
+    `process_block(layers, hessians)` receives the block's target layers by full name and their input Hessian
+    accumulators; it replaces or edits the layers in place. The block is then run again so the next block sees
+    the inputs the compressed model will produce.
+    """
+    if calibration_ids.numel() == 0:
+        raise ValueError("The calibration set is empty; pass at least one window of token ids.")
+    was_training = model.training
+    model.eval()
+    blocks_name, blocks = find_blocks(model, layer_names)
+    batches = list(torch.split(calibration_ids, batch_size))
+    inputs = capture_block_inputs(model, blocks[0], batches)
+    modules = dict(model.named_modules())
+    covered = set()
+    for index in tqdm(range(len(blocks)), desc=desc, unit="block"):
+        prefix = f"{blocks_name}.{index}."
+        names = [n for n in layer_names if n.startswith(prefix)]
+        block = blocks[index]
+        if names:
+            covered.update(names)
+            hessians = _SharedInputHessians()
+            handles = [
+                modules[n].register_forward_hook(lambda m, args, out, n=n: hessians.add(n, args[0])) for n in names
+            ]
+            try:
+                for args, kwargs in inputs:
+                    hessians.new_batch()
+                    block(*args, **kwargs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            hessians.new_batch()
+            process_block({n: modules[n] for n in names}, hessians.of_layer)
+            modules = dict(model.named_modules())
+        if index + 1 < len(blocks):
+            inputs = [((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+    model.train(was_training)
+    return [n for n in layer_names if n not in covered]

@@ -1,0 +1,80 @@
+"""GPTQ (Frantar et al. 2022) on one weight matrix: a pure function of the weight and its calibration Hessian."""
+
+from __future__ import annotations
+
+import torch
+
+from .hessian import inverse_cholesky, prepare_dead_columns
+from .rtn import compute_qparams, effective_group_size
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    damp_percent: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+    scale_dtype: torch.dtype = torch.float16,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize `weight` (`[out, in]`) column by column, pushing each column's rounding error onto the columns not
+    yet quantized through the inverse Hessian. Returns `(codes [out, in] uint8, scales [out, groups], zeros)`.
+
+    Groups are contiguous input columns (the last one may be shorter). Without `act_order` a group's scale and zero
+    are fitted when its first column is reached, on the error-updated weights (as in the paper's code); with
+    `act_order` columns go by decreasing Hessian diagonal and every group is fitted up front on the original weights,
+    so the stored layout stays contiguous groups.
+    """
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().clone()
+    out_features, n = w.shape
+    gs = effective_group_size(n, group_size)
+    groups = -(-n // gs)
+    maxq = (1 << bits) - 1
+    prepare_dead_columns(w, h)
+
+    scales = torch.zeros(out_features, groups, dtype=torch.float32)
+    zeros = torch.zeros(out_features, groups, dtype=torch.float32)
+    fitted = torch.zeros(groups, dtype=torch.bool)
+
+    def fit(g: int, columns: torch.Tensor) -> None:
+        scale, zero = compute_qparams(columns, bits, sym)
+        scale = scale.to(scale_dtype).float()  # quantize with exactly the scale that is stored
+        scales[:, g] = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zeros[:, g] = zero
+        fitted[g] = True
+
+    if act_order:
+        for g in range(groups):
+            fit(g, w[:, g * gs : (g + 1) * gs])
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    else:
+        perm = torch.arange(n)
+
+    hinv = inverse_cholesky(h, damp_percent)
+    codes = torch.zeros(out_features, n, dtype=torch.float32)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // gs
+            if not fitted[g]:  # no act_order: columns arrive in order, so this is the group's first column
+                rest = torch.cat([w1[:, i:], w[:, i2:]], dim=1)
+                fit(g, rest[:, : min(gs, n - col)])
+            scale, zero = scales[:, g], zeros[:, g]
+            column = w1[:, i]
+            q = torch.clamp(torch.round(column / scale) + zero, 0, maxq)
+            codes[:, i1 + i] = q
+            err = (column - (q - zero) * scale) / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    codes = codes[:, torch.argsort(perm)]
+    return codes.to(torch.uint8), scales.to(scale_dtype), zeros.to(torch.uint8)
