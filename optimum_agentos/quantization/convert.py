@@ -16,10 +16,11 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def quantize_model_rtn(model: nn.Module, config: AgentOSConfig) -> list[str]:
-    """Round-to-nearest quantize the selected layers of a loaded float model in place; returns their names."""
-    names = resolve_targets(model, config.target, config.ignore)
-    check_group_size(model, names, config)
+def quantize_model_rtn(model: nn.Module, config: AgentOSConfig, names: list[str] | None = None) -> list[str]:
+    """Round-to-nearest quantize the selected layers (or exactly `names`) of a float model in place."""
+    if names is None:
+        names = resolve_targets(model, config.target, config.ignore)
+        check_group_size(model, names, config)
     for name in names:
         old = model.get_submodule(name)
         new = QuantLinear.from_float(

@@ -87,7 +87,7 @@ class Quantizer(OptimumQuantizer):
         names = resolve_targets(self.model, config.target, config.ignore)
         check_group_size(self.model, names, config)
         if config.method == "rtn":
-            quantize_model_rtn(self.model, config)
+            quantize_model_rtn(self.model, config, names)
         else:
             if calibration_dataset is None:
                 raise ValueError("method='gptq' needs calibration data: pass calibration_dataset='wikitext2' or texts.")
@@ -97,7 +97,7 @@ class Quantizer(OptimumQuantizer):
             )
             if leftover:
                 logger.warning(f"{len(leftover)} target layers sit outside the repeated blocks; quantized with RTN: {leftover}")
-                quantize_model_rtn(self.model, AgentOSConfig(**{**config.to_dict(), "target": leftover, "method": "rtn"}))
+                quantize_model_rtn(self.model, config, names=leftover)
         attach_quantizer(self.model, config)
         self.stats = {"layers": len(names), "seconds": time.perf_counter() - start}
         return self.model

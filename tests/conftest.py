@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny models built from configs (no download) and fresh-process helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name -> (config class, model class, config kwargs); each has Linear (or Conv1D) layers with 96/160 widths, so
+# group_size=64 leaves a shorter last group (96 = 64 + 32) on every layer.
+TINY_MODELS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=96, n_layer=2, n_head=4, n_positions=64,
+                                                  bos_token_id=0, eos_token_id=0)),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(vocab_size=128, hidden_size=96, ffn_dim=160, num_hidden_layers=2,
+                                                num_attention_heads=4, word_embed_proj_dim=96, max_position_embeddings=64,
+                                                bos_token_id=0, eos_token_id=0, pad_token_id=1)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True)),
+    "bert": ("BertConfig", "BertForSequenceClassification", dict(
+        vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, num_labels=2)),
+}
+
+
+def build_tiny(kind: str, seed: int = 0):
+    """A tiny randomly initialised model of the given family, in eval mode."""
+    config_cls, model_cls, kwargs = TINY_MODELS[kind]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**kwargs)
+    return getattr(transformers, model_cls)(config).eval()
+
+
+def sample_ids(n: int = 4, length: int = 24, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, 128, (n, length), generator=g)
+
+
+def model_output(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """Save a tiny float model of a family and return its folder."""
+
+    def make(kind: str) -> Path:
+        folder = tmp_path / f"{kind}-fp"
+        build_tiny(kind).save_pretrained(folder)
+        return folder
+
+    return make
+
+
+def run_python(code: str, env: dict | None = None, timeout: int = 300) -> str:
+    """Run `code` in a fresh interpreter (the "it loads" proof); return stdout, fail with stderr on error."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def run_python_expect_failure(code: str, env: dict | None = None, timeout: int = 300) -> str:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+    assert proc.returncode != 0, f"expected a failure, got success:\n{proc.stdout[-2000:]}"
+    return proc.stderr
+
+
+def read_quant_config(folder: Path) -> dict:
+    return json.loads((Path(folder) / "config.json").read_text())["quantization_config"]

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from optimum_agentos.quantization import rtn
+from optimum_agentos.quantization.gptq import gptq_quantize
+from optimum_agentos.quantization.hessian import HessianAccumulator
+
+
+def correlated_inputs(n=2048, dim=96, rank=16, seed=0):
+    """Activations as in real layers: most energy in a few directions, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    low_rank = torch.randn(n, rank, generator=g) @ torch.randn(rank, dim, generator=g)
+    return low_rank + 0.1 * torch.randn(n, dim, generator=g)
+
+
+def output_error(w, codes, scales, zeros, group_size, x):
+    deq = rtn.dequantize_codes(codes, scales, zeros, group_size)
+    return ((x @ w.t() - x @ deq.t()) ** 2).mean().item()
+
+
+def test_identity_hessian_reduces_to_rtn():
+    w = torch.randn(16, 96, generator=torch.Generator().manual_seed(0))
+    codes, scales, zeros = gptq_quantize(w, torch.eye(96), 4, 64, sym=False, damp_percent=0.0)
+    ref = rtn.quantize_rtn(w, 4, 64, sym=False)
+    assert torch.equal(codes, ref[0]) and torch.equal(scales, ref[1]) and torch.equal(zeros, ref[2])
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [64, -1])
+def test_gptq_beats_rtn_on_layer_output(act_order, group_size):
+    x = correlated_inputs()
+    w = torch.randn(32, 96, generator=torch.Generator().manual_seed(2))
+    acc = HessianAccumulator(96)
+    for chunk in x.split(500):
+        acc.add(chunk)
+    codes, scales, zeros = gptq_quantize(w, acc.hessian(), 3, group_size, sym=False, act_order=act_order)
+    assert codes.shape == w.shape and scales.shape[1] == rtn.num_groups(96, group_size)
+    gptq_err = output_error(w, codes, scales, zeros, group_size, x)
+    rtn_err = output_error(w, *rtn.quantize_rtn(w, 3, group_size, sym=False), group_size, x)
+    assert gptq_err < 0.25 * rtn_err  # measured ~0.05-0.1x on this data
+
+
+def test_hessian_accumulator_matches_definition():
+    x = torch.randn(3, 10, 8)
+    acc = HessianAccumulator(8)
+    acc.add(x[:2])
+    acc.add(x[2:])
+    flat = x.reshape(-1, 8)
+    assert torch.allclose(acc.hessian(), 2 * flat.t() @ flat / 30, atol=1e-5)
+
+
+def test_dead_inputs_get_zero_weight():
+    h = torch.eye(8)
+    h[3, 3] = 0
+    w = torch.randn(4, 8)
+    codes, scales, zeros = gptq_quantize(w, h, 8, -1, sym=True)
+    assert (rtn.dequantize_codes(codes, scales, zeros, -1)[:, 3] == 0).all()
+
+
+def test_empty_calibration_is_an_error():
+    with pytest.raises(ValueError, match="calibration"):
+        HessianAccumulator(4).hessian()
