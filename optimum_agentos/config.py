@@ -15,6 +15,7 @@ from .version import FORMAT_VERSION, __version__
 QUANT_METHOD = "agentos"
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_METHODS = ("rtn", "gptq")
+SUPPORTED_OBSERVERS = ("minmax", "mse")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 # Kept in full precision unless the user targets them explicitly: output head and embeddings.
 DEFAULT_IGNORE = ("lm_head", "re:.*embed.*", "re:.*wte$", "re:.*wpe$")
@@ -40,9 +41,14 @@ class AgentOSConfig(QuantizationConfigMixin):
             `"rtn"` (round to nearest, no data) or `"gptq"` (calibrated, Frantar et al. 2022).
         damp_percent (`float`, *optional*, defaults to `0.01`):
             GPTQ: fraction of the mean Hessian diagonal added to the diagonal before inversion.
-        act_order (`bool`, *optional*, defaults to `False`):
+        act_order (`bool`, *optional*, defaults to `True`):
             GPTQ: quantize columns by decreasing Hessian diagonal. Group parameters are fixed before the pass so the
-            stored format (contiguous groups) does not change.
+            stored format (contiguous groups) does not change. On SmolLM2-135M int4 g128 it lowers WikiText-2
+            perplexity from 41.4 to 37.3 (8 windows of 512, fp32 30.4).
+        observer (`str`, *optional*):
+            How a group's range is chosen: `"minmax"` or `"mse"` (shrink the range up to 20% when that lowers the
+            group's squared rounding error). `None` picks `"mse"` for GPTQ (37.3 -> 35.6 above) and `"minmax"` for
+            RTN, where the weight-space error is a poor guide (41.5 -> 45.9 above).
         block_size (`int`, *optional*, defaults to `128`):
             GPTQ: columns updated together (lazy batch updates).
         target (`list[str]`, *optional*):
@@ -60,7 +66,8 @@ class AgentOSConfig(QuantizationConfigMixin):
     sym: bool = False
     method: str = "rtn"
     damp_percent: float = 0.01
-    act_order: bool = False
+    act_order: bool = True
+    observer: str | None = None
     block_size: int = 128
     target: list[str] | None = None
     ignore: list[str] | None = None
@@ -90,6 +97,8 @@ class AgentOSConfig(QuantizationConfigMixin):
             raise ValueError(f"method={self.method!r} is not supported; use one of {SUPPORTED_METHODS}.")
         if not 0 <= self.damp_percent < 1:
             raise ValueError(f"damp_percent={self.damp_percent!r} must be in [0, 1), typically 0.01.")
+        if self.observer is not None and self.observer not in SUPPORTED_OBSERVERS:
+            raise ValueError(f"observer={self.observer!r} is not supported; use one of {SUPPORTED_OBSERVERS} or None.")
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size!r} must be a positive number of columns.")
         if self.scale_dtype not in SCALE_DTYPES:
@@ -133,6 +142,12 @@ class AgentOSConfig(QuantizationConfigMixin):
         data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
         data["quant_method"] = QUANT_METHOD
         return data
+
+    @property
+    def mse_grid(self) -> int:
+        """Range-shrink steps searched per group: 20 for the `"mse"` observer, 0 for `"minmax"`."""
+        observer = self.observer or ("mse" if self.method == "gptq" else "minmax")
+        return 20 if observer == "mse" else 0
 
     def stamped(self) -> "AgentOSConfig":
         """A copy carrying this library's format and package versions, written on save."""

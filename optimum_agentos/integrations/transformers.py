@@ -33,7 +33,7 @@ class AgentOSQuantizeOp(ConversionOps):
         weight = value.t() if getattr(module, "transposed", False) else value
         config = self.hf_quantizer.quantization_config
         codes, scales, zeros = rtn.quantize_rtn(
-            weight, config.bits, config.group_size, config.sym, SCALE_DTYPES[config.scale_dtype]
+            weight, config.bits, config.group_size, config.sym, SCALE_DTYPES[config.scale_dtype], config.mse_grid
         )
         return {
             target_key: pack(codes, config.bits),

@@ -24,7 +24,8 @@ def quantize_model_rtn(model: nn.Module, config: AgentOSConfig, names: list[str]
     for name in names:
         old = model.get_submodule(name)
         new = QuantLinear.from_float(
-            float_weight(old), old.bias, config.bits, config.group_size, config.sym, SCALE_DTYPES[config.scale_dtype]
+            float_weight(old), old.bias, config.bits, config.group_size, config.sym, SCALE_DTYPES[config.scale_dtype],
+            config.mse_grid,
         )
         set_module(model, name, new)
     return names

@@ -18,6 +18,7 @@ def gptq_quantize(
     act_order: bool = False,
     block_size: int = 128,
     scale_dtype: torch.dtype = torch.float16,
+    mse_grid: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize `weight` (`[out, in]`) column by column, pushing each column's rounding error onto the columns not
     yet quantized through the inverse Hessian. Returns `(codes [out, in] uint8, scales [out, groups], zeros)`.
@@ -40,7 +41,7 @@ def gptq_quantize(
     fitted = torch.zeros(groups, dtype=torch.bool)
 
     def fit(g: int, columns: torch.Tensor) -> None:
-        scale, zero = compute_qparams(columns, bits, sym)
+        scale, zero = compute_qparams(columns, bits, sym, mse_grid)
         scale = scale.to(scale_dtype).float()  # quantize with exactly the scale that is stored
         scales[:, g] = torch.where(scale > 0, scale, torch.ones_like(scale))
         zeros[:, g] = zero

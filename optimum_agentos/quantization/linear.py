@@ -62,9 +62,10 @@ class QuantLinear(nn.Module):
         group_size: int,
         sym: bool,
         scale_dtype: torch.dtype = torch.float16,
+        mse_grid: int = 0,
     ) -> "QuantLinear":
         """Round-to-nearest quantize a float weight `[out, in]` into a new layer."""
-        codes, scales, zeros = rtn.quantize_rtn(weight.detach(), bits, group_size, sym, scale_dtype)
+        codes, scales, zeros = rtn.quantize_rtn(weight.detach(), bits, group_size, sym, scale_dtype, mse_grid)
         return cls.from_codes(codes, scales, zeros, bias, bits, group_size)
 
     @classmethod

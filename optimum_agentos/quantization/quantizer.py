@@ -107,6 +107,7 @@ class Quantizer(OptimumQuantizer):
             codes, scales, zeros = gptq_quantize(
                 float_weight(module), hessians[name].hessian(), config.bits, config.group_size, config.sym,
                 config.damp_percent, config.act_order, config.block_size, SCALE_DTYPES[config.scale_dtype],
+                config.mse_grid,
             )
             set_module(self.model, name, QuantLinear.from_codes(codes, scales, zeros, module.bias, config.bits, config.group_size))
 

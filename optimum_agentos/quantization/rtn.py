@@ -24,32 +24,59 @@ def expand_groups(params: torch.Tensor, in_features: int, group_size: int) -> to
     return params.repeat_interleave(gs, dim=1)[:, :in_features]
 
 
-def compute_qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point for each row of `w` (`[rows, cols]`, one group per row); zero is an integer code."""
+def _range_qparams(wmin, wmax, bits: int, sym: bool):
     maxq = (1 << bits) - 1
-    w = w.float()
     if sym:
-        amax = w.abs().amax(dim=1)
+        amax = torch.maximum(wmin.abs(), wmax.abs())
         scale = 2 * amax / maxq
         zero = torch.full_like(scale, float((maxq + 1) // 2))
     else:
-        wmin = w.amin(dim=1).clamp(max=0)
-        wmax = w.amax(dim=1).clamp(min=0)
         scale = (wmax - wmin) / maxq
         zero = torch.round(-wmin / torch.where(scale > 0, scale, torch.ones_like(scale)))
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return scale, zero.clamp(0, maxq)
 
 
+def compute_qparams(
+    w: torch.Tensor, bits: int, sym: bool, mse_grid: int = 0, max_shrink: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for each row of `w` (`[rows, cols]`, one group per row); zero is an integer code.
+
+    With `mse_grid > 0` the min/max range is shrunk by up to `max_shrink` in `mse_grid` steps and each row keeps
+    the range with the lowest squared rounding error (clipping a few outliers buys a finer grid for the rest).
+    """
+    maxq = (1 << bits) - 1
+    w = w.float()
+    wmin = w.amin(dim=1).clamp(max=0)
+    wmax = w.amax(dim=1).clamp(min=0)
+    scale, zero = _range_qparams(wmin, wmax, bits, sym)
+    if mse_grid <= 0:
+        return scale, zero
+    best = _rounding_error(w, scale, zero, maxq)
+    for step in range(1, mse_grid + 1):
+        shrink = 1 - max_shrink * step / mse_grid
+        s, z = _range_qparams(wmin * shrink, wmax * shrink, bits, sym)
+        err = _rounding_error(w, s, z, maxq)
+        better = err < best
+        scale, zero, best = torch.where(better, s, scale), torch.where(better, z, zero), torch.minimum(err, best)
+    return scale, zero
+
+
+def _rounding_error(w, scale, zero, maxq):
+    s, z = scale.unsqueeze(1), zero.unsqueeze(1)
+    q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+    return ((q - z) * s - w).pow(2).sum(dim=1)
+
+
 def group_qparams(
-    w: torch.Tensor, bits: int, group_size: int, sym: bool, scale_dtype: torch.dtype = torch.float16
+    w: torch.Tensor, bits: int, group_size: int, sym: bool, scale_dtype: torch.dtype = torch.float16, mse_grid: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group `(scales [out, groups] in scale_dtype, zeros [out, groups] uint8)` for a weight `[out, in]`."""
     out_features, in_features = w.shape
     gs = effective_group_size(in_features, group_size)
     scales, zeros = [], []
     for start in range(0, in_features, gs):
-        scale, zero = compute_qparams(w[:, start : start + gs], bits, sym)
+        scale, zero = compute_qparams(w[:, start : start + gs], bits, sym, mse_grid)
         scales.append(scale)
         zeros.append(zero)
     scales = torch.stack(scales, dim=1).to(scale_dtype)
@@ -78,7 +105,7 @@ def dequantize_codes(
     return ((codes.float() - zero) * scale).to(dtype)
 
 
-def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool, scale_dtype=torch.float16):
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool, scale_dtype=torch.float16, mse_grid: int = 0):
     """Round-to-nearest quantization of a weight `[out, in]`: returns `(codes, scales, zeros)`."""
-    scales, zeros = group_qparams(w, bits, group_size, sym, scale_dtype)
+    scales, zeros = group_qparams(w, bits, group_size, sym, scale_dtype, mse_grid)
     return quantize_codes(w, scales, zeros, bits, group_size), scales, zeros
