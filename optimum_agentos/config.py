@@ -59,6 +59,10 @@ class AgentOSConfig(QuantizationConfigMixin):
             Modules kept in full precision, same syntax. Defaults to the output head and embeddings.
         scale_dtype (`str`, *optional*, defaults to `"float16"`):
             dtype of the stored scales.
+        float_dtype (`str`, *optional*, defaults to `"float16"`):
+            dtype in which the checkpoint stores the weights kept unquantized (embeddings, an untied output head):
+            for SmolLM2 the fp32 embedding alone is 113 MB. The in-memory weights are rounded to it once, so a
+            reload is bit-exact. `None` keeps the model's dtype.
     """
 
     bits: int = 4
@@ -72,6 +76,7 @@ class AgentOSConfig(QuantizationConfigMixin):
     target: list[str] | None = None
     ignore: list[str] | None = None
     scale_dtype: str = "float16"
+    float_dtype: str | None = "float16"
     format_version: int = FORMAT_VERSION
     library_version: str = __version__
     quant_method: str = field(default=QUANT_METHOD)
@@ -103,6 +108,8 @@ class AgentOSConfig(QuantizationConfigMixin):
             raise ValueError(f"block_size={self.block_size!r} must be a positive number of columns.")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype={self.scale_dtype!r} must be one of {SCALE_DTYPES}.")
+        if self.float_dtype is not None and self.float_dtype not in SCALE_DTYPES:
+            raise ValueError(f"float_dtype={self.float_dtype!r} must be one of {SCALE_DTYPES} or None.")
         for name in ("target", "ignore"):
             for pattern in getattr(self, name) or []:
                 if not isinstance(pattern, str) or not pattern:

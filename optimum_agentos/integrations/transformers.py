@@ -13,6 +13,7 @@ from ..config import QUANT_METHOD, AgentOSConfig
 from .peft import register_peft
 from ..quantization import rtn
 from ..quantization.linear import SCALE_DTYPES, QuantLinear
+from ..quantization.kept_weights import round_kept_weights, state_dict_for_save
 from ..quantization.packing import pack
 from ..quantization.replace import replace_with_quant_linear
 
@@ -83,10 +84,15 @@ class AgentOSHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            round_kept_weights(model, self.quantization_config.float_dtype)
         self.quantization_config = self.quantization_config.stamped()
         model.config.quantization_config = self.quantization_config
         register_peft()
         return model
+
+    def get_state_dict_and_metadata(self, model):
+        return state_dict_for_save(model, self.quantization_config.float_dtype), {}
 
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return dtype
@@ -112,6 +118,7 @@ def attach_quantizer(model, config: AgentOSConfig) -> None:
     """Mark a model quantized in memory (not via `from_pretrained`) so `save_pretrained`/`push_to_hub` write the
     agentos checkpoint and its `quantization_config`."""
     config = config.stamped()
+    round_kept_weights(model, config.float_dtype)
     model.hf_quantizer = AgentOSHfQuantizer(config, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD

@@ -14,6 +14,7 @@ from optimum_agentos.checkpoint import CorruptCheckpointError, folder_size
 from optimum_agentos.quantization.quantizer import Quantizer
 
 from optimum_agentos.quantization import rtn
+from optimum_agentos.quantization.kept_weights import round_kept_weights
 from optimum_agentos.quantization.linear import float_weight, is_conv1d
 from optimum_agentos.quantization.targets import resolve_targets
 
@@ -29,12 +30,15 @@ def auto_for(kind):
 def rtn_reference(kind, src, config):
     """The float model with each targeted weight replaced by its RTN dequantization: what quantize-on-load computes."""
     model = auto_for(kind).from_pretrained(src)
+    dequantized = {}
     for name in resolve_targets(model, config.target, config.ignore):
         module = model.get_submodule(name)
-        weight = float_weight(module)
-        codes, scales, zeros = rtn.quantize_rtn(weight, config.bits, config.group_size, config.sym)
+        codes, scales, zeros = rtn.quantize_rtn(float_weight(module), config.bits, config.group_size, config.sym)
         deq = rtn.dequantize_codes(codes, scales, zeros, config.group_size)
-        module.weight.data.copy_(deq.t() if is_conv1d(module) else deq)
+        dequantized[name] = deq.t() if is_conv1d(module) else deq
+    round_kept_weights(model, config.float_dtype)  # embeddings/head at float16 precision (targets overwritten next)
+    for name, weight in dequantized.items():
+        model.get_submodule(name).weight.data.copy_(weight)
     return model
 
 
@@ -93,6 +97,21 @@ def test_checkpoint_is_smaller_on_disk(tiny_folder, tmp_path):
     fp_bytes, q_bytes = folder_size(src), folder_size(tmp_path / "q4")
     # The quantized linears shrink from 4 bytes to 0.5 byte per weight (+ scales); embeddings/head stay float.
     assert fp_bytes - q_bytes > 0.8 * linear_params * 3.5
+
+
+def test_kept_float_weights_are_stored_in_float16(tiny_folder, tmp_path):
+    from safetensors import safe_open
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder("llama"), quantization_config=AgentOSConfig(bits=4))
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    model.save_pretrained(tmp_path / "q")
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "F16"
+        assert f.get_slice("lm_head.weight").get_dtype() == "F16"
+        assert f.get_slice("model.norm.weight").get_dtype() == "F32"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert reloaded.model.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(reloaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
 def test_plain_transformers_without_the_import_fails_loudly(tiny_folder, tmp_path):

