@@ -46,6 +46,11 @@ def unpack(packed: torch.Tensor, bits: int, out_features: int, in_features: int)
         )
     if bits == 8:
         return packed.view(out_features, in_features)
+    if bits in (2, 4):  # whole codes per byte: shift and mask in uint8, no 64-bit words
+        rows = packed.view(out_features, -1)
+        mask = (1 << bits) - 1
+        parts = [(rows >> (bits * k)) & mask for k in range(8 // bits)]
+        return torch.stack(parts, dim=-1).view(out_features, -1)[:, :in_features]
     groups = -(-in_features // 8)
     data = packed.view(out_features, groups, bits).to(torch.int64)
     byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8

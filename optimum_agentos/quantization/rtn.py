@@ -99,10 +99,14 @@ def dequantize_codes(
     codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, dtype=torch.float32
 ) -> torch.Tensor:
     """Float weight `[out, in]` from codes and group parameters, computed in float32 then cast to `dtype`."""
-    in_features = codes.shape[1]
-    scale = expand_groups(scales.float(), in_features, group_size)
-    zero = expand_groups(zeros.float(), in_features, group_size)
-    return ((codes.float() - zero) * scale).to(dtype)
+    out_features, in_features = codes.shape
+    gs = effective_group_size(in_features, group_size)
+    groups = scales.shape[1]
+    if groups * gs != in_features:  # short last group: pad, compute per group, cut
+        codes = torch.nn.functional.pad(codes, (0, groups * gs - in_features))
+    grouped = codes.view(out_features, groups, gs).float()
+    weight = (grouped - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)
+    return weight.view(out_features, groups * gs)[:, :in_features].to(dtype)
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool, scale_dtype=torch.float16, mse_grid: int = 0):
