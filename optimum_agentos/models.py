@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -133,7 +134,6 @@ def local_model_path(alias: str) -> Path | None:
     return source
 
 
-local_copy = local_model_path  # older name, kept for callers written against it
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -156,3 +156,22 @@ def resolve_model(name_or_path: str) -> str:
         logger.info(f"{alias}: package {KNOWN_MODELS[alias]['package']} not installed; using the Hub")
         return KNOWN_MODELS[alias]["hub_id"]
     return name_or_path
+
+
+def hub_id_of(name_or_path: str | os.PathLike | None) -> str | None:
+    """The Hub id a source stands for: an alias, the local copy of an alias, or a Hub id itself; None for any other
+    local path (model cards record lineage by Hub id and never a local path)."""
+    if not name_or_path:
+        return None
+    text = str(name_or_path)
+    if text.lower() in KNOWN_MODELS:
+        return KNOWN_MODELS[text.lower()]["hub_id"]
+    if os.path.exists(text):
+        path = Path(text).resolve()
+        for alias, entry in KNOWN_MODELS.items():
+            copies = [cache_dir() / "models" / entry["cache_name"]] if "cache_name" in entry else []
+            copies += [p for p in [local_source(alias)] if p is not None and p.is_dir()]
+            if any(path == p.resolve() for p in copies):
+                return entry["hub_id"]
+        return None
+    return text if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -11,20 +10,13 @@ from huggingface_hub import ModelCard, ModelCardData, EvalResult
 
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "model_cards"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def hub_base_model(source: str | None) -> str | None:
     """The Hub id of the base model, or None for a local path (a local path never lands in a card)."""
-    if not source:
-        return None
-    from ..models import KNOWN_MODELS
+    from ..models import hub_id_of
 
-    if source in KNOWN_MODELS:
-        return KNOWN_MODELS[source]["hub_id"]
-    if os.path.exists(source) or not _HUB_ID.match(source):
-        return None
-    return source
+    return hub_id_of(source)
 
 
 def results_markdown(results: list[dict]) -> str:

@@ -33,11 +33,26 @@ def load_pretrained(model_or_path: str, dtype=torch.float32, **kwargs):
     is_causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
     auto = AutoModelForCausalLM if is_causal else AutoModel
     model = auto.from_pretrained(path, dtype=dtype, **kwargs)
+    own_memory(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer, path
+
+
+def own_memory(model) -> None:
+    """Copy every parameter out of the memory-mapped checkpoint, one at a time.
+
+    Weights that stay views of the mmapped file keep its pages resident after their layer is quantized, so peak
+    memory would be the whole float file plus the quantized model. Owned copies are freed as layers are replaced;
+    the mapping closes once the last view is gone.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+                if tensor is not None and tensor.device.type == "cpu":
+                    tensor.data = tensor.data.clone()
 
 
 class Quantizer(OptimumQuantizer):
