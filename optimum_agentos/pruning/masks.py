@@ -1,0 +1,80 @@
+"""Pruning scores and masks as pure functions on tensors (no hooks, no I/O).
+
+Convention: a mask is a bool tensor shaped like the weight, `True` where the weight is pruned (set to zero).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_sparsity(sparsity: float) -> None:
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity={sparsity!r} must be in [0, 1), e.g. 0.5 to remove half the weights.")
+
+
+def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
+    """`"2:4"` -> `(2, 4)`: keep N of every M consecutive input weights. `None`/`"unstructured"` -> None."""
+    if pattern in (None, "unstructured"):
+        return None
+    try:
+        n, m = (int(p) for p in pattern.split(":"))
+    except ValueError as err:
+        raise ValueError(f"pattern={pattern!r} must look like 'N:M' (e.g. '2:4') or 'unstructured'.") from err
+    if not 0 < n < m:
+        raise ValueError(f"pattern={pattern!r} needs 0 < N < M.")
+    return n, m
+
+
+def check_n_m(in_features: int, n_m: tuple[int, int], name: str = "layer") -> None:
+    if in_features % n_m[1]:
+        raise ValueError(
+            f"{name} has {in_features} input features, not a multiple of M={n_m[1]} for the {n_m[0]}:{n_m[1]} pattern; "
+            "exclude it with ignore=[...] or pick an M that divides it."
+        )
+
+
+def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
+    """|W|: the smallest weights go first."""
+    return weight.detach().float().abs()
+
+
+def wanda_scores(weight: torch.Tensor, input_sq_norms: torch.Tensor) -> torch.Tensor:
+    """Wanda (Sun et al. 2023): |W_ij| * ||X_j||_2, with `input_sq_norms[j]` proportional to sum over tokens of x_j^2
+    (the calibration Hessian's diagonal works: the scale does not change the per-row order)."""
+    return weight.detach().float().abs() * input_sq_norms.float().clamp(min=0).sqrt().unsqueeze(0)
+
+
+def mask_from_scores(
+    scores: torch.Tensor, sparsity: float, per_row: bool = True, n_m: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Prune the lowest scores: `sparsity` of each row (`per_row`) or of the whole matrix, or with `n_m=(N, M)` all
+    but the N highest of every M consecutive inputs."""
+    if n_m is not None:
+        n, m = n_m
+        check_n_m(scores.shape[1], n_m)
+        groups = scores.reshape(scores.shape[0], -1, m)
+        drop = torch.topk(groups, m - n, dim=-1, largest=False).indices
+        return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, drop, True).reshape(scores.shape)
+    check_sparsity(sparsity)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if per_row:
+        k = int(scores.shape[1] * sparsity)
+        if k:
+            mask.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, True)
+    else:
+        k = int(scores.numel() * sparsity)
+        if k:
+            mask.view(-1)[torch.topk(scores.flatten(), k, largest=False).indices] = True
+    return mask
+
+
+def global_magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """One magnitude threshold across all layers: layers with smaller weights lose more of them."""
+    check_sparsity(sparsity)
+    flat = torch.cat([w.detach().float().abs().flatten() for w in weights.values()])
+    k = int(flat.numel() * sparsity)
+    if k == 0:
+        return {name: torch.zeros_like(w, dtype=torch.bool) for name, w in weights.items()}
+    threshold = torch.kthvalue(flat, k).values
+    return {name: w.detach().float().abs() <= threshold for name, w in weights.items()}
