@@ -95,7 +95,7 @@ def run_blockwise(
     layer_names: list[str],
     calibration_ids: torch.Tensor,
     process_block: Callable[[dict[str, nn.Module], dict[str, HessianAccumulator]], None],
-    batch_size: int = 8,
+    batch_size: int = 4,
     desc: str = "Calibrating",
 ) -> list[str]:
     """Calibrate every block holding target layers, in order; returns the target layers no block holds.
@@ -134,6 +134,7 @@ def run_blockwise(
             process_block({n: modules[n] for n in names}, hessians.of_layer)
             modules = dict(model.named_modules())
         if index + 1 < len(blocks):
-            inputs = [((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+            for i, (args, kwargs) in enumerate(inputs):  # in place: each batch's old input is freed at once
+                inputs[i] = ((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs)
     model.train(was_training)
     return [n for n in layer_names if n not in covered]

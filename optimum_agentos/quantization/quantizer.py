@@ -14,6 +14,7 @@ from ..integrations.transformers import attach_quantizer
 from .calibration import run_blockwise
 from .convert import set_module, quantize_model_rtn
 from .gptq import gptq_quantize
+from .memory import own_memory
 from .linear import SCALE_DTYPES, QuantLinear, float_weight
 from .replace import check_group_size
 from .targets import resolve_targets
@@ -39,20 +40,6 @@ def load_pretrained(model_or_path: str, dtype=torch.float32, **kwargs):
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer, path
-
-
-def own_memory(model) -> None:
-    """Copy every parameter out of the memory-mapped checkpoint, one at a time.
-
-    Weights that stay views of the mmapped file keep its pages resident after their layer is quantized, so peak
-    memory would be the whole float file plus the quantized model. Owned copies are freed as layers are replaced;
-    the mapping closes once the last view is gone.
-    """
-    with torch.no_grad():
-        for module in model.modules():
-            for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
-                if tensor is not None and tensor.device.type == "cpu":
-                    tensor.data = tensor.data.clone()
 
 
 class Quantizer(OptimumQuantizer):
@@ -95,7 +82,7 @@ class Quantizer(OptimumQuantizer):
 
     def quantize_in_place(
         self, config: AgentOSConfig, calibration_dataset=None, num_samples: int = 64, seq_len: int = 512,
-        batch_size: int = 8,
+        batch_size: int = 4,
     ):
         """Quantize `self.model` in memory and return it (marked quantized, ready for `save_pretrained`)."""
         start = time.perf_counter()
@@ -133,7 +120,7 @@ class Quantizer(OptimumQuantizer):
         calibration_dataset=None,
         num_samples: int = 64,
         seq_len: int = 512,
-        batch_size: int = 8,
+        batch_size: int = 4,
         overwrite: bool = True,
         card_extra: dict | None = None,
         file_prefix=None,

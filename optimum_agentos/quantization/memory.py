@@ -1,0 +1,57 @@
+"""Keep peak memory near one copy of the model while quantizing a checkpoint loaded from safetensors.
+
+transformers maps the safetensors file into memory; its pages stay resident while any tensor views them, so a
+quantizer that replaces layers would hold the whole float file plus the new tensors. `own_memory` copies each
+tensor out of the mapping and tells the kernel to drop the pages it just copied (they are clean, read-only file
+pages: nothing is lost, and a later read would simply fault them in from the file again).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import sys
+
+import torch
+from torch import nn
+
+
+_MADV_DONTNEED = 4
+
+
+def _safetensors_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of `*.safetensors` files (Linux only, else empty)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            parts = line.split()
+            if len(parts) >= 6 and parts[-1].endswith(".safetensors"):
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def _drop_file_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]], libc) -> None:
+    page = mmap.PAGESIZE
+    ptr, size = tensor.data_ptr(), tensor.untyped_storage().nbytes()
+    lo, hi = -(-ptr // page) * page, (ptr + size) // page * page  # whole pages inside the tensor only
+    if hi > lo and any(start <= lo and hi <= end for start, end in ranges):
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+@torch.no_grad()
+def own_memory(model: nn.Module) -> None:
+    """Give every CPU parameter and buffer its own memory, releasing the file pages it was a view of."""
+    ranges = _safetensors_mappings()
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if ranges else None
+    for module in model.modules():
+        for tensor in list(module._parameters.values()) + list(module._buffers.values()):
+            if tensor is None or tensor.device.type != "cpu":
+                continue
+            old = tensor.data
+            tensor.data = old.clone()
+            if ranges:
+                _drop_file_pages(old, ranges, libc)
