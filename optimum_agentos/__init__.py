@@ -6,12 +6,16 @@ quantizes agentos checkpoints.
 
 from .config import AgentOSConfig
 from .integrations.transformers import register as _register
+from .pruning import PruningConfig, SparseLinear
 from .quantization import QuantLinear
 from .version import FORMAT_VERSION, __version__
 
 _register()
 
-__all__ = ["AgentOSConfig", "QuantLinear", "Quantizer", "FORMAT_VERSION", "__version__"]
+__all__ = [
+    "AgentOSConfig", "Pruner", "PruningConfig", "QuantLinear", "Quantizer", "SparseLinear", "FORMAT_VERSION",
+    "__version__",
+]
 
 
 def __getattr__(name):
@@ -20,4 +24,8 @@ def __getattr__(name):
         from .quantization.quantizer import Quantizer
 
         return Quantizer
+    if name == "Pruner":
+        from .pruning.pruner import Pruner
+
+        return Pruner
     raise AttributeError(f"module 'optimum_agentos' has no attribute {name!r}")

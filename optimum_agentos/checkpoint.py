@@ -16,8 +16,10 @@ class CorruptCheckpointError(ValueError):
     """A safetensors file that is truncated or whose header cannot be parsed."""
 
 
-def check_safetensors(path: str | os.PathLike) -> None:
-    """Validate a safetensors file's header and length without reading tensors; raise naming the file."""
+def check_safetensors(path: str | os.PathLike) -> dict:
+    """Validate a safetensors file's header and length without reading tensors; raise naming the file.
+
+    Returns the header (`{tensor name: {"dtype", "shape", "data_offsets"}}`)."""
     path = Path(path)
     size = path.stat().st_size
     fix = "Re-download or re-save the checkpoint."
@@ -39,6 +41,8 @@ def check_safetensors(path: str | os.PathLike) -> None:
         raise CorruptCheckpointError(
             f"{path} is truncated or corrupt: tensors need {8 + header_len + end} bytes, the file has {size}. {fix}"
         )
+    header.pop("__metadata__", None)
+    return header
 
 
 @contextlib.contextmanager

@@ -19,6 +19,8 @@ SUPPORTED_OBSERVERS = ("minmax", "mse")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 # Kept in full precision unless the user targets them explicitly: output head and embeddings.
 DEFAULT_IGNORE = ("lm_head", "re:.*embed.*", "re:.*wte$", "re:.*wpe$")
+# Fields added by format version 2 (pruned checkpoints); omitted from config.json when unset.
+PRUNING_KEYS = ("sparse_layers", "sparsity_pattern", "module_shapes", "pruning")
 
 
 class CheckpointVersionError(ValueError):
@@ -31,7 +33,7 @@ class AgentOSConfig(QuantizationConfigMixin):
 
     Args:
         bits (`int`, *optional*, defaults to `4`):
-            Bits per weight, one of 2, 3, 4, 8.
+            Bits per weight, one of 2, 3, 4, 8; `None` for a pruned checkpoint whose weights stay in floating point.
         group_size (`int`, *optional*, defaults to `128`):
             Input columns sharing one scale and zero point; `-1` means one group per output channel. A power of two.
             When it does not divide a layer's input features the last group of that layer is shorter.
@@ -59,13 +61,24 @@ class AgentOSConfig(QuantizationConfigMixin):
             Modules kept in full precision, same syntax. Defaults to the output head and embeddings.
         scale_dtype (`str`, *optional*, defaults to `"float16"`):
             dtype of the stored scales.
+        sparse_layers (`dict[str, int]`, *optional*):
+            Pruned layers stored sparse: module name -> number of kept weights. Their tensors are a bitmask of the
+            kept positions plus only the kept values (float, or integer codes when the layer is also quantized).
+            Written by `Pruner`; the count lets the loader size the value tensor before the weights arrive.
+        sparsity_pattern (`str`, *optional*):
+            `"N:M"` when every sparse layer keeps exactly N of each M consecutive inputs; checked on load.
+        module_shapes (`dict[str, list[int]]`, *optional*):
+            Linear layers whose `[out, in]` shape a structured prune made differ from what `config.json` implies
+            (non-uniform per-layer widths); they are resized before the weights load.
+        pruning (`dict`, *optional*):
+            The `PruningConfig` that produced the checkpoint (provenance only).
         float_dtype (`str`, *optional*, defaults to `"float16"`):
             dtype in which the checkpoint stores the weights kept unquantized (embeddings, an untied output head):
             for SmolLM2 the fp32 embedding alone is 113 MB. The in-memory weights are rounded to it once, so a
             reload is bit-exact. `None` keeps the model's dtype.
     """
 
-    bits: int = 4
+    bits: int | None = 4
     group_size: int = 128
     sym: bool = False
     method: str = "rtn"
@@ -77,6 +90,10 @@ class AgentOSConfig(QuantizationConfigMixin):
     ignore: list[str] | None = None
     scale_dtype: str = "float16"
     float_dtype: str | None = "float16"
+    sparse_layers: dict[str, int] | None = None
+    sparsity_pattern: str | None = None
+    module_shapes: dict[str, list[int]] | None = None
+    pruning: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
     library_version: str = __version__
     quant_method: str = field(default=QUANT_METHOD)
@@ -91,7 +108,13 @@ class AgentOSConfig(QuantizationConfigMixin):
 
     def validate(self) -> None:
         """Raise a `ValueError` naming the bad field and the accepted values."""
-        if self.bits not in SUPPORTED_BITS:
+        if self.bits is None:
+            if not (self.sparse_layers or self.module_shapes):
+                raise ValueError(
+                    "bits=None (no quantization) only describes a pruned checkpoint (sparse_layers or module_shapes); "
+                    f"to quantize pick bits from {SUPPORTED_BITS}."
+                )
+        elif self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={self.bits!r} is not supported; use one of {SUPPORTED_BITS}.")
         gs = self.group_size
         if not isinstance(gs, int) or isinstance(gs, bool) or (gs != -1 and (gs < 2 or gs & (gs - 1))):
@@ -119,6 +142,16 @@ class AgentOSConfig(QuantizationConfigMixin):
                         re.compile(pattern[3:])
                     except re.error as err:
                         raise ValueError(f"{name} pattern {pattern!r} is not a valid regex: {err}") from err
+        for name, kept in (self.sparse_layers or {}).items():
+            if not isinstance(kept, int) or isinstance(kept, bool) or kept < 0:
+                raise ValueError(f"sparse_layers[{name!r}]={kept!r} must be a count of kept weights (int >= 0).")
+        for name, shape in (self.module_shapes or {}).items():
+            if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
+                raise ValueError(f"module_shapes[{name!r}]={shape!r} must be [out_features, in_features].")
+        if self.sparsity_pattern is not None:
+            from .pruning.masks import parse_pattern
+
+            parse_pattern(self.sparsity_pattern)
         if self.format_version > FORMAT_VERSION:
             raise CheckpointVersionError(
                 f"This checkpoint uses agentos format version {self.format_version}, written by optimum-agentos "
@@ -146,9 +179,17 @@ class AgentOSConfig(QuantizationConfigMixin):
         return (config, unused) if return_unused_kwargs else config
 
     def to_dict(self) -> dict[str, Any]:
+        """All fields; the pruning ones only when set, so plain quantized checkpoints keep the version-1 key set."""
         data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+        for key in PRUNING_KEYS:
+            if data[key] is None:
+                del data[key]
         data["quant_method"] = QUANT_METHOD
         return data
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.bits is not None
 
     @property
     def mse_grid(self) -> int:
@@ -157,8 +198,9 @@ class AgentOSConfig(QuantizationConfigMixin):
         return 20 if observer == "mse" else 0
 
     def stamped(self) -> "AgentOSConfig":
-        """A copy carrying this library's format and package versions, written on save."""
+        """A copy carrying this library's format and package versions, written on save. Checkpoints without
+        pruning keys keep format version 1, so older releases still read them."""
         config = copy.deepcopy(self)
-        config.format_version = FORMAT_VERSION
+        config.format_version = FORMAT_VERSION if any(getattr(self, k) is not None for k in PRUNING_KEYS) else 1
         config.library_version = __version__
         return config

@@ -3,4 +3,5 @@
 __version__ = "0.1.0"
 
 # Bump when the tensors or `quantization_config` keys of a saved checkpoint change meaning.
-FORMAT_VERSION = 1
+# 2: pruned checkpoints (sparse_layers bitmask format, module_shapes).
+FORMAT_VERSION = 2

@@ -52,6 +52,12 @@ def build_card(info: dict) -> ModelCard:
         model_name=info.get("name", "agentos-model"),
         eval_results=eval_results or None,
     )
+    pruning = info.get("pruning")
+    if pruning:
+        card_data.tags += ["pruned", "sparse"] + ([pruning["pattern"]] if pruning.get("pattern") else [])
+        if config.get("bits") is None:
+            card_data.tags.remove("int4") if "int4" in card_data.tags else None
+            card_data.base_model_relation = None
     sizes = info.get("sizes", {})
     size_line = "Size on disk was not measured."
     if sizes.get("compressed"):
@@ -60,14 +66,19 @@ def build_card(info: dict) -> ModelCard:
             size_line += f" ({sizes['compressed'] / sizes['baseline']:.3f}x the {sizes['baseline'] / 1e6:.1f} MB baseline)"
         size_line += "."
     bits, gs = config.get("bits", 4), config.get("group_size", 128)
+    title = f"{base or 'Model'} - agentos int{bits} ({method.upper()})"
+    summary = (
+        f"Weight-only int{bits} quantization (group size {gs}, {'symmetric' if config.get('sym') else 'asymmetric'}) "
+        f"of {base or 'a local model'}, made with optimum-agentos."
+    )
+    if pruning:
+        title, summary = pruning_title_and_summary(base, pruning, bits, gs)
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATES / "agentos_quantized.md"),
-        title=f"{base or 'Model'} - agentos int{bits} ({method.upper()})",
-        summary=(
-            f"Weight-only int{bits} quantization (group size {gs}, {'symmetric' if config.get('sym') else 'asymmetric'}) "
-            f"of {base or 'a local model'}, made with optimum-agentos."
-        ),
+        title=title,
+        summary=summary,
+        pruning_section=pruning_markdown(pruning, info.get("report")) if pruning else "",
         repo_hint=info.get("repo_id") or "path/to/this/folder",
         method_description=info.get("method_description")
         or ("GPTQ (Frantar et al. 2022) calibrated on WikiText-2 validation." if method == "gptq" else "Round to nearest."),
@@ -76,6 +87,41 @@ def build_card(info: dict) -> ModelCard:
         results_table=results_markdown(results) if results else "",
         size_line=size_line,
     )
+
+
+def pruning_title_and_summary(base: str | None, pruning: dict, bits, group_size) -> tuple[str, str]:
+    what = []
+    if pruning.get("method"):
+        shape = pruning.get("pattern") or f"{pruning['sparsity']:.0%} unstructured"
+        what.append(f"{pruning['method']} {shape}")
+    for key, label in (("mlp_neurons", "{:.0%} of MLP neurons"), ("attention_groups", "{} KV head groups per layer"),
+                       ("layers", "{} decoder layers")):
+        if pruning.get(key):
+            what.append("removed " + label.format(pruning[key]))
+    quant = f" + int{bits} (group size {group_size})" if bits else ""
+    title = f"{base or 'Model'} - agentos pruned ({', '.join(what)}){quant}"
+    summary = (
+        f"Pruning of {base or 'a local model'} ({'; '.join(what)}){quant}, made with optimum-agentos. Sparse layers "
+        "are stored as a bitmask plus the kept values, so the files are smaller than the dense checkpoint."
+    )
+    return title, summary
+
+
+def pruning_markdown(pruning: dict, report: dict | None) -> str:
+    """The card's pruning section: settings and the measured sparsity and parameter counts."""
+    lines = ["## Pruning", "", "Pruning config:", "", "```json", json.dumps(pruning, indent=2, sort_keys=True), "```"]
+    if report:
+        lines += ["", "| measured | value |", "|---|---:|", f"| sparsity of the pruned layers | {report['sparsity']:.4f} |"]
+        if report.get("params_before"):
+            lines.append(f"| parameters before | {report['params_before']:,} |")
+        lines += [f"| parameters after | {report['params_after']:,} |", f"| non-zero parameters | {report['nonzero_params']:,} |"]
+        layers = report.get("layers") or {}
+        if layers:
+            lines += ["", "<details><summary>Per-layer sparsity</summary>", "", "| layer | shape | sparsity |",
+                      "|---|---|---:|"]
+            lines += [f"| {n} | {'x'.join(map(str, v['shape']))} | {v['sparsity']:.4f} |" for n, v in layers.items()]
+            lines += ["", "</details>"]
+    return "\n".join(lines)
 
 
 def scrub(text: str) -> str:

@@ -9,6 +9,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils import logging
 
 from ..checkpoint import check_safetensors
+from ..pruning.sparse_linear import SparseCheckpointError
 from ..config import QUANT_METHOD, AgentOSConfig
 from .peft import register_peft
 from ..quantization import rtn
@@ -51,6 +52,11 @@ class AgentOSHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: AgentOSConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
+        if not self.pre_quantized and (quantization_config.sparse_layers or quantization_config.module_shapes):
+            raise ValueError(
+                "sparse_layers/module_shapes describe a saved pruned checkpoint; they cannot be applied on load. "
+                "Prune with `optimum_agentos.Pruner` instead."
+            )
         if not self.pre_quantized and quantization_config.method != "rtn":
             raise ValueError(
                 f"Quantize-on-load only supports method='rtn' (no calibration data at load time); got "
@@ -76,14 +82,17 @@ class AgentOSHfQuantizer(HfQuantizer):
         return AgentOSQuantizeOp(self)
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        headers = {}
         for file in checkpoint_files or []:
             if str(file).endswith(".safetensors"):
-                check_safetensors(file)
+                headers.update(check_safetensors(file))
         names = replace_with_quant_linear(model, self.quantization_config)
-        logger.info(f"agentos: {len(names)} layers use int{self.quantization_config.bits} QuantLinear")
+        check_sparse_value_shapes(model, self.quantization_config, headers)
+        logger.info(f"agentos: {len(names)} compressed layers")
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        check_sparse_layers(model, self.quantization_config)
         if not self.pre_quantized:
             round_kept_weights(model, self.quantization_config.float_dtype)
         self.quantization_config = self.quantization_config.stamped()
@@ -112,6 +121,30 @@ class AgentOSHfQuantizer(HfQuantizer):
         from ..quantization.convert import dequantize_model
 
         return dequantize_model(model, dtype)
+
+
+def check_sparse_value_shapes(model, config: AgentOSConfig, headers: dict) -> None:
+    """Before loading: each sparse layer's stored value tensor must have the size its recorded count implies."""
+    for name in config.sparse_layers or {}:
+        entry = headers.get(f"{name}.weight")
+        expected = tuple(model.get_submodule(name).weight.shape)
+        if entry is not None and tuple(entry["shape"]) != expected:
+            raise SparseCheckpointError(
+                f"{name}: config.json records {config.sparse_layers[name]} kept weights (a value tensor of shape "
+                f"{list(expected)}) but the safetensors file stores {entry['shape']}; the checkpoint is corrupt or "
+                "its config.json belongs to another save. Re-download or re-save it."
+            )
+
+
+def check_sparse_layers(model, config: AgentOSConfig) -> None:
+    """After loading: every sparse layer's bitmask matches its values (and the recorded N:M pattern)."""
+    if not config.sparse_layers:
+        return
+    from ..pruning.masks import parse_pattern
+
+    n_m = parse_pattern(config.sparsity_pattern)
+    for name in config.sparse_layers:
+        model.get_submodule(name).check(name, n_m)
 
 
 def attach_quantizer(model, config: AgentOSConfig) -> None:

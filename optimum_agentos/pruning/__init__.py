@@ -1,9 +1,19 @@
-"""Pruning: pure scoring/mask functions (magnitude, Wanda, N:M) and SparseGPT."""
+"""Pruning: pure scoring/mask functions (magnitude, Wanda, N:M), SparseGPT, the sparse storage format and `Pruner`."""
 
+from .config import PruningConfig
 from .masks import global_magnitude_masks, magnitude_scores, mask_from_scores, parse_pattern, wanda_scores
+from .sparse_linear import SparseLinear
 from .sparsegpt import sparsegpt_prune
 
 __all__ = [
-    "global_magnitude_masks", "magnitude_scores", "mask_from_scores", "parse_pattern", "sparsegpt_prune",
-    "wanda_scores",
+    "Pruner", "PruningConfig", "SparseLinear", "global_magnitude_masks", "magnitude_scores", "mask_from_scores",
+    "parse_pattern", "sparsegpt_prune", "wanda_scores",
 ]
+
+
+def __getattr__(name):
+    if name == "Pruner":  # imports the transformers integration, which imports this package: load on first use
+        from .pruner import Pruner
+
+        return Pruner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

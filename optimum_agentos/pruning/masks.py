@@ -55,9 +55,9 @@ def mask_from_scores(
         check_n_m(scores.shape[1], n_m)
         groups = scores.reshape(scores.shape[0], -1, m)
         drop = torch.topk(groups, m - n, dim=-1, largest=False).indices
-        return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, drop, True).reshape(scores.shape)
+        return torch.zeros(groups.shape, dtype=torch.bool, device=groups.device).scatter_(-1, drop, True).reshape(scores.shape)
     check_sparsity(sparsity)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if per_row:
         k = int(scores.shape[1] * sparsity)
         if k:

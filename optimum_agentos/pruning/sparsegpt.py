@@ -29,7 +29,7 @@ def sparsegpt_prune(
     else:
         check_n_m(weight.shape[1], n_m)
         block_size = max(block_size // n_m[1], 1) * n_m[1]  # N:M groups never straddle blocks
-    w = weight.detach().float().clone()
+    w = weight.detach().float().clone(memory_format=torch.contiguous_format)
     h = hessian.detach().float().clone()
     n = w.shape[1]
     prepare_dead_columns(w, h)

@@ -32,9 +32,11 @@ def quantize_model_rtn(model: nn.Module, config: AgentOSConfig, names: list[str]
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every `QuantLinear` by an `nn.Linear` holding its dequantized weight."""
+    """Replace every `QuantLinear`/`SparseLinear` by an `nn.Linear` holding its dense weight (zeros where pruned)."""
+    from ..pruning.sparse_linear import SparseLinear
+
     for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear):
+        if isinstance(module, (QuantLinear, SparseLinear)):
             weight = module.dequantize(dtype or torch.float32)
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
             linear.weight = nn.Parameter(weight)

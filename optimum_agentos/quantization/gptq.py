@@ -19,6 +19,7 @@ def gptq_quantize(
     block_size: int = 128,
     scale_dtype: torch.dtype = torch.float16,
     mse_grid: int = 0,
+    pruned: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize `weight` (`[out, in]`) column by column, pushing each column's rounding error onto the columns not
     yet quantized through the inverse Hessian. Returns `(codes [out, in] uint8, scales [out, groups], zeros)`.
@@ -27,20 +28,28 @@ def gptq_quantize(
     are fitted when its first column is reached, on the error-updated weights (as in the paper's code); with
     `act_order` columns go by decreasing Hessian diagonal and every group is fitted up front on the original weights,
     so the stored layout stays contiguous groups.
+
+    `pruned` (bool `[out, in]`, True = removed) fixes a sparsity mask: those weights get their zero point's code, so
+    they decode to exactly 0, and their error flows on like any other (SparseGPT's joint prune + quantize pass).
     """
-    w = weight.detach().float().clone()
+    w = weight.detach().float().clone(memory_format=torch.contiguous_format)
     h = hessian.detach().float().clone()
     out_features, n = w.shape
     gs = effective_group_size(n, group_size)
     groups = -(-n // gs)
     maxq = (1 << bits) - 1
     prepare_dead_columns(w, h)
+    keep = None if pruned is None else (~pruned).float()
+    if keep is not None:
+        w *= keep
 
     scales = torch.zeros(out_features, groups, dtype=torch.float32)
     zeros = torch.zeros(out_features, groups, dtype=torch.float32)
     fitted = torch.zeros(groups, dtype=torch.bool)
 
     def fit(g: int, columns: torch.Tensor) -> None:
+        if keep is not None:  # pruned weights are 0 whatever the updates did to them
+            columns = columns * keep[:, g * gs : g * gs + columns.shape[1]]
         scale, zero = compute_qparams(columns, bits, sym, mse_grid)
         scale = scale.to(scale_dtype).float()  # quantize with exactly the scale that is stored
         scales[:, g] = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -52,8 +61,10 @@ def gptq_quantize(
             fit(g, w[:, g * gs : (g + 1) * gs])
         perm = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
+        keep_perm = None if keep is None else keep[:, perm]
     else:
         perm = torch.arange(n)
+        keep_perm = keep
 
     hinv = inverse_cholesky(h, damp_percent)
     codes = torch.zeros(out_features, n, dtype=torch.float32)
@@ -71,6 +82,8 @@ def gptq_quantize(
             scale, zero = scales[:, g], zeros[:, g]
             column = w1[:, i]
             q = torch.clamp(torch.round(column / scale) + zero, 0, maxq)
+            if keep_perm is not None:
+                q = torch.where(keep_perm[:, i1 + i] > 0, q, zero)
             codes[:, i1 + i] = q
             err = (column - (q - zero) * scale) / hinv1[i, i]
             w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)

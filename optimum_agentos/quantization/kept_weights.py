@@ -14,10 +14,18 @@ from .targets import is_supported_layer
 
 
 def kept_float_weights(model: nn.Module) -> list[nn.Parameter]:
-    """Weights of embeddings and of linear layers left unquantized (tied weights appear once)."""
+    """Weights of embeddings, of linear layers left unquantized and the values of float sparse layers (tied
+    weights appear once)."""
+    from ..pruning.sparse_linear import SparseLinear
+
     seen, weights = set(), []
     for module in model.modules():
         if isinstance(module, QuantLinear):
+            continue
+        if isinstance(module, SparseLinear):
+            if module.bits is None and id(module.weight) not in seen:  # kept values of a float sparse layer
+                seen.add(id(module.weight))
+                weights.append(module.weight)
             continue
         if isinstance(module, nn.Embedding) or is_supported_layer(module):
             weight = getattr(module, "weight", None)

@@ -28,9 +28,10 @@ def resolve_targets(model: nn.Module, target: list[str] | None, ignore: list[str
     head and embeddings are covered by the default ignore list of `AgentOSConfig`.
     """
     modules = dict(model.named_modules())
+    from ..pruning.sparse_linear import SparseLinear
     from .linear import QuantLinear
 
-    if any(isinstance(m, QuantLinear) for m in modules.values()):
+    if any(isinstance(m, (QuantLinear, SparseLinear)) for m in modules.values()):
         raise ValueError(f"{type(model).__name__} is already agentos-quantized; quantize the float model instead.")
     if target is None:
         candidates = [n for n, m in modules.items() if n and is_supported_layer(m)]

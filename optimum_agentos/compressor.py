@@ -1,0 +1,57 @@
+"""What `Quantizer` and `Pruner` share: loading the float model and turning a calibration spec into token ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def load_pretrained(model_or_path: str, dtype=torch.float32, **kwargs):
+    """Resolve an alias (`smollm2-135m`), folder or Hub id and load model + tokenizer (never `trust_remote_code`)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from .models import resolve_model
+    from .quantization.memory import own_memory
+
+    path = resolve_model(model_or_path)
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    is_causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
+    auto = AutoModelForCausalLM if is_causal else AutoModel
+    model = auto.from_pretrained(path, dtype=dtype, **kwargs)
+    own_memory(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer, path
+
+
+class ModelCompressor:
+    """A float model (+ tokenizer) to compress, and where it came from (for the card's `base_model`)."""
+
+    def __init__(self, model, tokenizer=None, source: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.source = source or getattr(model, "name_or_path", None)
+        self.stats: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, model_or_path, tokenizer=None, dtype=torch.float32, **kwargs):
+        """Load a float model (folder, Hub id or alias such as `smollm2-135m`), or wrap a model object."""
+        if not isinstance(model_or_path, (str, Path)):
+            return cls(model_or_path, tokenizer)
+        model, loaded_tokenizer, _ = load_pretrained(str(model_or_path), dtype=dtype, **kwargs)
+        return cls(model, tokenizer or loaded_tokenizer, source=str(model_or_path))
+
+    def calibration_ids(self, calibration_dataset, num_samples: int, seq_len: int) -> torch.Tensor:
+        """Token windows `[num_samples, seq_len]` from a dataset name, a list of texts or ready ids."""
+        if isinstance(calibration_dataset, torch.Tensor):
+            return calibration_dataset.long().reshape(-1, calibration_dataset.shape[-1])
+        if self.tokenizer is None:
+            raise ValueError(f"Calibration from text needs a tokenizer: pass tokenizer= to {type(self).__name__}.")
+        from .evaluation.data import calibration_windows, windows_from_text
+
+        if isinstance(calibration_dataset, str):
+            return calibration_windows(self.tokenizer, calibration_dataset, "validation", num_samples, seq_len)
+        return windows_from_text(self.tokenizer, "\n\n".join(calibration_dataset), num_samples, seq_len)

@@ -1,0 +1,152 @@
+"""`PruningConfig`: what `Pruner` removes, as a dataclass that round-trips through JSON."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..config import DEFAULT_IGNORE
+from .masks import check_sparsity, parse_pattern
+
+
+PRUNING_METHODS = ("magnitude", "wanda", "sparsegpt")
+CALIBRATED_METHODS = ("wanda", "sparsegpt")
+
+
+@dataclass
+class PruningConfig:
+    """Settings for `Pruner`.
+
+    Args:
+        method (`str`, *optional*, defaults to `"sparsegpt"`):
+            Weight pruning inside the layers: `"magnitude"` (|W|, no data), `"wanda"` (|W| x input norm, Sun et al.
+            2023) or `"sparsegpt"` (OBS reconstruction, Frantar & Alistarh 2023). `None` for structured removal only.
+        sparsity (`float`, *optional*):
+            Fraction of each target layer's weights removed, in [0, 1). Defaults to 0.5, or to `1 - N/M` with a
+            pattern.
+        pattern (`str`, *optional*):
+            `"N:M"` (e.g. `"2:4"`): keep N of every M consecutive input weights. `None` is unstructured.
+        layer_sparsity (`dict[str, float]`, *optional*):
+            Per-layer sparsity by target pattern (`{"mlp": 0.6, "re:.*self_attn.*": 0.4}`); the first pattern that
+            matches a layer wins, the others use `sparsity`.
+        scope (`str`, *optional*, defaults to `"layer"`):
+            Magnitude only: `"layer"` removes `sparsity` of every layer, `"global"` ranks all target weights at once.
+        target (`list[str]`, *optional*):
+            Layers to prune, same syntax as `AgentOSConfig.target` (`"q_proj"`, `"re:<regex>"`). `None` = every
+            linear layer not ignored.
+        ignore (`list[str]`, *optional*):
+            Layers left dense; defaults to the output head and embeddings.
+        damp_percent (`float`, *optional*, defaults to `0.01`):
+            SparseGPT: Hessian dampening, as in GPTQ.
+        block_size (`int`, *optional*, defaults to `128`):
+            SparseGPT: columns whose mask is chosen together (adaptive mask selection).
+        mlp_neurons (`float`, *optional*, defaults to `0.0`):
+            Structured: fraction of MLP intermediate neurons removed (scored with calibration activations when
+            given, else weight norms).
+        attention_groups (`int`, *optional*, defaults to `0`):
+            Structured: key/value head groups removed per layer, each with its query heads (keeps the GQA ratio).
+        layers (`int`, *optional*, defaults to `0`):
+            Structured: whole decoder layers removed, the most redundant by block influence (1 - cos(in, out)).
+        uniform (`bool`, *optional*, defaults to `True`):
+            Structured: remove the same number of neurons/heads in every layer (the config is rewritten, the
+            checkpoint loads anywhere) or rank them across layers (per-layer shapes go into `module_shapes`).
+    """
+
+    method: str | None = "sparsegpt"
+    sparsity: float | None = None
+    pattern: str | None = None
+    layer_sparsity: dict[str, float] | None = None
+    scope: str = "layer"
+    target: list[str] | None = None
+    ignore: list[str] | None = None
+    damp_percent: float = 0.01
+    block_size: int = 128
+    mlp_neurons: float = 0.0
+    attention_groups: int = 0
+    layers: int = 0
+    uniform: bool = True
+
+    def __post_init__(self):
+        if self.ignore is None:
+            self.ignore = list(DEFAULT_IGNORE)
+        n_m = parse_pattern(self.pattern)
+        if n_m is not None:
+            implied = 1 - n_m[0] / n_m[1]
+            if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+                raise ValueError(
+                    f"pattern={self.pattern!r} removes {implied:.2f} of the weights but sparsity={self.sparsity}; "
+                    "drop sparsity (the pattern sets it) or pick a matching pattern."
+                )
+            self.sparsity = implied
+        elif self.sparsity is None:
+            self.sparsity = 0.5
+        self.validate()
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+    @property
+    def is_structured(self) -> bool:
+        return bool(self.mlp_neurons or self.attention_groups or self.layers)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method in CALIBRATED_METHODS
+
+    def validate(self) -> None:
+        """Raise a `ValueError` naming the bad field and what is accepted."""
+        if self.method is not None and self.method not in PRUNING_METHODS:
+            raise ValueError(f"method={self.method!r} is not supported; use one of {PRUNING_METHODS} or None.")
+        if self.method is None and not self.is_structured:
+            raise ValueError(
+                "Nothing to prune: set method (e.g. 'sparsegpt') or a structured removal (mlp_neurons, "
+                "attention_groups, layers)."
+            )
+        check_sparsity(self.sparsity)
+        for pattern, value in (self.layer_sparsity or {}).items():
+            try:
+                check_sparsity(value)
+            except ValueError as err:
+                raise ValueError(f"layer_sparsity[{pattern!r}]: {err}") from None
+        if self.layer_sparsity and self.pattern:
+            raise ValueError("layer_sparsity applies to unstructured pruning; an N:M pattern fixes every layer's sparsity.")
+        if self.scope not in ("layer", "global"):
+            raise ValueError(f"scope={self.scope!r} must be 'layer' or 'global'.")
+        if self.scope == "global" and (self.method != "magnitude" or self.pattern):
+            raise ValueError("scope='global' ranks weights across layers and applies to unstructured magnitude pruning only.")
+        if not 0 <= self.damp_percent < 1:
+            raise ValueError(f"damp_percent={self.damp_percent!r} must be in [0, 1), typically 0.01.")
+        if self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size!r} must be a positive number of columns.")
+        if not 0 <= self.mlp_neurons < 1:
+            raise ValueError(f"mlp_neurons={self.mlp_neurons!r} is a fraction of neurons to remove, in [0, 1).")
+        for name in ("attention_groups", "layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}={value!r} must be a count >= 0.")
+
+    def layer_sparsity_of(self, name: str) -> float:
+        from ..quantization.targets import matches
+
+        for pattern, value in (self.layer_sparsity or {}).items():
+            if matches(name, pattern):
+                return value
+        return self.sparsity
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PruningConfig":
+        """Build from a dict, rejecting unknown keys (a typo must not pass silently)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown PruningConfig keys {unknown}; known keys are {sorted(known)}.")
+        return cls(**data)

@@ -1,0 +1,260 @@
+"""`Pruner`: prune a model (magnitude, Wanda, SparseGPT, N:M, structured), optionally quantize it in the same
+pass, and save an `agentos` checkpoint whose sparse layers are stored compressed."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from ..compressor import ModelCompressor
+from ..config import AgentOSConfig
+from ..integrations.transformers import attach_quantizer
+from ..quantization import rtn
+from ..quantization.calibration import run_blockwise
+from ..quantization.convert import set_module, quantize_model_rtn
+from ..quantization.gptq import gptq_quantize
+from ..quantization.linear import SCALE_DTYPES, QuantLinear, float_weight, linear_shape
+from ..quantization.replace import check_group_size
+from ..quantization.targets import resolve_targets
+from .config import PruningConfig
+from .masks import check_n_m, global_magnitude_masks, magnitude_scores, mask_from_scores, wanda_scores
+from .report import sparsity_report
+from .sparse_linear import SparseLinear
+from .sparsegpt import sparsegpt_prune
+
+
+logger = logging.get_logger(__name__)
+
+
+def set_float_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write an `[out, in]` weight back into an `nn.Linear` or `Conv1D` (which stores `[in, out]`)."""
+    from ..quantization.linear import is_conv1d
+
+    with torch.no_grad():
+        module.weight.copy_(weight.t() if is_conv1d(module) else weight)
+
+
+class Pruner(ModelCompressor):
+    """Prune a transformers model into an `agentos` checkpoint that is smaller on disk and reloads with
+    `from_pretrained`.
+
+    Example:
+    ```python
+    >>> from optimum_agentos import Pruner, PruningConfig
+    >>> pruner = Pruner.from_pretrained("smollm2-135m")
+    >>> pruner.prune(save_dir="smollm2-sparse50", config=PruningConfig(method="sparsegpt", sparsity=0.5),
+    ...              calibration_dataset="wikitext2")
+    ```
+    """
+
+    masks: dict[str, torch.Tensor]
+
+    def prune_in_place(
+        self,
+        config: PruningConfig,
+        calibration_dataset=None,
+        num_samples: int = 64,
+        seq_len: int = 512,
+        batch_size: int = 4,
+        quantization: AgentOSConfig | None = None,
+    ) -> nn.Module:
+        """Prune (and quantize, with `quantization`) `self.model` in memory; returns it.
+
+        Without `quantization` the pruned layers stay ordinary dense layers with zeros, ready for fine-tuning with
+        `MaskFixedCallback`; `compress()` (called by `prune`) turns them into `SparseLinear` for saving.
+        """
+        start = time.perf_counter()
+        params_before = self.model.num_parameters()
+        wants_gptq = quantization is not None and quantization.method == "gptq"
+        ids = None
+        if calibration_dataset is not None:
+            ids = self.calibration_ids(calibration_dataset, num_samples, seq_len)
+        elif config.needs_calibration or wants_gptq or config.layers:
+            raise ValueError(
+                f"{'method=' + repr(config.method) if config.needs_calibration else 'this setup'} needs calibration data: "
+                "pass calibration_dataset='wikitext2', a list of texts or a tensor of token ids."
+            )
+        if config.is_structured:
+            self._prune_structured(config, ids, batch_size)
+        self.masks = {}
+        names = resolve_targets(self.model, config.target, config.ignore) if config.method else []
+        if names:
+            self._check_calibration(ids, names, config)
+            if config.n_m:
+                modules = dict(self.model.named_modules())
+                for name in names:
+                    check_n_m(linear_shape(modules[name])[0], config.n_m, name)
+        quantized = []
+        if quantization is not None:
+            quantized = resolve_targets(self.model, quantization.target, quantization.ignore)
+            check_group_size(self.model, quantized, quantization)
+        if config.method == "magnitude":
+            self._prune_magnitude(names, config)
+        if config.needs_calibration or wants_gptq:
+            todo = list(dict.fromkeys([*(names if config.needs_calibration else []), *(quantized if wants_gptq else [])]))
+            leftover = run_blockwise(
+                self.model, todo, ids, lambda layers, h: self._process_block(layers, h, config, names, quantization),
+                batch_size, "SparseGPT" if config.method == "sparsegpt" else "Calibrating",
+            )
+            if leftover:
+                logger.warning(f"{len(leftover)} target layers sit outside the repeated blocks; pruned by magnitude: {leftover}")
+                self._prune_magnitude([n for n in leftover if n in names and n not in self.masks], config)
+        if quantization is not None:
+            self._quantize_rest(quantized, quantization)
+        self.stats = {
+            "seconds": time.perf_counter() - start, "params_before": params_before,
+            "params_after": self.model.num_parameters(), "pruned_layers": len(self.masks),
+        }
+        self._quantization = quantization
+        return self.model
+
+    def _check_calibration(self, ids, names: list[str], config: PruningConfig) -> None:
+        if not config.needs_calibration:
+            return
+        modules = dict(self.model.named_modules())
+        widest = max(linear_shape(modules[n])[0] for n in names)
+        tokens = 0 if ids is None else ids.numel()
+        if tokens < widest:
+            raise ValueError(
+                f"The calibration set has {tokens} tokens; {config.method} needs at least {widest} (the widest target "
+                "layer's inputs) for a usable input statistic. Pass more samples (num_samples) or longer windows (seq_len)."
+            )
+
+    def _prune_structured(self, config: PruningConfig, ids, batch_size: int) -> None:
+        from . import structured
+
+        if config.layers:
+            influence = structured.block_influence(self.model, ids, batch_size)
+            drop = sorted(torch.argsort(influence)[: config.layers].tolist())
+            logger.info(f"Removing decoder layers {drop} (block influence {[round(float(influence[i]), 4) for i in drop]})")
+            structured.remove_layers(self.model, drop)
+        if config.attention_groups:
+            scores = structured.attention_group_scores(self.model, ids, batch_size)
+            structured.prune_attention_heads(self.model, config.attention_groups, scores, config.uniform)
+        if config.mlp_neurons:
+            scores = structured.mlp_neuron_scores(self.model, ids, batch_size)
+            structured.prune_mlp_neurons(self.model, config.mlp_neurons, scores, config.uniform)
+
+    def _prune_magnitude(self, names: list[str], config: PruningConfig) -> None:
+        modules = dict(self.model.named_modules())
+        weights = {n: float_weight(modules[n]) for n in names}
+        if config.scope == "global":
+            masks = global_magnitude_masks(weights, config.sparsity)
+        else:
+            masks = {
+                n: mask_from_scores(magnitude_scores(w), config.layer_sparsity_of(n), per_row=False, n_m=config.n_m)
+                for n, w in weights.items()
+            }
+        for name, mask in masks.items():
+            set_float_weight(modules[name], weights[name].masked_fill(mask, 0))
+            self.masks[name] = mask
+
+    def _process_block(self, layers: dict, hessians: dict, config: PruningConfig, names, quantization) -> None:
+        for name, module in layers.items():
+            weight = float_weight(module).detach().float().contiguous()
+            hessian = hessians[name].hessian()
+            if name in names and config.method == "sparsegpt":
+                weight, mask = sparsegpt_prune(
+                    weight, hessian, config.layer_sparsity_of(name), config.n_m, config.block_size, config.damp_percent
+                )
+            elif name in names and config.method == "wanda":
+                scores = wanda_scores(weight, torch.diag(hessian))
+                mask = mask_from_scores(scores, config.layer_sparsity_of(name), per_row=True, n_m=config.n_m)
+                weight = weight.masked_fill(mask, 0)
+            else:
+                mask = self.masks.get(name)  # magnitude pruned before, or not pruned at all
+            if mask is not None:
+                self.masks[name] = mask
+            if quantization is not None and quantization.method == "gptq":
+                codes, scales, zeros = gptq_quantize(
+                    weight, hessian, quantization.bits, quantization.group_size, quantization.sym,
+                    quantization.damp_percent, quantization.act_order, quantization.block_size,
+                    SCALE_DTYPES[quantization.scale_dtype], quantization.mse_grid, pruned=mask,
+                )
+                set_module(self.model, name, _quantized_layer(codes, scales, zeros, mask, module.bias, quantization))
+            else:
+                set_float_weight(module, weight.to(module.weight.dtype))
+
+    def _quantize_rest(self, quantized: list[str], quantization: AgentOSConfig) -> None:
+        """RTN-quantize the quantization targets still in float (all of them for method='rtn')."""
+        modules = dict(self.model.named_modules())
+        todo = [n for n in quantized if not isinstance(modules[n], (QuantLinear, SparseLinear))]
+        plain = [n for n in todo if n not in self.masks]
+        if plain:
+            quantize_model_rtn(self.model, quantization, names=plain)
+        for name in todo:
+            if name in self.masks:
+                module = modules[name]
+                codes, scales, zeros = rtn.quantize_rtn(
+                    float_weight(module).detach(), quantization.bits, quantization.group_size, quantization.sym,
+                    SCALE_DTYPES[quantization.scale_dtype], quantization.mse_grid,
+                )
+                layer = _quantized_layer(codes, scales, zeros, self.masks[name], module.bias, quantization)
+                set_module(self.model, name, layer)
+
+    def compress(self, config: PruningConfig, float_dtype: str | None = "float16") -> nn.Module:
+        """Store the pruned layers as `SparseLinear` and mark the model with its agentos config for saving."""
+        modules = dict(self.model.named_modules())
+        for name, mask in self.masks.items():
+            module = modules[name]
+            if not isinstance(module, (SparseLinear, QuantLinear)):
+                set_module(self.model, name, SparseLinear.from_dense(float_weight(module).detach(), ~mask, module.bias))
+        modules = dict(self.model.named_modules())
+        sparse = {n: m.nnz for n, m in modules.items() if isinstance(m, SparseLinear)}
+        shapes = {}
+        if config.is_structured:
+            from .structured import module_shapes
+
+            shapes = module_shapes(self.model)
+        quantization = self._quantization
+        if quantization is None and not sparse and not shapes:
+            return self.model  # uniform structured pruning only: a plain checkpoint that loads without this library
+        storage = (quantization.to_dict() if quantization is not None else {"bits": None, "float_dtype": float_dtype})
+        storage.pop("quant_method", None)
+        storage.update(
+            sparse_layers=sparse or None, module_shapes=shapes or None, pruning=config.to_dict(),
+            sparsity_pattern=config.pattern if config.n_m else None,
+        )
+        attach_quantizer(self.model, AgentOSConfig.from_dict(storage))
+        return self.model
+
+    def prune(
+        self,
+        save_dir,
+        config: PruningConfig | None = None,
+        calibration_dataset=None,
+        num_samples: int = 64,
+        seq_len: int = 512,
+        batch_size: int = 4,
+        quantization: AgentOSConfig | None = None,
+        float_dtype: str | None = "float16",
+        overwrite: bool = True,
+        card_extra: dict | None = None,
+    ) -> nn.Module:
+        """Prune, compress and save model, tokenizer and model card to `save_dir` (atomically). Returns the model.
+
+        `float_dtype` is the dtype of the kept float values and embeddings on disk when not quantizing.
+        """
+        from ..checkpoint import save_model_folder
+        from ..hub.card import write_card
+
+        config = config or PruningConfig()
+        self.prune_in_place(config, calibration_dataset, num_samples, seq_len, batch_size, quantization)
+        model = self.compress(config, float_dtype)
+        self.report = sparsity_report(model, self.stats.get("params_before"))
+        stored = getattr(model.config, "quantization_config", None)
+        card_info = {
+            "base_model": self.source, "config": stored.to_dict() if stored is not None else {},
+            "pruning": config.to_dict(), "report": self.report, **(card_extra or {}),
+        }
+        save_model_folder(model, self.tokenizer, save_dir, overwrite, extra=lambda d: write_card(d, card_info))
+        return model
+
+
+def _quantized_layer(codes, scales, zeros, mask, bias, quantization: AgentOSConfig) -> nn.Module:
+    if mask is None:
+        return QuantLinear.from_codes(codes, scales, zeros, bias, quantization.bits, quantization.group_size)
+    return SparseLinear.from_codes(codes, scales, zeros, ~mask, bias, quantization.bits, quantization.group_size)
