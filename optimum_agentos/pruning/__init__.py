@@ -6,7 +6,7 @@ from .sparse_linear import SparseLinear
 from .sparsegpt import sparsegpt_prune
 
 __all__ = [
-    "Pruner", "PruningConfig", "SparseLinear", "global_magnitude_masks", "magnitude_scores", "mask_from_scores",
+    "GradualPruningCallback", "MaskFixedCallback", "Pruner", "PruningConfig", "SparseLinear", "global_magnitude_masks", "magnitude_scores", "mask_from_scores",
     "parse_pattern", "sparsegpt_prune", "wanda_scores",
 ]
 
@@ -16,4 +16,8 @@ def __getattr__(name):
         from .pruner import Pruner
 
         return Pruner
+    if name in ("MaskFixedCallback", "GradualPruningCallback"):
+        from . import callbacks
+
+        return getattr(callbacks, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
