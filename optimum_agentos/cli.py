@@ -26,6 +26,10 @@ def _quantize_parser(sub) -> None:
     p.add_argument("--damp-percent", type=float, default=0.01)
     p.add_argument("--target", nargs="*", default=None, help="Modules to quantize (names or re:regex).")
     p.add_argument("--ignore", nargs="*", default=None, help="Modules to keep in full precision.")
+    _common_arguments(p)
+
+
+def _common_arguments(p) -> None:
     p.add_argument("--calibration-dataset", default="wikitext2")
     p.add_argument("--num-samples", type=int, default=64, help="Calibration windows.")
     p.add_argument("--seq-len", type=int, default=512, help="Calibration and eval window length.")
@@ -34,56 +38,137 @@ def _quantize_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
 
 
-def run_quantize(args) -> dict:
+def _prune_parser(sub) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="Prune a model (optionally also quantize it) into an agentos checkpoint folder.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="smollm2-135m", help="Local folder, Hub id or alias (smollm2-135m).")
+    p.add_argument("--output", required=True, help="Checkpoint folder to write.")
+    p.add_argument("--method", default="sparsegpt", choices=["magnitude", "wanda", "sparsegpt", "none"],
+                   help="Weight pruning inside layers; 'none' for structured removal only.")
+    p.add_argument("--sparsity", type=float, default=None, help="Fraction of weights removed (default 0.5).")
+    p.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4.")
+    p.add_argument("--target", nargs="*", default=None, help="Modules to prune (names or re:regex).")
+    p.add_argument("--ignore", nargs="*", default=None, help="Modules left dense.")
+    p.add_argument("--mlp-neurons", type=float, default=0.0, help="Structured: fraction of MLP neurons removed.")
+    p.add_argument("--attention-groups", type=int, default=0, help="Structured: KV head groups removed per layer.")
+    p.add_argument("--layers", type=int, default=0, help="Structured: decoder layers removed.")
+    p.add_argument("--non-uniform", action="store_true", help="Structured: rank neurons/heads across layers.")
+    p.add_argument("--bits", type=int, default=None, choices=[2, 3, 4, 8], help="Also quantize to this many bits.")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--quant-method", default="gptq", choices=["rtn", "gptq"])
+    p.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype of the kept float weights on disk.")
+    _common_arguments(p)
 
-    from .checkpoint import folder_size, save_model_folder
-    from .config import AgentOSConfig
-    from .hub.card import write_card
-    from .quantization.quantizer import Quantizer
 
+def _check_output(args) -> Path:
     output = Path(args.output)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise SystemExit(f"error: {output} exists and is not empty; pass --overwrite to replace it.")
-    config = AgentOSConfig(
-        bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method, act_order=args.act_order,
-        damp_percent=args.damp_percent, target=args.target, ignore=args.ignore,
-    )
-    quantizer = Quantizer.from_pretrained(args.model)
-    base_size = _source_size(quantizer.model)
-    results, evaluate = [], None
-    if args.eval:
-        from .evaluation import perplexity
+    return output
 
-        def evaluate(model):
-            return perplexity(model, quantizer.tokenizer, args.eval, "test", args.seq_len, args.eval_windows)
 
-        baseline = evaluate(quantizer.model)
-    calibration = args.calibration_dataset if args.method == "gptq" else None
-    model = quantizer.quantize_in_place(config, calibration, args.num_samples, args.seq_len)
-    if args.eval:
+def _evaluator(args, tokenizer):
+    if not args.eval:
+        return None
+    from .evaluation import perplexity
+
+    return lambda model: perplexity(model, tokenizer, args.eval, "test", args.seq_len, args.eval_windows)
+
+
+def _save_with_card(args, model, tokenizer, info: dict, baseline, evaluate, files: dict | None = None) -> dict:
+    """Evaluate the compressed model, save it with its card atomically; returns the summary's shared rows."""
+    from .checkpoint import folder_size, save_model_folder
+    from .hub.card import write_card
+
+    results = []
+    if evaluate is not None:
         results.append({"task": args.eval, "metric": "perplexity", "split": "test", "baseline": baseline,
                         "compressed": evaluate(model), "dataset_type": "wikitext" if args.eval == "wikitext2" else args.eval})
-    command = "optimum-agentos " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
-    info = {
-        "base_model": args.model, "config": config.stamped().to_dict(), "results": results, "command": command,
-        "datasets": ["wikitext"] if "wikitext2" in (args.calibration_dataset, args.eval) else None,
-        "sizes": {"baseline": base_size},
-    }
+    info.update(
+        results=results, command="optimum-agentos " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        datasets=["wikitext"] if "wikitext2" in (args.calibration_dataset, args.eval) else None,
+    )
 
     def extra(folder):
         info["sizes"]["compressed"] = folder_size(folder)
         write_card(folder, info)
+        for name, text in (files or {}).items():
+            Path(folder, name).write_text(text)
 
-    save_model_folder(model, quantizer.tokenizer, output, overwrite=True, extra=extra)
+    save_model_folder(model, tokenizer, args.output, overwrite=True, extra=extra)
+    base_size = info["sizes"].get("baseline")
     summary = {
-        "output": str(output), "method": config.method, "bits": config.bits, "group_size": config.group_size,
-        "layers": quantizer.stats["layers"], "quantize_seconds": round(quantizer.stats["seconds"], 1),
         "size_mb": round(info["sizes"]["compressed"] / 1e6, 1),
         "baseline_size_mb": round(base_size / 1e6, 1) if base_size else None,
     }
     for r in results:
         summary[f"{r['task']}_ppl_baseline"] = round(r["baseline"], 3)
-        summary[f"{r['task']}_ppl_quantized"] = round(r["compressed"], 3)
+        summary[f"{r['task']}_ppl_compressed"] = round(r["compressed"], 3)
+    return summary
+
+
+def run_quantize(args) -> dict:
+    from .config import AgentOSConfig
+    from .quantization.quantizer import Quantizer
+
+    output = _check_output(args)
+    config = AgentOSConfig(
+        bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method, act_order=args.act_order,
+        damp_percent=args.damp_percent, target=args.target, ignore=args.ignore,
+    )
+    quantizer = Quantizer.from_pretrained(args.model)
+    evaluate = _evaluator(args, quantizer.tokenizer)
+    baseline = evaluate(quantizer.model) if evaluate else None
+    info = {"base_model": args.model, "sizes": {"baseline": _source_size(quantizer.model)}}
+    calibration = args.calibration_dataset if args.method == "gptq" else None
+    model = quantizer.quantize_in_place(config, calibration, args.num_samples, args.seq_len)
+    info["config"] = config.stamped().to_dict()
+    summary = {
+        "output": str(output), "method": config.method, "bits": config.bits, "group_size": config.group_size,
+        "layers": quantizer.stats["layers"], "quantize_seconds": round(quantizer.stats["seconds"], 1),
+    }
+    summary.update(_save_with_card(args, model, quantizer.tokenizer, info, baseline, evaluate))
+    return summary
+
+
+def run_prune(args) -> dict:
+    from .config import AgentOSConfig
+    from .pruning.config import PruningConfig
+    from .pruning.pruner import Pruner
+    from .pruning.report import sparsity_report
+
+    output = _check_output(args)
+    config = PruningConfig(
+        method=None if args.method == "none" else args.method, sparsity=args.sparsity, pattern=args.pattern,
+        target=args.target, ignore=args.ignore, mlp_neurons=args.mlp_neurons, attention_groups=args.attention_groups,
+        layers=args.layers, uniform=not args.non_uniform,
+    )
+    quantization = None
+    if args.bits:
+        quantization = AgentOSConfig(bits=args.bits, group_size=args.group_size, method=args.quant_method)
+    pruner = Pruner.from_pretrained(args.model)
+    evaluate = _evaluator(args, pruner.tokenizer)
+    baseline = evaluate(pruner.model) if evaluate else None
+    info = {"base_model": args.model, "sizes": {"baseline": _source_size(pruner.model)}, "pruning": config.to_dict()}
+    needs_data = config.needs_calibration or config.layers or (quantization and quantization.method == "gptq")
+    calibration = args.calibration_dataset if needs_data or config.is_structured else None
+    pruner.prune_in_place(config, calibration, args.num_samples, args.seq_len, quantization=quantization)
+    model = pruner.compress(config, args.float_dtype)
+    report = sparsity_report(model, pruner.stats["params_before"])
+    stored = getattr(model.config, "quantization_config", None)
+    info.update(config=stored.to_dict() if stored is not None else {}, report=report)
+    summary = {
+        "output": str(output), "method": args.method, "pattern": args.pattern or "unstructured",
+        "sparsity_measured": round(report["sparsity"], 4), "params_before": report["params_before"],
+        "params_after": report["params_after"], "nonzero_params": report["nonzero_params"],
+        "prune_seconds": round(pruner.stats["seconds"], 1),
+    }
+    files = {"agentos_sparsity.json": json.dumps(report, indent=2)}
+    summary.update(_save_with_card(args, model, pruner.tokenizer, info, baseline, evaluate, files))
     return summary
 
 
@@ -106,14 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optimum-agentos", description="Compress transformers models for CPUs.")
     sub = parser.add_subparsers(dest="command", required=True)
     _quantize_parser(sub)
+    _prune_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    if args.command == "quantize":
-        summary = run_quantize(args)
+    summary = {"quantize": run_quantize, "prune": run_prune}[args.command](args)
     summary["total_seconds"] = round(time.perf_counter() - start, 1)
     print_table(summary)
     Path(args.output, "agentos_summary.json").write_text(json.dumps(summary, indent=2))

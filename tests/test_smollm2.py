@@ -89,8 +89,8 @@ def test_cli_quantize_writes_checkpoint_card_and_summary(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "agentos_summary.json").read_text())
     assert summary["bits"] == 4 and summary["size_mb"] < 0.22 * summary["baseline_size_mb"]
-    assert summary["wikitext2_ppl_quantized"] < 1.5 * summary["wikitext2_ppl_baseline"]
-    assert "wikitext2_ppl_quantized" in proc.stdout  # the summary table
+    assert summary["wikitext2_ppl_compressed"] < 1.5 * summary["wikitext2_ppl_baseline"]
+    assert "wikitext2_ppl_compressed" in proc.stdout  # the summary table
     card = (out / "README.md").read_text()
     assert "optimum-agentos quantize --model smollm2-135m" in card and "perplexity" in card
     # A second run into the same folder without --overwrite is refused and leaves the checkpoint alone.

@@ -14,6 +14,8 @@ from ..quantization import packing, rtn
 
 
 _BIT_WEIGHTS = 1 << torch.arange(8, dtype=torch.int64)
+# byte value -> its 8 bits, least significant first: unpacking is one gather instead of eight mask ops
+_BYTE_BITS = (torch.arange(256).unsqueeze(1).bitwise_and(_BIT_WEIGHTS) != 0)
 
 
 class SparseCheckpointError(ValueError):
@@ -29,7 +31,7 @@ def pack_bitmask(kept: torch.Tensor) -> torch.Tensor:
 
 def unpack_bitmask(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """Inverse of `pack_bitmask`: bool `[out, in]`, True where a weight was kept."""
-    bits = packed.view(-1, 1).bitwise_and(_BIT_WEIGHTS.to(torch.uint8).to(packed.device).view(1, 8)) != 0
+    bits = _BYTE_BITS.to(packed.device)[packed.long()]
     return bits.view(-1)[: out_features * in_features].view(out_features, in_features)
 
 
@@ -145,10 +147,9 @@ class SparseLinear(nn.Module):
         kept = self.kept()
         if self.bits is None:
             dense = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.weight.device)
-            dense[kept] = self.weight.to(dtype)
-            return dense
+            return dense.masked_scatter_(kept, self.weight.to(dtype))
         codes = rtn.expand_groups(self.weight_zero, self.in_features, self.group_size).clone()
-        codes[kept] = packing.unpack(self.weight, self.bits, 1, self.nnz)[0]
+        codes.masked_scatter_(kept, packing.unpack(self.weight, self.bits, 1, self.nnz)[0])
         return rtn.dequantize_codes(codes, self.weight_scale, self.weight_zero, self.group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -183,3 +183,39 @@ def test_already_compressed_model_is_refused(tmp_path):
     folder = _saved(tmp_path)
     with pytest.raises(ValueError, match="already agentos-quantized"):
         Pruner(AutoModelForCausalLM.from_pretrained(folder)).prune(tmp_path / "again", PruningConfig(method="magnitude"))
+
+
+STRUCTURED = {
+    "mlp-uniform": dict(method=None, mlp_neurons=0.25),
+    "heads-uniform": dict(method=None, attention_groups=1),
+    "layers": dict(method=None, layers=1),
+    "mlp-non-uniform+wanda": dict(method="wanda", mlp_neurons=0.25, uniform=False, target=["re:.*self_attn.*"]),
+    "heads-non-uniform": dict(method=None, attention_groups=1, uniform=False),
+}
+
+
+@pytest.mark.parametrize("case", list(STRUCTURED))
+def test_structured_prune_reloads_with_from_pretrained(tmp_path, case):
+    config = PruningConfig(**STRUCTURED[case])
+    pruner = Pruner(build_tiny("llama"))
+    before = pruner.model.num_parameters()
+    pruner.prune(tmp_path / "out", config, CALIBRATION, float_dtype=None)
+    expected = model_output(pruner.model, sample_ids())
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(model_output(reloaded, sample_ids()), expected)
+    assert pruner.report["params_after"] < before == pruner.report["params_before"]
+    if config.uniform and not config.method:
+        assert "quantization_config" not in saved  # a plain checkpoint: loads without optimum-agentos
+        assert (saved["intermediate_size"], saved["num_key_value_heads"], saved["num_hidden_layers"]) == {
+            "mlp-uniform": (120, 2, 2), "heads-uniform": (160, 1, 2), "layers": (160, 2, 1)}[case]
+    else:
+        shapes = saved["quantization_config"]["module_shapes"]
+        assert shapes and all(list(reloaded.get_submodule(n).weight.shape) == s or
+                              [reloaded.get_submodule(n).out_features, reloaded.get_submodule(n).in_features] == s
+                              for n, s in shapes.items())
+
+
+def test_structured_on_an_unsupported_architecture_names_it():
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        Pruner(build_tiny("gpt2")).prune_in_place(PruningConfig(method=None, mlp_neurons=0.25))

@@ -1,0 +1,404 @@
+"""Structured pruning that shrinks tensor shapes: MLP neurons, whole KV groups of attention heads, decoder layers.
+
+Works on Llama-style decoders (`model.model.layers[i]` with `self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj`).
+Uniform pruning keeps every layer alike and updates `config.json`, so the result is a plain transformers checkpoint;
+non-uniform pruning leaves the config alone and `module_shapes` / `apply_module_shapes` carry the per-layer widths.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .masks import check_sparsity
+
+
+logger = logging.get_logger(__name__)
+
+SUPPORTED = (
+    "Llama-style decoders (e.g. LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM): model.model.layers[i] with "
+    "self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj as plain nn.Linear layers"
+)
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+LAYERS_PREFIX = "model.layers"
+# Config attributes holding one entry per decoder layer; `remove_layers` drops the removed layers' entries.
+PER_LAYER_CONFIG_LISTS = ("layer_types",)
+
+
+def decoder_layers(model: nn.Module, linears: bool = True) -> nn.ModuleList:
+    """`model.model.layers`, after checking the layout this module can slice (with `linears`, every projection)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(
+            f"Structured pruning does not support {type(model).__name__}: it has no `model.layers` list of decoder "
+            f"layers. Supported: {SUPPORTED}."
+        )
+    for i, layer in enumerate(layers):
+        parts = [("self_attn", p) for p in ATTENTION] + [("mlp", p) for p in MLP] if linears else [("self_attn", None)]
+        for parent, child in parts:
+            module = getattr(layer, parent, None)
+            if child is not None:
+                module = getattr(module, child, None)
+            if module is None or (child is not None and type(module) is not nn.Linear):
+                where = f"{LAYERS_PREFIX}.{i}.{parent}" + (f".{child}" if child else "")
+                found = "missing" if module is None else f"a {type(module).__name__}"
+                raise ValueError(
+                    f"Structured pruning does not support {type(model).__name__}: `{where}` is {found}. "
+                    f"Supported: {SUPPORTED} (prune before quantizing or sparsifying)."
+                )
+    return layers
+
+
+@torch.no_grad()
+def _run_base_model(model: nn.Module, calibration_ids: torch.Tensor, batch_size: int, hooks: list, desc: str) -> None:
+    """Run the decoder stack (not the LM head: no vocabulary-sized logits) over the calibration set with `hooks`
+    registered as `(module, pre_hook_fn)` or `(module, fn, "forward")`."""
+    if calibration_ids is None or calibration_ids.numel() == 0:
+        raise ValueError("The calibration set is empty; pass at least one window of token ids.")
+    device = next(model.parameters()).device
+    handles = []
+    for module, fn, *kind in hooks:
+        if kind and kind[0] == "forward":
+            handles.append(module.register_forward_hook(fn, with_kwargs=True))
+        else:
+            handles.append(module.register_forward_pre_hook(fn))
+    was_training = model.training
+    model.eval()
+    try:
+        for ids in tqdm(torch.split(calibration_ids, batch_size), desc=desc, unit="batch"):
+            model.model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
+class _InputMeanSquare:
+    """Pre-hook accumulating per-feature sum of x^2 over tokens of a layer's input: `mean()` is E[x_j^2]."""
+
+    def __init__(self):
+        self.total, self.tokens = None, 0
+
+    def __call__(self, module, args):
+        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        sq = x.pow(2).sum(0)
+        self.total = sq if self.total is None else self.total + sq
+        self.tokens += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.tokens, 1)
+
+
+def _norms(linear: nn.Linear, dim: int) -> torch.Tensor:
+    """Norms of the weight's columns (`dim=0`) or rows (`dim=1`), in float32."""
+    return linear.weight.detach().float().norm(dim=dim)
+
+
+def _heads(attn: nn.Module) -> tuple[int, int, int, int]:
+    """`(query heads, kv heads, queries per kv head, head_dim)` of one attention module, read from its shapes."""
+    head_dim, groups = attn.head_dim, attn.num_key_value_groups
+    return attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim, groups, head_dim
+
+
+def mlp_neuron_scores(
+    model: nn.Module, calibration_ids: torch.Tensor | None = None, batch_size: int = 4
+) -> list[torch.Tensor]:
+    """Importance of each intermediate neuron, one `[intermediate_size]` tensor per layer.
+
+    With calibration ids: Wanda-style `sqrt(E[x_j^2]) * ||down_proj.weight[:, j]||` where `x` is the down_proj input,
+    i.e. the typical size of what neuron j writes to the residual stream. Without: the weight-only proxy
+    `||gate row j|| * ||up row j|| * ||down column j||`.
+    """
+    mlps = [layer.mlp for layer in decoder_layers(model)]
+    if calibration_ids is None:
+        return [_norms(m.gate_proj, 1) * _norms(m.up_proj, 1) * _norms(m.down_proj, 0) for m in mlps]
+    stats = [_InputMeanSquare() for _ in mlps]
+    hooks = [(m.down_proj, st) for m, st in zip(mlps, stats)]
+    _run_base_model(model, calibration_ids, batch_size, hooks, "Scoring neurons")
+    return [s.mean().sqrt() * _norms(m.down_proj, 0) for m, s in zip(mlps, stats)]
+
+
+def attention_group_scores(
+    model: nn.Module, calibration_ids: torch.Tensor | None = None, batch_size: int = 4
+) -> list[torch.Tensor]:
+    """Importance of each KV group (one kv head and the query heads sharing it), one `[num_kv_heads]` tensor per layer.
+
+    With calibration ids: for each o_proj input column `sqrt(E[x_c^2]) * ||o_proj.weight[:, c]||`, summed over the
+    columns of the group's query heads (how much the group writes to the residual stream). Without:
+    `||v_proj rows of the group|| * sum over its query heads of ||o_proj columns of the head||` (the value path).
+    """
+    layers = decoder_layers(model)
+    if calibration_ids is not None:
+        stats = [_InputMeanSquare() for _ in layers]
+        hooks = [(l.self_attn.o_proj, s) for l, s in zip(layers, stats)]
+        _run_base_model(model, calibration_ids, batch_size, hooks, "Scoring heads")
+    scores = []
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        _, num_kv, groups, head_dim = _heads(attn)
+        if calibration_ids is not None:
+            per_column = stats[i].mean().sqrt() * _norms(attn.o_proj, 0)
+            scores.append(per_column.view(num_kv, groups * head_dim).sum(1))
+        else:
+            o_heads = attn.o_proj.weight.detach().float().view(-1, num_kv * groups, head_dim).norm(dim=(0, 2))
+            v_groups = attn.v_proj.weight.detach().float().view(num_kv, -1).norm(dim=1)
+            scores.append(v_groups * o_heads.view(num_kv, groups).sum(1))
+    return scores
+
+
+@torch.no_grad()
+def block_influence(model: nn.Module, calibration_ids: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """ShortGPT block influence (Men et al. 2024), `[num_layers]`: mean over tokens of `1 - cos(block input, block
+    output)` of the hidden states. Near 0 means the layer barely changes the residual stream: a removal candidate."""
+    layers = decoder_layers(model, linears=False)
+    totals = torch.zeros(len(layers), dtype=torch.float64)
+    counts = torch.zeros(len(layers), dtype=torch.float64)
+
+    def hook(i):
+        def fn(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, (tuple, list)) else output
+            cos = nn.functional.cosine_similarity(x.float().flatten(0, -2), y.float().flatten(0, -2), dim=-1)
+            totals[i] += (1 - cos).sum().double().cpu()
+            counts[i] += cos.numel()
+
+        return fn
+
+    _run_base_model(model, calibration_ids, batch_size, [(l, hook(i), "forward") for i, l in enumerate(layers)],
+                    "Block influence")
+    return (totals / counts.clamp(min=1)).float()
+
+
+def _slice_linear(linear: nn.Linear, keep: torch.Tensor, dim: int) -> None:
+    """Keep only the output rows (`dim=0`) or input columns (`dim=1`) `keep` of `linear`, in place."""
+    keep = keep.to(linear.weight.device)
+    with torch.no_grad():
+        weight = linear.weight.index_select(dim, keep).clone()
+        linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+        if dim == 0 and linear.bias is not None:
+            bias = linear.bias.index_select(0, keep).clone()
+            linear.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
+    linear.out_features, linear.in_features = linear.weight.shape
+
+
+def _kept(size: int, removed: list[int]) -> torch.Tensor:
+    drop = set(removed)
+    return torch.tensor([j for j in range(size) if j not in drop], dtype=torch.long)
+
+
+def _check_scores(scores: list[torch.Tensor], sizes: list[int], what: str) -> None:
+    if len(scores) != len(sizes) or any(s.numel() != n for s, n in zip(scores, sizes)):
+        raise ValueError(
+            f"scores must hold one tensor per decoder layer with one entry per {what} (expected sizes {sizes}, got "
+            f"{[s.numel() for s in scores]}); compute them on this model right before pruning."
+        )
+
+
+def _lowest_per_layer(scores: list[torch.Tensor], counts: list[int]) -> list[list[int]]:
+    return [sorted(torch.topk(s.float().cpu(), k, largest=False).indices.tolist()) for s, k in zip(scores, counts)]
+
+
+def _lowest_global(scores: list[torch.Tensor], total: int) -> list[list[int]]:
+    """One ranking across layers of scores divided by their layer's mean (so layers of different scale compare);
+    each layer's best entry is never chosen, so every layer keeps at least one."""
+    normalised = []
+    for s in scores:
+        s = s.float().cpu()
+        s = s / s.mean().clamp(min=torch.finfo(torch.float32).tiny)
+        normalised.append(s.clone().index_fill_(0, s.argmax().view(1), float("inf")))
+    flat = torch.cat(normalised)
+    total = min(total, flat.numel() - len(scores))
+    chosen = torch.topk(flat, total, largest=False).indices.tolist() if total > 0 else []
+    offsets = torch.tensor([0] + [s.numel() for s in scores]).cumsum(0).tolist()
+    return [sorted(j - offsets[i] for j in chosen if offsets[i] <= j < offsets[i + 1]) for i in range(len(scores))]
+
+
+def prune_mlp_neurons(
+    model: nn.Module, fraction: float, scores: list[torch.Tensor] | None = None, uniform: bool = True
+) -> dict[str, list[int]]:
+    """Remove the `fraction` lowest-scoring intermediate neurons (gate/up rows, down columns); returns the removed
+    indices per layer, e.g. `{"model.layers.3.mlp": [...]}`.
+
+    `uniform=True` removes `round(I * fraction)` per layer and updates `config.intermediate_size`, so the result is a
+    plain checkpoint. `uniform=False` ranks neurons across layers (scores normalised per layer) and leaves the config
+    alone: layers end up with different widths, recorded by `module_shapes`.
+    """
+    check_sparsity(fraction)
+    layers = decoder_layers(model)
+    sizes = [l.mlp.down_proj.in_features for l in layers]
+    scores = mlp_neuron_scores(model) if scores is None else scores
+    _check_scores(scores, sizes, "intermediate neuron")
+    if uniform:
+        removed = _lowest_per_layer(scores, [min(round(n * fraction), n - 1) for n in sizes])
+    else:
+        removed = _lowest_global(scores, round(sum(sizes) * fraction))
+    for layer, size, drop in zip(layers, sizes, removed):
+        if not drop:
+            continue
+        keep = _kept(size, drop)
+        mlp = layer.mlp
+        _slice_linear(mlp.gate_proj, keep, 0)
+        _slice_linear(mlp.up_proj, keep, 0)
+        _slice_linear(mlp.down_proj, keep, 1)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = len(keep)
+    new_sizes = {l.mlp.down_proj.in_features for l in layers}
+    if uniform and len(new_sizes) == 1:
+        model.config.intermediate_size = new_sizes.pop()
+    logger.info(f"Removed {sum(map(len, removed))} of {sum(sizes)} MLP neurons ({'uniform' if uniform else 'global'})")
+    return {f"{LAYERS_PREFIX}.{i}.mlp": drop for i, drop in enumerate(removed)}
+
+
+def _set_head_counts(attn: nn.Module) -> None:
+    """Refresh the head-count attributes some attention classes keep (head_dim and the GQA ratio do not change)."""
+    num_heads, num_kv, _, _ = _heads(attn)
+    for name, value in (("num_heads", num_heads), ("num_attention_heads", num_heads), ("num_key_value_heads", num_kv)):
+        if hasattr(attn, name):
+            setattr(attn, name, value)
+
+
+def prune_attention_heads(
+    model: nn.Module, num_groups: int, scores: list[torch.Tensor] | None = None, uniform: bool = True
+) -> dict[str, list[int]]:
+    """Remove whole KV groups (a kv head and the query heads sharing it, so the GQA ratio is kept); returns the
+    removed group indices per layer, e.g. `{"model.layers.3.self_attn": [...]}`.
+
+    `uniform=True` removes `num_groups` from every layer and updates the config's head counts (and pins
+    `config.head_dim`). `uniform=False` removes `num_groups * num_layers` groups ranked across layers (each keeps at
+    least one) and leaves the config alone.
+    """
+    layers = decoder_layers(model)
+    heads = [_heads(l.self_attn) for l in layers]
+    fewest = min(h[1] for h in heads)
+    if not isinstance(num_groups, int) or num_groups < 0:
+        raise ValueError(f"num_groups={num_groups!r} must be a non-negative integer (KV groups to remove per layer).")
+    if num_groups >= fewest:
+        raise ValueError(
+            f"num_groups={num_groups} would remove every head: a layer has only {fewest} key/value head groups; "
+            f"remove at most {fewest - 1}."
+        )
+    scores = attention_group_scores(model) if scores is None else scores
+    _check_scores(scores, [h[1] for h in heads], "key/value head group")
+    if uniform:
+        removed = _lowest_per_layer(scores, [num_groups] * len(layers))
+    else:
+        removed = _lowest_global(scores, num_groups * len(layers))
+    for layer, (_, num_kv, groups, head_dim), drop in zip(layers, heads, removed):
+        if not drop:
+            continue
+        attn = layer.self_attn
+        kv_keep = _kept(num_kv * head_dim, [g * head_dim + d for g in drop for d in range(head_dim)])
+        q_width = groups * head_dim  # the query heads of group g are g*groups ... (g+1)*groups-1 (head-major rows)
+        q_keep = _kept(num_kv * q_width, [g * q_width + d for g in drop for d in range(q_width)])
+        _slice_linear(attn.q_proj, q_keep, 0)
+        _slice_linear(attn.k_proj, kv_keep, 0)
+        _slice_linear(attn.v_proj, kv_keep, 0)
+        _slice_linear(attn.o_proj, q_keep, 1)
+        _set_head_counts(attn)
+    new_heads = {_heads(l.self_attn) for l in layers}
+    if uniform and len(new_heads) == 1:
+        num_heads, num_kv, _, head_dim = new_heads.pop()
+        model.config.head_dim = head_dim  # else hidden_size // num_attention_heads would change it on reload
+        model.config.num_attention_heads, model.config.num_key_value_heads = num_heads, num_kv
+    logger.info(f"Removed {sum(map(len, removed))} key/value head groups ({'uniform' if uniform else 'global'}).")
+    return {f"{LAYERS_PREFIX}.{i}.self_attn": drop for i, drop in enumerate(removed)}
+
+
+def remove_layers(model: nn.Module, indices: list[int]) -> None:
+    """Delete decoder layers in place, renumbering the kept layers' `layer_idx` (their KV cache slot) and updating
+    `config.num_hidden_layers` and the per-layer config lists (`layer_types`)."""
+    layers = decoder_layers(model, linears=False)
+    count = len(layers)
+    indices = list(indices)
+    bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < count]
+    if bad:
+        raise ValueError(f"Layer indices {bad} are out of range: {type(model).__name__} has layers 0..{count - 1}.")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"Layer indices {indices} hold duplicates; list each layer to remove once.")
+    if len(indices) >= count:
+        raise ValueError(f"Removing layers {sorted(indices)} would remove all {count} decoder layers; keep one.")
+    drop = set(indices)
+    kept = [layer for i, layer in enumerate(layers) if i not in drop]
+    for new_idx, layer in enumerate(kept):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_idx
+    model.model.layers = nn.ModuleList(kept)
+    config = model.config
+    for name in PER_LAYER_CONFIG_LISTS:
+        values = getattr(config, name, None)
+        if isinstance(values, (list, tuple)) and len(values) == count:
+            setattr(config, name, type(values)(v for i, v in enumerate(values) if i not in drop))
+    config.num_hidden_layers = len(kept)
+    logger.info(f"Removed decoder layers {sorted(drop)}; {len(kept)} remain.")
+
+
+def _reference_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """`[out, in]` of every decoder-layer nn.Linear of a fresh model built from `model.config` (on meta: no memory)."""
+    with torch.device("meta"):
+        fresh = type(model)(copy.deepcopy(model.config))
+    prefix = f"{LAYERS_PREFIX}."
+    return {
+        name: (m.out_features, m.in_features)
+        for name, m in fresh.named_modules()
+        if name.startswith(prefix) and isinstance(m, nn.Linear)
+    }
+
+
+def module_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """`{name: [out_features, in_features]}` of the decoder-layer linear layers whose shape differs from what
+    `model.config` implies (a non-uniform prune's leftovers); empty when the config describes every layer.
+
+    Layers already replaced by `SparseLinear`/`QuantLinear` count too: only `in_features`/`out_features` are read.
+    """
+    decoder_layers(model, linears=False)
+    modules = dict(model.named_modules())
+    shapes = {}
+    for name, expected in _reference_shapes(model).items():
+        module = modules.get(name)
+        if module is None:
+            continue
+        actual = (int(module.out_features), int(module.in_features))
+        if actual != expected:
+            shapes[name] = list(actual)
+    return shapes
+
+
+def apply_module_shapes(model: nn.Module, shapes: dict[str, list[int]]) -> None:
+    """Load side of `module_shapes`: resize the named nn.Linear layers of a freshly built model (meta device is fine)
+    to the recorded `[out, in]` and refresh the head counts of the attention modules, so the state dict loads."""
+    layers = decoder_layers(model)
+    modules = dict(model.named_modules())
+    touched = set()
+    for name, shape in shapes.items():
+        old = modules.get(name)
+        if not isinstance(old, nn.Linear) or not name.startswith(f"{LAYERS_PREFIX}."):
+            raise ValueError(
+                f"module_shapes names {name!r}, which is not a decoder-layer nn.Linear of {type(model).__name__}; the "
+                "checkpoint's config does not match its architecture."
+            )
+        if len(shape) != 2 or any(not isinstance(s, int) or s < 1 for s in shape):
+            raise ValueError(f"module_shapes[{name!r}]={shape!r} must be [out_features, in_features] (positive ints).")
+        out_features, in_features = shape
+        device, dtype = old.weight.device, old.weight.dtype
+        new = nn.Linear(in_features, out_features, bias=old.bias is not None, device=device, dtype=dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name], child, new)
+        touched.add(int(name[len(LAYERS_PREFIX) + 1:].split(".")[0]))
+    for i in sorted(touched):
+        attn, mlp = layers[i].self_attn, layers[i].mlp
+        head_dim, q_out = attn.head_dim, attn.q_proj.out_features
+        if q_out % head_dim or attn.k_proj.out_features * attn.num_key_value_groups != q_out:
+            raise ValueError(
+                f"module_shapes gives {LAYERS_PREFIX}.{i}.self_attn q_proj {attn.q_proj.out_features} and k_proj "
+                f"{attn.k_proj.out_features} outputs: not whole heads of {head_dim} with "
+                f"{attn.num_key_value_groups} query heads per key/value head."
+            )
+        _set_head_counts(attn)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = mlp.down_proj.in_features
