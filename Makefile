@@ -32,6 +32,7 @@ test-fast: install
 
 benchmark: install
 	$(PY) benchmarks/quantization.py
+	$(PY) benchmarks/pruning.py
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -13,15 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import decode_tokens_per_s, peak_rss_mb, run_rows, save_results, update_benchmarks_md
 MARK_BEGIN, MARK_END = "<!-- quantization:begin -->", "<!-- quantization:end -->"
 
 ROWS = {
@@ -31,23 +27,6 @@ ROWS = {
     "int4-g128-gptq": dict(bits=4, group_size=128, method="gptq"),
     "int4-g64-gptq": dict(bits=4, group_size=64, method="gptq"),
 }
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def decode_tokens_per_s(model, tokenizer, new_tokens=64, repeats=3) -> float:
-    import torch
-
-    prompt = tokenizer("The history of the city begins", return_tensors="pt")
-    speeds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        speeds.append((out.shape[1] - prompt.input_ids.shape[1]) / (time.perf_counter() - start))
-    return statistics.median(speeds)
 
 
 def worker(row: str, args) -> dict:
@@ -116,17 +95,6 @@ def write_markdown(results: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def update_benchmarks_md(section: str) -> None:
-    path = REPO / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery table here is written by a script in `benchmarks/`.\n"
-    if MARK_BEGIN in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + section + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
@@ -138,19 +106,11 @@ def main() -> None:
     if args.worker:
         Path(args.out).write_text(json.dumps(worker(args.worker, args)))
         return
-    results = []
-    for row in args.rows:
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            cmd = [sys.executable, __file__, "--worker", row, "--out", out.name,
-                   "--eval-windows", str(args.eval_windows), "--calib-windows", str(args.calib_windows)]
-            print(f"== {row}", flush=True)
-            subprocess.run(cmd, check=True)
-            results.append(json.loads(Path(out.name).read_text()))
-            print(json.dumps(results[-1]), flush=True)
-    (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
-    (REPO / "benchmarks" / "results" / "quantization.json").write_text(json.dumps(results, indent=2))
+    passthrough = ["--eval-windows", str(args.eval_windows), "--calib-windows", str(args.calib_windows)]
+    results = run_rows(__file__, args.rows, passthrough)
+    save_results("quantization", results)
     section = write_markdown(results, args)
-    update_benchmarks_md(section)
+    update_benchmarks_md(section, MARK_BEGIN, MARK_END)
     print(section)
 
 
