@@ -12,9 +12,11 @@ from .version import FORMAT_VERSION, __version__
 
 _register()
 
+_DISTILLATION = {"DistillationConfig", "DistillationTrainer", "make_student", "precompute_teacher_topk"}
+
 __all__ = [
-    "AgentOSConfig", "Pruner", "PruningConfig", "QuantLinear", "Quantizer", "SparseLinear", "FORMAT_VERSION",
-    "__version__",
+    "AgentOSConfig", "DistillationConfig", "DistillationTrainer", "Pruner", "PruningConfig", "QuantLinear",
+    "Quantizer", "SparseLinear", "FORMAT_VERSION", "__version__", "make_student", "precompute_teacher_topk",
 ]
 
 
@@ -28,4 +30,8 @@ def __getattr__(name):
         from .pruning.pruner import Pruner
 
         return Pruner
+    if name in _DISTILLATION:
+        from . import distillation
+
+        return getattr(distillation, name)
     raise AttributeError(f"module 'optimum_agentos' has no attribute {name!r}")

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..modeling import keep_layers
 from .masks import check_sparsity
 
 
@@ -26,8 +27,6 @@ SUPPORTED = (
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 LAYERS_PREFIX = "model.layers"
-# Config attributes holding one entry per decoder layer; `remove_layers` drops the removed layers' entries.
-PER_LAYER_CONFIG_LISTS = ("layer_types",)
 
 
 def decoder_layers(model: nn.Module, linears: bool = True) -> nn.ModuleList:
@@ -312,8 +311,7 @@ def prune_attention_heads(
 def remove_layers(model: nn.Module, indices: list[int]) -> None:
     """Delete decoder layers in place, renumbering the kept layers' `layer_idx` (their KV cache slot) and updating
     `config.num_hidden_layers` and the per-layer config lists (`layer_types`)."""
-    layers = decoder_layers(model, linears=False)
-    count = len(layers)
+    count = len(decoder_layers(model, linears=False))
     indices = list(indices)
     bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < count]
     if bad:
@@ -322,20 +320,7 @@ def remove_layers(model: nn.Module, indices: list[int]) -> None:
         raise ValueError(f"Layer indices {indices} hold duplicates; list each layer to remove once.")
     if len(indices) >= count:
         raise ValueError(f"Removing layers {sorted(indices)} would remove all {count} decoder layers; keep one.")
-    drop = set(indices)
-    kept = [layer for i, layer in enumerate(layers) if i not in drop]
-    for new_idx, layer in enumerate(kept):
-        for module in layer.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new_idx
-    model.model.layers = nn.ModuleList(kept)
-    config = model.config
-    for name in PER_LAYER_CONFIG_LISTS:
-        values = getattr(config, name, None)
-        if isinstance(values, (list, tuple)) and len(values) == count:
-            setattr(config, name, type(values)(v for i, v in enumerate(values) if i not in drop))
-    config.num_hidden_layers = len(kept)
-    logger.info(f"Removed decoder layers {sorted(drop)}; {len(kept)} remain.")
+    keep_layers(model, [i for i in range(count) if i not in set(indices)])
 
 
 def _reference_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
