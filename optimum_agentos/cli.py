@@ -192,10 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _quantize_parser(sub)
     _prune_parser(sub)
+    sub.add_parser("distill", add_help=False, help="Distill a student from a teacher (`distill --help` lists options).")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "distill":  # TrainingArguments-based: HfArgumentParser owns its options
+        from .distillation.command import run_distill
+
+        print_table(run_distill(argv[1:]))
+        return 0
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     summary = {"quantize": run_quantize, "prune": run_prune}[args.command](args)

@@ -135,3 +135,48 @@ def write_card(folder, info: dict) -> Path:
     path = Path(folder) / "README.md"
     build_card(info).save(path)
     return path
+
+
+def build_distilled_card(info: dict) -> ModelCard:
+    """Card of a distilled student: teacher lineage, loss settings, teacher-vs-student results, parameter counts.
+
+    `info`: teacher (source), task, pipeline ("text-generation" or "text-classification"), auto_class, loss
+    (description), results (rows with baseline = teacher), params {teacher, student}, command, datasets.
+    """
+    base = hub_base_model(info.get("teacher"))
+    results = info.get("results", [])
+    eval_results = [
+        EvalResult(
+            task_type=info.get("pipeline", "text-generation"), dataset_type=r.get("dataset_type", r["task"]),
+            dataset_name=r["task"], metric_type=r["metric"], metric_value=round(float(r["compressed"]), 4),
+            dataset_split=r.get("split"),
+        )
+        for r in results
+    ]
+    card_data = ModelCardData(
+        library_name="transformers", base_model=base, base_model_relation="finetune" if base else None,
+        tags=["optimum-agentos", "distillation"], datasets=info.get("datasets"),
+        model_name=info.get("name", "agentos-student"), eval_results=eval_results or None,
+        pipeline_tag=info.get("pipeline"),
+    )
+    params = info.get("params", {})
+    size_line = "Parameter counts were not measured."
+    if params.get("student"):
+        size_line = f"{params['student']:,} parameters"
+        if params.get("teacher"):
+            size_line += f" ({params['student'] / params['teacher']:.3f}x the teacher's {params['teacher']:,})"
+        size_line += "."
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATES / "agentos_distilled.md"),
+        title=f"{base or 'Model'} - agentos distilled student",
+        summary=f"A smaller student distilled from {base or 'a local teacher'} on {info.get('task', 'a task')}, "
+        "made with optimum-agentos.",
+        auto_class=info.get("auto_class", "AutoModelForCausalLM"),
+        repo_hint=info.get("repo_id") or "path/to/this/folder",
+        teacher=base or "(a local model)",
+        loss_description=info.get("loss", ""),
+        command=scrub(info.get("command", "")),
+        results_table=results_markdown(results) if results else "",
+        size_line=size_line,
+    )
