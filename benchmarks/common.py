@@ -61,3 +61,10 @@ def update_benchmarks_md(section: str, begin: str, end: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     path.write_text(text)
+
+
+def publish(name: str, results: list[dict], section: str, begin: str, end: str) -> None:
+    """Raw results to benchmarks/results/NAME.json, the markdown section into BENCHMARKS.md, and to stdout."""
+    save_results(name, results)
+    update_benchmarks_md(section, begin, end)
+    print(section)

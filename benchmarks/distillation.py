@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import peak_rss_mb, run_rows, save_results, update_benchmarks_md
+from common import peak_rss_mb, publish, run_rows
 
 MARK_BEGIN, MARK_END = "<!-- distillation:begin -->", "<!-- distillation:end -->"
 ROWS = ["sst2-teacher", "sst2-student-plain", "sst2-student-kd", "lm-student", "lm-student-kd", "lm-student-plain",
@@ -146,7 +146,7 @@ def write_markdown(results: list[dict], args) -> str:
     if "sst2-teacher" in by:
         t = by["sst2-teacher"]
         lines += [
-            f"### GLUE SST-2 (dev, 872 sentences)",
+            "### GLUE SST-2 (dev, 872 sentences)",
             "",
             f"Teacher: all-MiniLM-L6-v2 (6 layers) with a classification head, fine-tuned {args.sst2_steps} steps of "
             f"batch 32 (AdamW, lr {args.sst2_lr}, linear decay, max 64 tokens). Students: 3 layers made by "
@@ -232,10 +232,7 @@ def main() -> None:
         for name in options:
             passthrough += ["--" + name.replace("_", "-"), str(getattr(args, name))]
         results = run_rows(__file__, args.rows, passthrough)
-    save_results("distillation", results)
-    section = write_markdown(results, args)
-    update_benchmarks_md(section, MARK_BEGIN, MARK_END)
-    print(section)
+    publish("distillation", results, write_markdown(results, args), MARK_BEGIN, MARK_END)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import peak_rss_mb, run_rows, save_results, update_benchmarks_md
+from common import peak_rss_mb, publish, run_rows
 
 MARK_BEGIN, MARK_END = "<!-- pruning:begin -->", "<!-- pruning:end -->"
 
@@ -263,10 +263,7 @@ def main() -> None:
     results = run_rows(__file__, args.rows, passthrough)
     if args.llmcompressor_python:
         results += run_llmcompressor(args.llmcompressor_python, args.llmcompressor_rows, args)
-    save_results("pruning", results)
-    section = write_markdown(results, args)
-    update_benchmarks_md(section, MARK_BEGIN, MARK_END)
-    print(section)
+    publish("pruning", results, write_markdown(results, args), MARK_BEGIN, MARK_END)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import decode_tokens_per_s, peak_rss_mb, run_rows, save_results, update_benchmarks_md
+from common import decode_tokens_per_s, peak_rss_mb, publish, run_rows
 MARK_BEGIN, MARK_END = "<!-- quantization:begin -->", "<!-- quantization:end -->"
 
 ROWS = {
@@ -108,10 +108,7 @@ def main() -> None:
         return
     passthrough = ["--eval-windows", str(args.eval_windows), "--calib-windows", str(args.calib_windows)]
     results = run_rows(__file__, args.rows, passthrough)
-    save_results("quantization", results)
-    section = write_markdown(results, args)
-    update_benchmarks_md(section, MARK_BEGIN, MARK_END)
-    print(section)
+    publish("quantization", results, write_markdown(results, args), MARK_BEGIN, MARK_END)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from optimum_agentos.distillation import DistillationConfig, DistillationTrainer, make_student  # noqa: E402
