@@ -33,6 +33,7 @@ test-fast: install
 benchmark: install
 	$(PY) benchmarks/quantization.py
 	$(PY) benchmarks/pruning.py
+	$(PY) benchmarks/distillation.py
 
 clean:
 	rm -rf $(VENV) demo-output

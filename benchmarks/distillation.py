@@ -73,7 +73,8 @@ def worker(row: str, args) -> dict:
                 trainer = DistillationTrainer(
                     model=model, teacher_model=teacher, train_dataset=train, data_collator=collator,
                     args=_training_args(args, work / "s", args.sst2_steps, args.sst2_lr, 32,
-                                        temperature=args.sst2_temperature, alpha_kd=args.sst2_alpha_kd),
+                                        temperature=args.sst2_temperature, alpha_kd=args.sst2_alpha_kd,
+                                        hidden_loss_weight=args.sst2_hidden_weight, hidden_loss="cosine"),
                 )
         out = trainer.train()
         result.update(steps=out.global_step, train_s=out.metrics["train_runtime"], params=model.num_parameters(),
@@ -152,7 +153,8 @@ def write_markdown(results: list[dict], args) -> str:
             f"batch 32 (AdamW, lr {args.sst2_lr}, linear decay, max 64 tokens). Students: 3 layers made by "
             f"`make_student` (teacher layers 0, 2, 4), the same {args.sst2_steps} steps, data order and learning "
             f"rate; `kd` adds the teacher's soft labels (temperature {args.sst2_temperature}, alpha_kd "
-            f"{args.sst2_alpha_kd}, hard labels x {1 - args.sst2_alpha_kd:g}).",
+            f"{args.sst2_alpha_kd}, hard labels x {1 - args.sst2_alpha_kd:g}, cosine hidden-state loss x "
+            f"{args.sst2_hidden_weight:g} on student layers 1-3 to teacher layers 2, 4, 6).",
             "",
             "| model | layers | params | dev accuracy | vs teacher (points) | train time (s) |",
             "|---|---:|---:|---:|---:|---:|",
@@ -212,6 +214,7 @@ def main() -> None:
     parser.add_argument("--sst2-lr", type=float, default=1e-4)
     parser.add_argument("--sst2-temperature", type=float, default=2.0)
     parser.add_argument("--sst2-alpha-kd", type=float, default=0.7)
+    parser.add_argument("--sst2-hidden-weight", type=float, default=1.0)
     parser.add_argument("--lm-drop-layers", type=int, default=6)
     parser.add_argument("--lm-steps", type=int, default=100)
     parser.add_argument("--lm-batch", type=int, default=4)
@@ -225,8 +228,8 @@ def main() -> None:
     if args.worker:
         Path(args.out).write_text(json.dumps(worker(args.worker, args)))
         return
-    options = ["sst2_steps", "sst2_lr", "sst2_temperature", "sst2_alpha_kd", "lm_drop_layers", "lm_steps", "lm_batch",
-               "lm_seq_len", "lm_lr", "eval_windows"]
+    options = ["sst2_steps", "sst2_lr", "sst2_temperature", "sst2_alpha_kd", "sst2_hidden_weight", "lm_drop_layers",
+               "lm_steps", "lm_batch", "lm_seq_len", "lm_lr", "eval_windows"]
     with tempfile.TemporaryDirectory() as work:
         passthrough = ["--work", work]
         for name in options:
