@@ -63,6 +63,16 @@ def update_benchmarks_md(section: str, begin: str, end: str) -> None:
     path.write_text(text)
 
 
+def merge_with_saved(name: str, results: list[dict]) -> list[dict]:
+    """The saved rows of benchmarks/results/NAME.json with `results` replacing the rows of the same name (rows
+    rerun alone, e.g. for a timing measured on an idle machine, keep the others' place and values)."""
+    path = REPO / "benchmarks" / "results" / f"{name}.json"
+    saved = json.loads(path.read_text()) if path.exists() else []
+    fresh = {r["row"]: r for r in results}
+    merged = [fresh.pop(r["row"], r) for r in saved]
+    return merged + list(fresh.values())
+
+
 def publish(name: str, results: list[dict], section: str, begin: str, end: str) -> None:
     """Raw results to benchmarks/results/NAME.json, the markdown section into BENCHMARKS.md, and to stdout."""
     save_results(name, results)

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import peak_rss_mb, publish, run_rows
+from common import merge_with_saved, peak_rss_mb, publish, run_rows
 
 MARK_BEGIN, MARK_END = "<!-- pruning:begin -->", "<!-- pruning:end -->"
 
@@ -252,6 +252,8 @@ def main() -> None:
     parser.add_argument("--llmcompressor-python", default=None,
                         help="python of a venv with llmcompressor (and torch==2.13.0): adds its rows side by side")
     parser.add_argument("--llmcompressor-rows", nargs="*", default=list(LLMC_ROWS), choices=list(LLMC_ROWS))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other rows of benchmarks/results/pruning.json, replacing only the rows run now")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -263,6 +265,8 @@ def main() -> None:
     results = run_rows(__file__, args.rows, passthrough)
     if args.llmcompressor_python:
         results += run_llmcompressor(args.llmcompressor_python, args.llmcompressor_rows, args)
+    if args.merge:
+        results = merge_with_saved("pruning", results)
     publish("pruning", results, write_markdown(results, args), MARK_BEGIN, MARK_END)
 
 

@@ -14,6 +14,7 @@ from ..config import QUANT_METHOD, AgentOSConfig
 from .peft import register_peft
 from ..quantization import rtn
 from ..quantization.linear import SCALE_DTYPES, QuantLinear
+from ..quantization.kernels import prepare_kernels
 from ..quantization.kept_weights import round_kept_weights, state_dict_for_save
 from ..quantization.packing import pack
 from ..quantization.replace import replace_with_quant_linear
@@ -98,6 +99,7 @@ class AgentOSHfQuantizer(HfQuantizer):
         self.quantization_config = self.quantization_config.stamped()
         model.config.quantization_config = self.quantization_config
         register_peft()
+        prepare_kernels(model)
         return model
 
     def get_state_dict_and_metadata(self, model):

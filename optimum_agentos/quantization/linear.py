@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import packing, rtn
+from . import kernels, packing, rtn
 
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -20,8 +20,11 @@ class QuantLinear(nn.Module):
     - `weight_zero`: `[out_features, groups]` uint8 zero points;
     - `bias`: optional, in the model's dtype.
 
-    Forward is the reference path: dequantize to the activation dtype, then `F.linear`.
+    Forward: after `kernels.prepare_kernels` (run at load), short inputs go to a packed CPU kernel when one fits the
+    layer; otherwise, and for long inputs or autograd, the reference path: dequantize, then `F.linear`.
     """
+
+    kernel = None  # set per layer by kernels.prepare_kernels
 
     def __init__(
         self,
@@ -94,6 +97,8 @@ class QuantLinear(nn.Module):
         self.weight.data = packing.pack(codes, self.bits)
         self.weight_scale.data = scales.to(self.weight_scale.dtype).contiguous()
         self.weight_zero.data = zeros.to(torch.uint8).contiguous()
+        if self.kernel is not None:  # keep the kernel's own layout in step with the new codes
+            self.kernel.prepare(self)
 
     def codes(self) -> torch.Tensor:
         """Unpacked integer codes `[out, in]`."""
@@ -106,7 +111,7 @@ class QuantLinear(nn.Module):
         return rtn.dequantize_codes(self.codes(), self.weight_scale, self.weight_zero, self.group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.dequantize(x.dtype), self.bias)
+        return kernels.forward(self, x)
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,168 @@
+"""Fast CPU paths for `QuantLinear`: repack once after loading, choose per call by the number of tokens.
+
+torch ships weight-only int4 and int8 matmuls for CPU (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) that
+beat fp32 at decode (a few tokens) but only with bfloat16 activations, and lose to fp32 at prefill. So:
+
+- decode (at most `max_tokens` tokens, no autograd): the packed kernel, activations cast to bfloat16 and back;
+- prefill, training, or a layer no kernel fits: the reference path (dequantize, then `F.linear` in the activation
+  dtype), which is always correct.
+
+The kernel layouts live in non-persistent buffers: the checkpoint format and `state_dict` do not change. Tolerance
+of the fast paths against the reference: bfloat16 rounding of the activations and of the int4 scales, about 1% of
+the output's magnitude (see tests/quantization/test_kernels.py).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import logging
+
+from . import rtn
+
+
+logger = logging.get_logger(__name__)
+
+KERNELS_ENV = "OPTIMUM_AGENTOS_KERNELS"  # "auto" (default) or "reference" (always dequantize)
+DECODE_MAX_TOKENS = 8
+
+
+def _grad_needed(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+class Int4PackKernel:
+    """int4, group size 32/64/128/256 dividing `in_features`: `torch._weight_int4pack_mm_for_cpu`."""
+
+    name = "int4pack-bf16"
+    max_tokens = DECODE_MAX_TOKENS
+
+    @staticmethod
+    def unsupported(layer) -> str | None:
+        if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            return "this torch build has no _weight_int4pack_mm_for_cpu"
+        if layer.bits != 4:
+            return f"{layer.bits}-bit"
+        group = layer.in_features if layer.group_size == -1 else layer.group_size
+        if group not in (32, 64, 128, 256) or layer.in_features % group:
+            return f"group size {layer.group_size} with in_features {layer.in_features} (needs 32/64/128/256 dividing it)"
+        if layer.weight.device.type != "cpu":
+            return f"device {layer.weight.device.type}"
+        return None
+
+    @staticmethod
+    def prepare(layer) -> None:
+        group = layer.in_features if layer.group_size == -1 else layer.group_size
+        codes = layer.codes().to(torch.int32)
+        layer.register_buffer("kernel_weight", torch._convert_weight_to_int4pack_for_cpu(codes, 1), persistent=False)
+        scale = layer.weight_scale.float()
+        zero = (8 - layer.weight_zero.float()) * scale  # (q - z) s  ==  (q - 8) s + (8 - z) s
+        pairs = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        layer.register_buffer("kernel_scales", pairs, persistent=False)
+        layer.kernel_group = group
+
+    @staticmethod
+    def run(layer, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, layer.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, layer.kernel_weight, layer.kernel_group,
+                                                        layer.kernel_scales).to(x.dtype)
+        if layer.bias is not None:
+            y = y + layer.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+class Int8PackKernel:
+    """int8 with one scale per output row (group size -1, or the whole row): `torch._weight_int8pack_mm`.
+
+    The kernel has no zero point, so codes are shifted to int8 (`q - 128`) and the zero point's share is added back
+    as `-(z - 128) s * sum(x)`, exact in real arithmetic."""
+
+    name = "int8pack-bf16"
+    max_tokens = DECODE_MAX_TOKENS
+
+    @staticmethod
+    def unsupported(layer) -> str | None:
+        if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            return "this torch build has no _weight_int8pack_mm"
+        if layer.bits != 8:
+            return f"{layer.bits}-bit"
+        if rtn.num_groups(layer.in_features, layer.group_size) != 1:
+            return f"group size {layer.group_size} (the kernel takes one scale per output row)"
+        if layer.weight.device.type != "cpu":
+            return f"device {layer.weight.device.type}"
+        return None
+
+    @staticmethod
+    def prepare(layer) -> None:
+        codes = (layer.codes().to(torch.int16) - 128).to(torch.int8).contiguous()
+        layer.register_buffer("kernel_weight", codes, persistent=False)
+        scale = layer.weight_scale.float()[:, 0]
+        layer.register_buffer("kernel_scales", scale.to(torch.bfloat16), persistent=False)
+        layer.register_buffer("kernel_zero_term", (layer.weight_zero.float()[:, 0] - 128) * scale, persistent=False)
+
+    @staticmethod
+    def run(layer, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, layer.in_features)
+        y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), layer.kernel_weight, layer.kernel_scales)
+        y = y.to(x.dtype) - flat.sum(-1, keepdim=True) * layer.kernel_zero_term.to(x.dtype)
+        if layer.bias is not None:
+            y = y + layer.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+KERNELS = (Int4PackKernel, Int8PackKernel)
+
+
+def choose_kernel(layer):
+    """The first kernel that fits the layer, and why the others do not."""
+    reasons = []
+    for kernel in KERNELS:
+        reason = kernel.unsupported(layer)
+        if reason is None:
+            return kernel, None
+        reasons.append(f"{kernel.name}: {reason}")
+    return None, "; ".join(reasons)
+
+
+def prepare_kernels(model, policy: str | None = None) -> dict[str, str]:
+    """Repack every `QuantLinear` of `model` for its fastest kernel; returns `{layer: kernel or "reference"}`.
+
+    Logs once which kernel the layers use, and warns, with the reason, for layers left on the slow reference path.
+    `policy="reference"` (or `OPTIMUM_AGENTOS_KERNELS=reference`) keeps every layer on the reference path.
+    """
+    from .linear import QuantLinear
+
+    policy = policy or os.environ.get(KERNELS_ENV, "auto")
+    if policy not in ("auto", "reference"):
+        raise ValueError(f"Unknown kernel policy {policy!r}; use 'auto' or 'reference'.")
+    chosen, slow = {}, {}
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        kernel, reason = (None, "policy 'reference'") if policy == "reference" else choose_kernel(module)
+        if kernel is not None:
+            kernel.prepare(module)
+        module.kernel = kernel
+        chosen[name] = kernel.name if kernel else "reference"
+        if kernel is None:
+            slow[name] = reason
+    if chosen:
+        counts = ", ".join(f"{k} x{n}" for k, n in Counter(chosen.values()).items())
+        logger.info(f"QuantLinear kernels: {counts} (fast kernels serve calls of <= {DECODE_MAX_TOKENS} tokens; "
+                    "longer inputs dequantize and use F.linear)")
+    if slow and policy == "auto":
+        first, why = next(iter(slow.items()))
+        logger.warning(f"{len(slow)} QuantLinear layers have no fast CPU kernel and dequantize on every call "
+                       f"(slow at decode), e.g. {first}: {why}")
+    return chosen
+
+
+def forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """`QuantLinear.forward`: the layer's kernel for short inputs outside autograd, else the reference path."""
+    kernel = layer.kernel
+    if kernel is not None and x.numel() <= kernel.max_tokens * layer.in_features and not _grad_needed(x):
+        return kernel.run(layer, x)
+    return F.linear(x, layer.dequantize(x.dtype), layer.bias)
