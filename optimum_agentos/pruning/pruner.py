@@ -211,7 +211,8 @@ class Pruner(ModelCompressor):
             shapes = module_shapes(self.model)
         quantization = self._quantization
         if quantization is None and not sparse and not shapes:
-            return self.model  # uniform structured pruning only: a plain checkpoint that loads without this library
+            # uniform structured pruning only: a plain checkpoint that loads without this library, in float_dtype
+            return self.model.to(SCALE_DTYPES[float_dtype]) if float_dtype else self.model
         storage = (quantization.to_dict() if quantization is not None else {"bits": None, "float_dtype": float_dtype})
         storage.pop("quant_method", None)
         storage.update(

@@ -219,3 +219,15 @@ def test_structured_prune_reloads_with_from_pretrained(tmp_path, case):
 def test_structured_on_an_unsupported_architecture_names_it():
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):
         Pruner(build_tiny("gpt2")).prune_in_place(PruningConfig(method=None, mlp_neurons=0.25))
+
+
+def test_uniform_structured_checkpoint_is_saved_in_float_dtype(tmp_path):
+    from safetensors import safe_open
+
+    pruner = Pruner(build_tiny("llama"))
+    pruner.prune(tmp_path / "out", PruningConfig(method=None, mlp_neurons=0.25), CALIBRATION, float_dtype="bfloat16")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
+    for name, value in pruner.model.state_dict().items():
+        assert torch.equal(reloaded[name], value.float()), name

@@ -1,0 +1,203 @@
+"""CPU inference speed of SmolLM2-135M-Instruct: fp32, bf16 and agentos int8 / int4 checkpoints (plus optimum-quanto
+and torchao when they are installed), prefill and decode measured interleaved in one process, medians of repeats.
+
+Load time and resident memory come from a fresh process per row (RSS after loading minus RSS of the same process
+before it, so the torch runtime is not counted); the speed rows then time every model round-robin, so machine noise
+hits all rows alike, and report the ratio to fp32 measured beside it.
+
+    python benchmarks/speed.py                 # about 10 minutes on 2 cores
+    python benchmarks/speed.py --repeats 3 --new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import publish, run_rows
+
+MARK_BEGIN, MARK_END = "<!-- speed:begin -->", "<!-- speed:end -->"
+# row -> AgentOSConfig kwargs (None: a float dtype row)
+ROWS = {
+    "fp32": None,
+    "bf16": None,
+    "agentos-int8": dict(bits=8, group_size=-1, method="rtn"),
+    "agentos-int4-g128": dict(bits=4, group_size=128, method="rtn"),
+}
+OPTIONAL_ROWS = ("quanto-int8", "quanto-int4", "torchao-int8")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build_checkpoints(work: Path) -> None:
+    """Quantize once (RTN, no calibration needed for a speed measurement) into folders the rows load."""
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import optimum_agentos  # noqa: F401
+    from optimum_agentos import AgentOSConfig
+    from optimum_agentos.models import resolve_model
+
+    source = resolve_model("smollm2-135m")
+    for row, kwargs in ROWS.items():
+        if kwargs is None or (work / row).exists():
+            continue
+        model = AutoModelForCausalLM.from_pretrained(source, quantization_config=AgentOSConfig(**kwargs))
+        model.save_pretrained(work / row)
+        AutoTokenizer.from_pretrained(source).save_pretrained(work / row)
+
+
+def load(row: str, work: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import optimum_agentos  # noqa: F401
+    from optimum_agentos.models import resolve_model
+
+    source = resolve_model("smollm2-135m")
+    if row in ("fp32", "bf16"):
+        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32 if row == "fp32" else torch.bfloat16)
+    if row.startswith("agentos"):
+        return AutoModelForCausalLM.from_pretrained(work / row)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    if row.startswith("quanto"):
+        from optimum.quanto import freeze, qint4, qint8, quantize
+
+        quantize(model, weights=qint8 if row == "quanto-int8" else qint4)
+        freeze(model)
+        return model
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
+def available_rows(requested: list[str]) -> list[str]:
+    import importlib.util
+
+    rows = []
+    for row in requested:
+        package = {"quanto": "optimum.quanto", "torchao": "torchao"}.get(row.split("-")[0])
+        try:
+            found = package is None or importlib.util.find_spec(package) is not None
+        except ModuleNotFoundError:
+            found = False
+        if found:
+            rows.append(row)
+        else:
+            print(f"skipping {row}: {package} is not installed")
+    return rows
+
+
+def worker(row: str, args) -> dict:
+    """Fresh process: load time and resident memory of one model."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    before = rss_mb()
+    start = time.perf_counter()
+    model = load(row, Path(args.work))
+    seconds = time.perf_counter() - start
+    return {"row": row, "load_s": seconds, "model_rss_mb": rss_mb() - before}
+
+
+def time_all(rows: list[str], args) -> dict[str, dict]:
+    """Load every row in this process, then time prefill and decode round-robin; medians per row."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from optimum_agentos.evaluation.data import load_text, tokenize_text
+    from optimum_agentos.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    prompt_ids = tokenize_text(tokenizer, load_text("wikitext2", "test"))[: args.prefill_tokens].unsqueeze(0)
+    decode_prompt = prompt_ids[:, :16]
+    models = {row: load(row, Path(args.work)).eval() for row in rows}
+    times = {row: {"prefill": [], "decode": []} for row in rows}
+    with torch.inference_mode():
+        for row, model in models.items():  # warm-up: first calls allocate and pick algorithms
+            model(prompt_ids[:, :32])
+            model.generate(decode_prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        for _ in range(args.repeats):
+            for row, model in models.items():
+                start = time.perf_counter()
+                model(prompt_ids, use_cache=False)
+                times[row]["prefill"].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                out = model.generate(decode_prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                     do_sample=False)
+                times[row]["decode"].append(time.perf_counter() - start)
+                assert out.shape[1] == decode_prompt.shape[1] + args.new_tokens
+    return {
+        row: {
+            "prefill_tok_s": args.prefill_tokens / statistics.median(t["prefill"]),
+            "decode_tok_s": args.new_tokens / statistics.median(t["decode"]),
+        }
+        for row, t in times.items()
+    }
+
+
+def write_markdown(results: list[dict], args) -> str:
+    fp32 = next(r for r in results if r["row"] == "fp32")
+    lines = [
+        MARK_BEGIN,
+        "## CPU inference speed: SmolLM2-135M-Instruct",
+        "",
+        f"Written by `python benchmarks/speed.py` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores. "
+        f"Prefill: one forward of {args.prefill_tokens} WikiText-2 tokens; decode: greedy generation of "
+        f"{args.new_tokens} new tokens after a 16-token prompt, batch 1, KV cache on. All models live in one process "
+        f"and are timed round-robin, {args.repeats} repeats, medians; ratios are to fp32 in the same run. Load time "
+        "and model memory (RSS after loading minus before, in a fresh process per row) come from separate processes. "
+        "agentos int8/int4 are round-to-nearest checkpoints (per-channel int8; int4 group 128) loaded with "
+        "`from_pretrained`; their decode calls use the packed int8/int4 CPU kernels with bf16 activations, prefill "
+        "dequantizes each layer's weight and runs `F.linear` in fp32.",
+        "",
+        "| row | prefill tok/s | prefill / fp32 | decode tok/s | decode / fp32 | model RSS (MB) | RSS / fp32 | load (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['row']} | {r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / fp32['prefill_tok_s']:.2f} | "
+            f"{r['decode_tok_s']:.2f} | {r['decode_tok_s'] / fp32['decode_tok_s']:.2f} | {r['model_rss_mb']:.0f} | "
+            f"{r['model_rss_mb'] / fp32['model_rss_mb']:.2f} | {r['load_s']:.1f} |"
+        )
+    lines += ["", "Raw results: `benchmarks/results/speed.json`.", MARK_END]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="*", default=list(ROWS) + list(OPTIONAL_ROWS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        Path(args.out).write_text(json.dumps(worker(args.worker, args)))
+        return
+    rows = available_rows(args.rows)
+    with tempfile.TemporaryDirectory() as work:
+        args.work = work
+        build_checkpoints(Path(work))
+        memory = {r["row"]: r for r in run_rows(__file__, rows, ["--work", work])}
+        speed = time_all(rows, args)
+    results = [{**memory[row], **speed[row]} for row in rows]
+    publish("speed", results, write_markdown(results, args), MARK_BEGIN, MARK_END)
+
+
+if __name__ == "__main__":
+    main()
