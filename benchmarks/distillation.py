@@ -4,7 +4,7 @@ training throughput with the teacher loaded vs from a top-k cache.
 Every row runs in its own fresh process, one after the other (the teacher and pruned student are handed over through
 a work folder); the tables go to BENCHMARKS.md.
 
-    python benchmarks/distillation.py                  # all rows (about an hour on 2 cores)
+    python benchmarks/distillation.py                  # all rows (about 40 minutes on 2 cores)
     python benchmarks/distillation.py --sst2-steps 200 --lm-steps 10 --eval-windows 4     # a quick smoke run
 """
 
@@ -103,7 +103,7 @@ def worker(row: str, args) -> dict:
 
     student = AutoModelForCausalLM.from_pretrained(work / "lm-student")
     windows = args.lm_steps * args.lm_batch
-    train = lm_dataset(tokenizer, "wikitext2", "validation", args.lm_seq_len, windows)
+    train = lm_dataset(tokenizer, "wikitext2", "validation", args.lm_seq_len, max(args.lm_steps, 6) * args.lm_batch)
     if row == "throughput":
         steps = 6
         small = train.select(range(steps * args.lm_batch))
@@ -210,13 +210,13 @@ def write_markdown(results: list[dict], args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="*", default=ROWS, choices=ROWS)
-    parser.add_argument("--sst2-steps", type=int, default=2000)
+    parser.add_argument("--sst2-steps", type=int, default=800)
     parser.add_argument("--sst2-lr", type=float, default=1e-4)
     parser.add_argument("--sst2-temperature", type=float, default=2.0)
     parser.add_argument("--sst2-alpha-kd", type=float, default=0.7)
     parser.add_argument("--sst2-hidden-weight", type=float, default=1.0)
     parser.add_argument("--lm-drop-layers", type=int, default=6)
-    parser.add_argument("--lm-steps", type=int, default=100)
+    parser.add_argument("--lm-steps", type=int, default=60)
     parser.add_argument("--lm-batch", type=int, default=4)
     parser.add_argument("--lm-seq-len", type=int, default=256)
     parser.add_argument("--lm-lr", type=float, default=1e-4)
