@@ -159,6 +159,7 @@ def attach_quantizer(model, config: AgentOSConfig) -> None:
     model.quantization_method = QUANT_METHOD
     model.config.quantization_config = config
     register_peft()
+    prepare_kernels(model)  # the in-memory model computes exactly as the reloaded one will
 
 
 def register() -> None:
