@@ -125,7 +125,7 @@ def time_all(rows: list[str], args) -> dict[str, dict]:
     decode_prompt = prompt_ids[:, :16]
     models = {row: load(row, Path(args.work)).eval() for row in rows}
     times = {row: {"prefill": [], "decode": []} for row in rows}
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: optimum-quanto's tensors fail under it
         for row, model in models.items():  # warm-up: first calls allocate and pick algorithms
             model(prompt_ids[:, :32])
             model.generate(decode_prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
