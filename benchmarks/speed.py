@@ -109,6 +109,9 @@ def worker(row: str, args) -> dict:
     start = time.perf_counter()
     model = load(row, Path(args.work))
     seconds = time.perf_counter() - start
+    with torch.no_grad():  # fault in lazily mapped safetensors pages, so RSS counts every weight
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            tensor.float().sum() if tensor.is_floating_point() else tensor.sum()
     return {"row": row, "load_s": seconds, "model_rss_mb": rss_mb() - before}
 
 

@@ -7,14 +7,14 @@ so each step costs only the student's forward and backward pass.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from datasets import Dataset, Sequence, Value
 from tqdm.auto import tqdm
 from transformers.utils import logging
+
+from ..checkpoint import atomic_directory
 
 
 logger = logging.get_logger(__name__)
@@ -91,22 +91,9 @@ def precompute_teacher_topk(
 
 
 def save_atomically(dataset: Dataset, output_dir: str | os.PathLike) -> Path:
-    """`save_to_disk` into a temporary sibling folder, then rename it into place (an existing cache is replaced only
-    once the new one is complete)."""
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    """`save_to_disk` through `checkpoint.atomic_directory`: an existing cache is replaced only once the new one is
+    complete."""
+    with atomic_directory(output_dir) as tmp:
         dataset.save_to_disk(str(tmp))
-        if output_dir.exists():
-            old = output_dir.with_name(f".{output_dir.name}.old")
-            os.replace(output_dir, old)
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     logger.info(f"Saved the teacher cache to {output_dir}")
-    return output_dir
+    return Path(output_dir)

@@ -87,7 +87,6 @@ def _language_model(args, dargs, config, tokenizer):
 
 
 def run_distill(argv: list[str]) -> dict:
-    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
 
     from ..checkpoint import folder_size, save_model_folder
@@ -164,7 +163,6 @@ def run_distill(argv: list[str]) -> dict:
         "size_mb": round(folder_size(output) / 1e6, 1), "total_seconds": round(time.perf_counter() - start, 1),
     }
     Path(output, "agentos_summary.json").write_text(json.dumps(summary, indent=2))
-    del torch
     return summary
 
 
