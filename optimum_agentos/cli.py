@@ -27,6 +27,7 @@ def _quantize_parser(sub) -> None:
     p.add_argument("--target", nargs="*", default=None, help="Modules to quantize (names or re:regex).")
     p.add_argument("--ignore", nargs="*", default=None, help="Modules to keep in full precision.")
     _common_arguments(p)
+    return p
 
 
 def _common_arguments(p) -> None:
@@ -62,6 +63,7 @@ def _prune_parser(sub) -> None:
     p.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the kept float weights on disk.")
     _common_arguments(p)
+    return p
 
 
 def _check_output(args) -> Path:
@@ -87,9 +89,11 @@ def _save_with_card(args, model, tokenizer, info: dict, baseline, evaluate, file
     results = []
     if evaluate is not None:
         results.append({"task": args.eval, "metric": "perplexity", "split": "test", "baseline": baseline,
-                        "compressed": evaluate(model), "dataset_type": "wikitext" if args.eval == "wikitext2" else args.eval})
+                        "compressed": evaluate(model),
+                        "dataset_type": "wikitext" if args.eval == "wikitext2" else args.eval})
     info.update(
-        results=results, command="optimum-agentos " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        results=results,
+        command="optimum-agentos " + " ".join(shlex.quote(a) for a in getattr(args, "argv", None) or sys.argv[1:]),
         datasets=["wikitext"] if "wikitext2" in (args.calibration_dataset, args.eval) else None,
     )
 
@@ -187,29 +191,68 @@ def print_table(summary: dict) -> None:
     print("-" * (width + 24))
 
 
+def _lazy(module: str, name: str):
+    def call(*args):
+        import importlib
+
+        return getattr(importlib.import_module(module, __package__), name)(*args)
+
+    return call
+
+
+# name -> (adds the sub-parser and returns it, runs the parsed args and returns the summary)
+SUBCOMMANDS = {
+    "quantize": (_quantize_parser, run_quantize),
+    "prune": (_prune_parser, run_prune),
+    "eval": (_lazy(".commands.evaluate", "add_parser"), _lazy(".commands.evaluate", "run")),
+    "card": (_lazy(".commands.card", "add_parser"), _lazy(".commands.card", "run")),
+    "push": (_lazy(".commands.push", "add_parser"), _lazy(".commands.push", "run")),
+    "run": (_lazy(".commands.run", "add_parser"), _lazy(".commands.run", "run")),
+}
+
+
+def add_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Add every sub-command to `parser` (ours, or `optimum-cli agentos`'s)."""
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add, _) in SUBCOMMANDS.items():
+        add(sub)
+    distill = sub.add_parser("distill", add_help=False, prefix_chars="\0",
+                             help="Distill a student from a teacher (`distill --help` lists options).")
+    distill.add_argument("distill_args", nargs=argparse.REMAINDER)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optimum-agentos", description="Compress transformers models for CPUs.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _quantize_parser(sub)
-    _prune_parser(sub)
-    sub.add_parser("distill", add_help=False, help="Distill a student from a teacher (`distill --help` lists options).")
+    add_subcommands(parser)
     return parser
+
+
+def run_command(args) -> int:
+    """Run parsed arguments, print the summary table; returns the exit code."""
+    start = time.perf_counter()
+    try:
+        if args.command == "distill":  # TrainingArguments-based: HfArgumentParser owns its options
+            from .distillation.command import run_distill
+
+            summary = run_distill(args.distill_args)
+        else:
+            summary = SUBCOMMANDS[args.command][1](args)
+    except ValueError as exc:  # bad input named by the library (unknown task, recipe typo, missing token, ...)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    exit_code = int(summary.pop("exit_code", 0))
+    summary.setdefault("total_seconds", round(time.perf_counter() - start, 1))
+    print_table(summary)
+    if args.command in ("quantize", "prune"):
+        Path(args.output, "agentos_summary.json").write_text(json.dumps(summary, indent=2))
+    return exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "distill":  # TrainingArguments-based: HfArgumentParser owns its options
-        from .distillation.command import run_distill
-
-        print_table(run_distill(argv[1:]))
-        return 0
     args = build_parser().parse_args(argv)
-    start = time.perf_counter()
-    summary = {"quantize": run_quantize, "prune": run_prune}[args.command](args)
-    summary["total_seconds"] = round(time.perf_counter() - start, 1)
-    print_table(summary)
-    Path(args.output, "agentos_summary.json").write_text(json.dumps(summary, indent=2))
-    return 0
+    args.argv = argv  # recorded in model cards ("how it was made")
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def run_distill(argv: list[str]) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
 
     from ..checkpoint import folder_size, save_model_folder
-    from ..hub.card import build_distilled_card
+    from ..hub.card import write_card
     from ..models import resolve_model
     from .cache import precompute_teacher_topk
     from .config import DistillationConfig
@@ -144,7 +144,7 @@ def run_distill(argv: list[str]) -> dict:
                                     if config.hidden_loss_weight else "")
             + f"; {trained.global_step} steps of batch {config.per_device_train_batch_size}.")
     info = dict(
-        teacher=dargs.teacher, task=dargs.task, pipeline=job["pipeline"], auto_class=job["auto_class"], loss=loss,
+        kind="distilled", teacher=dargs.teacher, task=dargs.task, pipeline=job["pipeline"], auto_class=job["auto_class"], loss=loss,
         params=params, datasets=job["datasets"],
         command="optimum-agentos distill " + " ".join(shlex.quote(a) for a in argv),
         results=[{"task": dargs.task, "metric": job["metric"], "split": job["split"], "baseline": results["teacher"],
@@ -152,7 +152,7 @@ def run_distill(argv: list[str]) -> dict:
     )
 
     def extra(folder):
-        build_distilled_card(info).save(Path(folder) / "README.md")
+        write_card(folder, info)
 
     save_model_folder(model, tokenizer, output, overwrite=True, extra=extra)
     summary = {

@@ -1,4 +1,5 @@
-"""Evaluation: offline-capable text datasets, calibration windows and GPTQ-protocol perplexity."""
+"""Evaluation: standard tasks on in-memory models (perplexity, lm-eval zero-shot, GLUE, STS-B), baseline-vs-compressed
+reports, and the offline-capable datasets and calibration windows behind them."""
 
 from .data import (
     DATASETS,
@@ -12,10 +13,16 @@ from .data import (
     windows_from_text,
 )
 from .perplexity import perplexity, perplexity_from_ids
+from .report import CompressionReport, compare
+from .tasks import TASKS, evaluate_model
 
 
 __all__ = [
     "DATASETS",
+    "TASKS",
+    "CompressionReport",
+    "compare",
+    "evaluate_model",
     "DatasetUnavailableError",
     "calibration_windows",
     "data_dir",

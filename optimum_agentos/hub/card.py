@@ -9,7 +9,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData, EvalResult
 
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "model_cards"
+TEMPLATES = Path(__file__).resolve().parents[1] / "model_cards"
 
 
 def hub_base_model(source: str | None) -> str | None:
@@ -29,20 +29,40 @@ def results_markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def eval_results_of(results: list[dict], task_type: str) -> list[EvalResult]:
+    """`model-index` entries: the compressed model's number on each task (the Hub shows them on the model page)."""
+    return [
+        EvalResult(
+            task_type=task_type, dataset_type=r.get("dataset_type", r["task"]), dataset_name=r["task"],
+            dataset_config=r.get("dataset_config"), metric_type=r["metric"],
+            metric_value=round(float(r["compressed"]), 4), dataset_split=r.get("split"),
+        )
+        for r in results
+    ]
+
+
+def evaluation_section(info: dict) -> str:
+    """The card's evaluation body: the baseline-vs-compressed table, the report's plot, where the numbers came from."""
+    results = info.get("results") or []
+    if not results:
+        return "No evaluation was run for this checkpoint."
+    lines = [results_markdown(results)]
+    if info.get("baseline_label"):
+        lines += ["", info["baseline_label"]]
+    if info.get("eval_note"):
+        lines += ["", info["eval_note"]]
+    if info.get("plot"):
+        lines += ["", f"![size against quality]({info['plot']})"]
+    return "\n".join(lines)
+
+
 def build_card(info: dict) -> ModelCard:
     """Render a card from `info`: base_model, config (dict), results (rows), sizes, command, datasets."""
     config = info.get("config", {})
     base = hub_base_model(info.get("base_model"))
     results = info.get("results", [])
     method = config.get("method", "rtn")
-    eval_results = [
-        EvalResult(
-            task_type="text-generation", dataset_type=r.get("dataset_type", r["task"]), dataset_name=r["task"],
-            metric_type=r["metric"], metric_value=round(float(r["compressed"]), 4),
-            dataset_split=r.get("split"),
-        )
-        for r in results
-    ]
+    eval_results = eval_results_of(results, "text-generation")
     card_data = ModelCardData(
         library_name="transformers",
         base_model=base,
@@ -84,7 +104,7 @@ def build_card(info: dict) -> ModelCard:
         or ("GPTQ (Frantar et al. 2022) calibrated on WikiText-2 validation." if method == "gptq" else "Round to nearest."),
         command=scrub(info.get("command", "")),
         config_json=json.dumps(config, indent=2, sort_keys=True),
-        results_table=results_markdown(results) if results else "",
+        evaluation=evaluation_section(info),
         size_line=size_line,
     )
 
@@ -130,11 +150,52 @@ def scrub(text: str) -> str:
     return re.sub(r"(?<![\w.])/(?:[\w.-]+/)+([\w.-]+)", r"\1", text)
 
 
+CARD_INFO = "agentos_card.json"  # what the card was rendered from, so `refresh_card` can re-render it
+
+
 def write_card(folder, info: dict) -> Path:
-    """Write `README.md` into a checkpoint folder."""
+    """Render `README.md` into a checkpoint folder, and keep its inputs (scrubbed) in `agentos_card.json`."""
+    info = {**info, "command": scrub(info.get("command", ""))}
+    info.pop("token", None)
+    card = build_distilled_card(info) if info.get("kind") == "distilled" else build_card(info)
+    Path(folder, CARD_INFO).write_text(json.dumps(info, indent=2, default=str))
     path = Path(folder) / "README.md"
-    build_card(info).save(path)
+    card.save(path)
     return path
+
+
+def refresh_card(folder, report_dir=None, model_name: str | None = None, repo_id: str | None = None) -> Path:
+    """Re-render a checkpoint's card, with the results of a saved `CompressionReport` (its table and plot) when
+    `report_dir` is given (`model_name` picks the model in a report of several).
+
+    Without `agentos_card.json` (a folder this library did not write) the card is built from `config.json`'s
+    `quantization_config` alone.
+    """
+    import shutil
+
+    from ..evaluation.report import REPORT_FILES, CompressionReport
+
+    folder = Path(folder)
+    saved = folder / CARD_INFO
+    if saved.is_file():
+        info = json.loads(saved.read_text())
+    else:
+        config = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+        info = {"config": config, "sizes": {}}
+    if report_dir is not None:
+        report = CompressionReport.load(report_dir)
+        info["results"] = report.card_rows(model_name)
+        info["eval_note"] = (f"Baseline: {report.baseline.name}. Measured with optimum-agentos "
+                             f"(`evaluate_model`; settings {json.dumps(report.settings)}).")
+        if Path(report_dir).resolve() != folder.resolve():  # the report travels with the checkpoint (and to the Hub)
+            for name in REPORT_FILES:
+                if Path(report_dir, name).is_file():
+                    shutil.copy(Path(report_dir, name), folder / name)
+        if (folder / "size_vs_quality.png").is_file():
+            info["plot"] = "size_vs_quality.png"
+    if repo_id:
+        info["repo_id"] = repo_id
+    return write_card(folder, info)
 
 
 def build_distilled_card(info: dict) -> ModelCard:
@@ -145,14 +206,7 @@ def build_distilled_card(info: dict) -> ModelCard:
     """
     base = hub_base_model(info.get("teacher"))
     results = info.get("results", [])
-    eval_results = [
-        EvalResult(
-            task_type=info.get("pipeline", "text-generation"), dataset_type=r.get("dataset_type", r["task"]),
-            dataset_name=r["task"], metric_type=r["metric"], metric_value=round(float(r["compressed"]), 4),
-            dataset_split=r.get("split"),
-        )
-        for r in results
-    ]
+    eval_results = eval_results_of(results, info.get("pipeline", "text-generation"))
     card_data = ModelCardData(
         library_name="transformers", base_model=base, base_model_relation="finetune" if base else None,
         tags=["optimum-agentos", "distillation"], datasets=info.get("datasets"),
@@ -177,6 +231,7 @@ def build_distilled_card(info: dict) -> ModelCard:
         teacher=base or "(a local model)",
         loss_description=info.get("loss", ""),
         command=scrub(info.get("command", "")),
-        results_table=results_markdown(results) if results else "",
+        evaluation=evaluation_section({"baseline_label": '"baseline" is the teacher, "compressed" this student.',
+                                       **info}),
         size_line=size_line,
     )

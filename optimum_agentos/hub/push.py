@@ -15,6 +15,16 @@ class MissingTokenError(ValueError):
     """No Hub credentials: raised before anything is uploaded."""
 
 
+def check_credentials(token: str | None = None) -> str:
+    """The token to upload with; raises `MissingTokenError` (before any upload) when there is none."""
+    token = token or get_token()
+    if not token:
+        raise MissingTokenError(
+            "No Hugging Face token found: run `hf auth login` or set HF_TOKEN. Nothing was uploaded."
+        )
+    return token
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,
@@ -30,11 +40,7 @@ def push_folder(
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} holds no config.json: save a checkpoint there before pushing it.")
-    token = token or get_token()
-    if not token:
-        raise MissingTokenError(
-            "No Hugging Face token found: run `hf auth login` or set HF_TOKEN. Nothing was uploaded."
-        )
+    token = check_credentials(token)
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision and revision != "main":

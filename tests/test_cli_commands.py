@@ -1,0 +1,89 @@
+"""`optimum-agentos {eval,card,push}` and `optimum-cli agentos ...` in real processes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from optimum_agentos.cli import main
+
+from .conftest import REPO
+from .evaluation.test_report import tiny_lm_folder
+from .hub_server import LocalHub
+from .test_hub_push import TOKEN, hub_env
+
+
+OPTIMUM_CLI = str(Path(sys.executable).parent / "optimum-cli")  # the venv's entry point
+
+
+def cli(*args, env=None):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "optimum_agentos.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = tiny_lm_folder(root / "fp32")
+    assert main(["quantize", "--model", str(model), "--output", str(root / "int4"), "--bits", "4", "--group-size",
+                 "32", "--method", "rtn"]) == 0
+    return model, root / "int4"
+
+
+def test_optimum_cli_registers_the_agentos_commands():
+    proc = subprocess.run([OPTIMUM_CLI, "agentos", "--help"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for command in ("quantize", "prune", "distill", "eval", "card", "push", "run"):
+        assert command in proc.stdout
+    proc = subprocess.run([OPTIMUM_CLI, "agentos", "quantize", "--help"], capture_output=True, text=True,
+                          timeout=300)
+    assert "--group-size" in proc.stdout and "(default: 128)" in proc.stdout
+
+
+def test_eval_threshold_sets_the_exit_code(folders, tmp_path):
+    model, int4 = folders
+    args = ["eval", "--model", str(int4), "--baseline", str(model), "--tasks", "wikitext2", "--ppl-windows", "2",
+            "--seq-len", "64", "--no-speed", "--output", str(tmp_path / "r")]
+    proc = cli(*args, "--min-recovery", "1.5")  # a random tiny model cannot keep 150% of its quality
+    assert proc.returncode == 1, proc.stderr
+    assert "Recovery below 1.5" in proc.stdout
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["rows"][0]["recovery"] < 1.5
+    proc = cli(*args)  # the report exists: refused without --overwrite, nothing replaced
+    assert proc.returncode != 0 and "--overwrite" in proc.stderr
+    proc = cli(*args, "--overwrite", "--min-recovery", "0.01", "--update-card")
+    assert proc.returncode == 0, proc.stderr
+    card = (int4 / "README.md").read_text()
+    assert "| wikitext2 | perplexity |" in card and "size_vs_quality.png" in card
+
+
+def test_card_command_rerenders_with_a_repo_id(folders):
+    _, int4 = folders
+    assert main(["card", str(int4), "--repo-id", "me/tiny-int4"]) == 0
+    card = (int4 / "README.md").read_text()
+    assert 'from_pretrained("me/tiny-int4")' in card and "import optimum_agentos" in card
+    assert "optimum-agentos quantize" in card  # how it was made
+
+
+def test_push_command_uploads_model_card_and_report(folders, tmp_path):
+    _, int4 = folders
+    with LocalHub() as hub:
+        proc = cli("push", str(int4), "--repo-id", "me/cli-int4", "--private", env=hub_env(hub, tmp_path, "home"))
+        assert proc.returncode == 0, proc.stderr
+        files = hub.files("me/cli-int4")
+        assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(files)
+        assert hub.repos["me/cli-int4"]["private"] is True
+        assert TOKEN.encode() not in files["README.md"]
+
+
+def test_push_without_token_fails_before_anything(folders, tmp_path):
+    _, int4 = folders
+    with LocalHub() as hub:
+        env = {**hub_env(hub, tmp_path, "anon", token=False), "HF_TOKEN": ""}
+        proc = cli("push", str(int4), "--repo-id", "me/nothing", env=env)
+        assert proc.returncode == 2 and "No Hugging Face token" in proc.stderr
+        assert hub.requests == [] and hub.repos == {}
