@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.agentos-installed
 DEMO_DIR ?= demo-output/smollm2-int4-gptq
+DEMO_RECIPE ?= examples/recipes/smollm2-int4-gptq.yaml
 
 .PHONY: install demo test test-fast benchmark clean
 
@@ -20,9 +21,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/optimum-agentos quantize --model smollm2-135m --bits 4 --group-size 128 --method gptq \
-		--eval wikitext2 --eval-windows 16 --output $(DEMO_DIR) --overwrite
-	@echo "Checkpoint, model card (README.md) and summary in $(DEMO_DIR)"
+	# GPTQ int4 of the embedded SmolLM2-135M-Instruct -> eval beside fp32 (WikiText-2, LAMBADA, ARC-Easy) -> card
+	$(VENV)/bin/optimum-agentos run $(DEMO_RECIPE) --output $(DEMO_DIR) --restart
+	@echo "Checkpoint with its card and report in $(DEMO_DIR)/01-quantize; report also in $(DEMO_DIR)/report"
 
 test: install
 	$(PY) -m pytest -q
@@ -34,6 +35,7 @@ benchmark: install
 	$(PY) benchmarks/quantization.py
 	$(PY) benchmarks/pruning.py
 	$(PY) benchmarks/distillation.py
+	$(PY) benchmarks/evaluation.py
 
 clean:
 	rm -rf $(VENV) demo-output

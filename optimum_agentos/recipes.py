@@ -61,6 +61,7 @@ class Recipe:
     output: str | None
     steps: list[Step]
     path: str
+    name: str
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,7 +150,8 @@ def load_recipe(path: str | Path) -> Recipe:
     model = data.get("model")
     if not model and steps[0].name != "distill":
         raise RecipeError(f"{path}: `model:` (the starting model) is required.")
-    return Recipe(model=model, output=data.get("output"), steps=steps, path=str(path))
+    return Recipe(model=model, output=data.get("output"), steps=steps, path=str(path),
+                  name=str(data.get("name") or path.stem))
 
 
 def to_argv(step: str, options: dict) -> list[str]:

@@ -78,7 +78,7 @@ def test_recipe_runs_chains_and_resumes(tmp_path, capsys):
     checkpoint = out / "01-quantize"
     assert state["steps"][0]["checkpoint"] == str(checkpoint)
     report = json.loads((out / "report" / "report.json").read_text())
-    assert report["baseline"]["name"] == "fp32" and report["models"][0]["name"] == "01-quantize"
+    assert report["baseline"]["name"] == "fp32" and report["models"][0]["name"] == "recipe"
     value = report["models"][0]["results"][0]["value"]
     for name in ("report.json", "report.md", "size_vs_quality.png"):  # the report travels with the checkpoint
         assert (checkpoint / name).is_file()

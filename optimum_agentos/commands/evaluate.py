@@ -13,6 +13,7 @@ def add_parser(sub):
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="Checkpoint folder, Hub id or alias of the (compressed) model.")
     p.add_argument("--baseline", default=None, help="The uncompressed model to compare with (folder, Hub id, alias).")
+    p.add_argument("--name", default=None, help="The model's name in the report (default: its folder name).")
     p.add_argument("--tasks", default="wikitext2", help=f"Comma-separated; known: {','.join(TASKS)}.")
     p.add_argument("--limit", type=int, default=None, help="First N examples of zero-shot/GLUE tasks (default all).")
     p.add_argument("--ppl-windows", type=int, default=64, help="Perplexity windows of --seq-len tokens (0: all).")
@@ -45,7 +46,7 @@ def run(args) -> dict:
     if any((output / f).exists() for f in REPORT_FILES) and not args.overwrite:
         raise SystemExit(f"error: {output} already holds a report; pass --overwrite to replace it.")
     baseline = args.baseline or args.model
-    compressed = {Path(args.model).name or args.model: args.model} if args.baseline else {}
+    compressed = {args.name or Path(args.model).name or args.model: args.model} if args.baseline else {}
     report = compare(baseline, compressed, tasks=tasks, limit=args.limit, ppl_windows=args.ppl_windows or None,
                      speed=not args.no_speed, baseline_name=Path(baseline).name or baseline,
                      batch_size=args.batch_size, seq_len=args.seq_len)

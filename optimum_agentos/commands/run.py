@@ -59,6 +59,8 @@ def _execute(step, index: int, current: str, recipe, output: Path) -> tuple[dict
         extra = ["--model", current, "--output", str(output / "report"), "--overwrite"]
         if "baseline" not in step.options and recipe.model and current != recipe.model:
             extra += ["--baseline", recipe.model]
+        if "name" not in step.options:
+            extra += ["--name", recipe.name]
         if Path(current, "config.json").is_file():
             extra.append("--update-card")
         args = step_parser("eval").parse_args([*argv, *extra])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,10 +44,13 @@ def count_parameters(model) -> tuple[int, int]:
     return total, nonzero
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str = "VmRSS") -> float:
+    """A memory field of /proc/self/status in MB (VmRSS: resident now; VmHWM: peak resident of this process image).
+
+    VmHWM, not `ru_maxrss`: Linux carries ru_maxrss over `exec`, so a child would report its parent's peak."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -69,7 +71,7 @@ def measure_here(folder: str, auto_class: str, prefill_tokens: int = 256, new_to
 
     import optimum_agentos  # noqa: F401  (registers the agentos quantizer)
 
-    before = _rss_mb()
+    before = _status_mb()
     start = time.perf_counter()
     model = getattr(transformers, auto_class).from_pretrained(folder).eval()
     load_seconds = time.perf_counter() - start
@@ -85,9 +87,8 @@ def measure_here(folder: str, auto_class: str, prefill_tokens: int = 256, new_to
                           pad_token_id=model.config.eos_token_id)
             model.generate(prompt, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
             stats["decode_tokens_per_s"] = new_tokens / _timed(lambda: model.generate(prompt, **kwargs), repeats)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    stats["peak_rss_mb"] = peak
-    stats["model_rss_mb"] = _rss_mb() - before
+    stats["peak_rss_mb"] = _status_mb("VmHWM")
+    stats["model_rss_mb"] = _status_mb() - before
     return stats
 
 
