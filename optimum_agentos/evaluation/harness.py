@@ -8,6 +8,7 @@ lm-eval sees them (e.g. ARC's nested `question.stem` and `choices` list, PIQA's 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,11 +93,17 @@ def local_rows(name: str) -> list[dict] | None:
     return rows
 
 
-def _base_config(lm_eval_name: str) -> dict:
+@functools.lru_cache(maxsize=1)
+def _task_index():
     from lm_eval.tasks import TaskManager
+
+    return TaskManager().task_index  # indexing lm-eval's task folder takes seconds: once per process
+
+
+def _base_config(lm_eval_name: str) -> dict:
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    entry = TaskManager().task_index.get(lm_eval_name)
+    entry = _task_index().get(lm_eval_name)
     if entry is None or entry.yaml_path is None:
         raise ValueError(f"lm-eval has no task {lm_eval_name!r}; upgrade lm-eval (pip install 'lm-eval>=0.4.10').")
     return dict(load_yaml(entry.yaml_path, resolve_func=True))
