@@ -34,8 +34,22 @@ def _grad_needed(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
 
+INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes `_weight_int4pack_mm_for_cpu` accepts, largest first
+
+
+def int4_kernel_group(in_features: int, group_size: int) -> int | None:
+    """The largest kernel group size that divides both the stored group size and `in_features`, or None.
+
+    Every stored group, the short last one included, is then a whole number of kernel groups, so repeating each
+    stored scale and zero over its kernel groups is exact: 576 inputs with group 128 (4 x 128 + 64) run as 9 kernel
+    groups of 64.
+    """
+    group = rtn.effective_group_size(in_features, group_size)
+    return next((g for g in INT4_KERNEL_GROUPS if group % g == 0 and in_features % g == 0), None)
+
+
 class Int4PackKernel:
-    """int4, group size 32/64/128/256 dividing `in_features`: `torch._weight_int4pack_mm_for_cpu`."""
+    """int4 whose group size and `in_features` share a factor 32/64/128/256: `torch._weight_int4pack_mm_for_cpu`."""
 
     name = "int4pack-bf16"
     max_tokens = DECODE_MAX_TOKENS
@@ -46,27 +60,32 @@ class Int4PackKernel:
             return "this torch build has no _weight_int4pack_mm_for_cpu"
         if layer.bits != 4:
             return f"{layer.bits}-bit"
-        group = layer.in_features if layer.group_size == -1 else layer.group_size
-        if group not in (32, 64, 128, 256) or layer.in_features % group:
-            return f"group size {layer.group_size} with in_features {layer.in_features} (needs 32/64/128/256 dividing it)"
+        if int4_kernel_group(layer.in_features, layer.group_size) is None:
+            return (f"group size {layer.group_size} with in_features {layer.in_features} (needs a group of "
+                    "32/64/128/256 dividing both)")
+        if layer.out_features % 16:
+            return f"out_features {layer.out_features} (needs a multiple of 16)"
         if layer.weight.device.type != "cpu":
             return f"device {layer.weight.device.type}"
         return None
 
     @staticmethod
     def prepare(layer) -> None:
-        group = layer.in_features if layer.group_size == -1 else layer.group_size
+        group = int4_kernel_group(layer.in_features, layer.group_size)
+        stored = rtn.effective_group_size(layer.in_features, layer.group_size)
+        # per kernel group: the stored group it lies in
+        owner = torch.arange(0, layer.in_features, group) // stored
         codes = layer.codes().to(torch.int32)
         layer.register_buffer("kernel_weight", torch._convert_weight_to_int4pack_for_cpu(codes, 1), persistent=False)
-        scale = layer.weight_scale.float()
-        zero = (8 - layer.weight_zero.float()) * scale  # (q - z) s  ==  (q - 8) s + (8 - z) s
+        scale = layer.weight_scale.float()[:, owner]
+        zero = (8 - layer.weight_zero.float()[:, owner]) * scale  # (q - z) s  ==  (q - 8) s + (8 - z) s
         pairs = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         layer.register_buffer("kernel_scales", pairs, persistent=False)
         layer.kernel_group = group
 
     @staticmethod
     def run(layer, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, layer.in_features).to(torch.bfloat16)
+        flat = x.reshape(-1, layer.in_features).to(torch.bfloat16).contiguous()
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, layer.kernel_weight, layer.kernel_group,
                                                         layer.kernel_scales).to(x.dtype)
         if layer.bias is not None:
