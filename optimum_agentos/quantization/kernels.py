@@ -1,15 +1,17 @@
 """Fast CPU paths for `QuantLinear`: repack once after loading, choose per call by the number of tokens.
 
-torch ships weight-only int4 and int8 matmuls for CPU (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) that
-beat fp32 at decode (a few tokens) but only with bfloat16 activations, and lose to fp32 at prefill. So:
+- int8, one scale per row: fbgemm's `quantized::linear_dynamic` (`dynamic_int8.Int8DynamicKernel`), int8
+  activations quantized per call, faster than fp32 from 1 to 512 tokens; inference only (no autograd at all),
+  since it rounds the activations. Where fbgemm is unusable, `Int8PackKernel` (bf16 activations) for decode.
+- int4 whose group size and `in_features` share a factor 32/64/128/256: `_weight_int4pack_mm_for_cpu` with bf16
+  activations, for decode (at most `DECODE_MAX_TOKENS` tokens, no autograd); it loses to fp32 at prefill.
+- everything else (prefill of int4, training, layers no kernel fits): the reference path (dequantize, then
+  `F.linear` in the activation dtype), which is always correct.
 
-- decode (at most `max_tokens` tokens, no autograd): the packed kernel, activations cast to bfloat16 and back;
-- prefill, training, or a layer no kernel fits: the reference path (dequantize, then `F.linear` in the activation
-  dtype), which is always correct.
-
-The kernel layouts live in non-persistent buffers: the checkpoint format and `state_dict` do not change. Tolerance
-of the fast paths against the reference: bfloat16 rounding of the activations and of the int4 scales, about 1% of
-the output's magnitude (see tests/quantization/test_kernels.py).
+The kernel layouts live in non-persistent buffers or attributes: the checkpoint format and `state_dict` do not
+change. Tolerance of the bf16 paths against the reference: bfloat16 rounding of the activations and of the int4
+scales, about 1% of the output's magnitude (tests/quantization/test_kernels.py); of the int8 dynamic path: half an
+activation rounding step per input, see `dynamic_int8`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from transformers.utils import logging
 
 from . import rtn
+from .dynamic_int8 import Int8DynamicKernel
 
 
 logger = logging.get_logger(__name__)
@@ -132,7 +135,7 @@ class Int8PackKernel:
         return y.reshape(*x.shape[:-1], layer.out_features)
 
 
-KERNELS = (Int4PackKernel, Int8PackKernel)
+KERNELS = (Int4PackKernel, Int8DynamicKernel, Int8PackKernel)  # first fit wins
 
 
 def choose_kernel(layer):
@@ -170,8 +173,9 @@ def prepare_kernels(model, policy: str | None = None) -> dict[str, str]:
             slow[name] = reason
     if chosen:
         counts = ", ".join(f"{k} x{n}" for k, n in Counter(chosen.values()).items())
-        logger.info(f"QuantLinear kernels: {counts} (fast kernels serve calls of <= {DECODE_MAX_TOKENS} tokens; "
-                    "longer inputs dequantize and use F.linear)")
+        logger.info(f"QuantLinear kernels: {counts} (bf16 packed kernels serve calls of <= {DECODE_MAX_TOKENS} "
+                    "tokens, longer inputs dequantize and use F.linear; fbgemm-int8-dynamic serves every call "
+                    "without autograd)")
     if slow and policy == "auto":
         first, why = next(iter(slow.items()))
         logger.warning(f"{len(slow)} QuantLinear layers have no fast CPU kernel and dequantize on every call "
@@ -179,9 +183,15 @@ def prepare_kernels(model, policy: str | None = None) -> dict[str, str]:
     return chosen
 
 
+def _kernel_serves(kernel, layer, x: torch.Tensor) -> bool:
+    if getattr(kernel, "quantizes_activations", False):  # changes numerics: inference only
+        return not torch.is_grad_enabled()
+    return x.numel() <= kernel.max_tokens * layer.in_features and not _grad_needed(x)
+
+
 def forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """`QuantLinear.forward`: the layer's kernel for short inputs outside autograd, else the reference path."""
+    """`QuantLinear.forward`: the layer's kernel where it serves the call, else the reference path."""
     kernel = layer.kernel
-    if kernel is not None and x.numel() <= kernel.max_tokens * layer.in_features and not _grad_needed(x):
+    if kernel is not None and _kernel_serves(kernel, layer, x):
         return kernel.run(layer, x)
     return F.linear(x, layer.dequantize(x.dtype), layer.bias)

@@ -9,6 +9,7 @@ import optimum_agentos  # noqa: F401
 from optimum_agentos import AgentOSConfig, QuantLinear
 from optimum_agentos.quantization.kernels import (
     Int4PackKernel,
+    Int8DynamicKernel,
     Int8PackKernel,
     choose_kernel,
     int4_kernel_group,
@@ -40,8 +41,9 @@ def reference(module, x):
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_kernel_matches_the_reference_within_tolerance(bits, group_size, in_features, kernel, tokens):
     module = layer(bits, group_size, in_features=in_features)
-    prepare_kernels(module)
-    assert module.kernel is kernel
+    assert kernel.unsupported(module) is None
+    kernel.prepare(module)  # int8 layers prefer fbgemm (test_dynamic_int8.py); the bf16 kernel is its fallback
+    module.kernel = kernel
     x = torch.randn(1, tokens, in_features)
     with torch.no_grad():
         fast, ref = module(x), reference(module, x)
@@ -54,6 +56,11 @@ def test_int4_kernel_group_covers_the_short_last_group():
     assert int4_kernel_group(576, 128) == 64 and int4_kernel_group(576, 256) == 64 and int4_kernel_group(576, -1) == 64
     assert int4_kernel_group(512, 128) == 128 and int4_kernel_group(160, 128) == 32
     assert int4_kernel_group(100, 128) is None and int4_kernel_group(256, 48) is None
+
+
+def test_dispatch_prefers_fbgemm_for_int8_and_the_int4_kernel_for_int4():
+    assert choose_kernel(layer(8, -1))[0] is Int8DynamicKernel
+    assert choose_kernel(layer(4, 128, in_features=576))[0] is Int4PackKernel
 
 
 def test_long_inputs_and_autograd_take_the_exact_reference_path():
