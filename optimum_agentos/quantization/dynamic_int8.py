@@ -1,20 +1,26 @@
-"""int8 weights with dynamically quantized int8 activations on CPU: torch's fbgemm `quantized::linear_dynamic`.
+"""int8 weights with dynamically quantized int8 activations on CPU: torch's `quantized::linear_dynamic`.
 
-Our int8 codes are asymmetric per output row: `w = (q - z) s` with `q, z` in [0, 255]. fbgemm takes per-channel
-affine int8 weights, so `q - 128` with zero point `z - 128` and the same scale is the same weight, exactly (the
-packed weight unpacks to our codes bit for bit). At each call fbgemm quantizes the activations to uint8 with one
-scale and zero point for the whole input (min/max of the tensor, 256 levels), multiplies in int32 and rescales to
-float32. The only change of numerics against the dequantize reference is that activation rounding: every output
-element is off by at most `s_x / 2 * sum_k |w_k|` with `s_x = (max(x, 0) - min(x, 0)) / 255` (see
-`activation_step` and tests/quantization/test_dynamic_int8.py).
+Our int8 codes are asymmetric per output row: `w = (q - z) s` with `q, z` in [0, 255]. Two backends pack them:
 
-Some CPUs (no VNNI) saturate the uint8 x int8 pair sums fbgemm uses; `engine_check` probes that once with an
-input that would overflow and then asks fbgemm for 7-bit activations (`reduce_range`), or reports why the kernel
-is unusable.
+- fbgemm (fastest at a few tokens, VNNI): per-channel affine int8, `q - 128` with zero point `z - 128` and the same
+  scale, which is the same weight exactly (it unpacks to our codes bit for bit);
+- oneDNN (AMX int8 tiles: 2-5x faster than fbgemm at hundreds of tokens, slower at one) takes symmetric weights
+  only: it gets `s (q - 128)` and the zero points' share `-s (z - 128) sum_k x_k` is added back in float32.
+
+At each call the backend quantizes the activations to 8 bits with one grid for the whole input. We make that grid
+per token: each token is mapped onto [-1, 1] first and its centre added back through the weight's row sums
+(`_run_per_token`), and the few input channels with values above `OUTLIER_THRESHOLD` run in float32 (LLM.int8()).
+The only change of numerics against the dequantize reference is the activation rounding: each output is off by at
+most half a grid step times `sum_k |w_k|` (see `activation_step` and tests/quantization/test_dynamic_int8.py).
+
+CPUs without VNNI saturate the uint8 x int8 pair sums fbgemm uses; `engine_check` probes that once per backend
+with an input that would overflow, then asks for 7-bit activations (`reduce_range`), or reports why a backend is
+unusable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -28,41 +34,63 @@ logger = logging.get_logger(__name__)
 
 # inputs whose magnitude exceeds this in some token are computed in float32 (LLM.int8()'s threshold)
 OUTLIER_THRESHOLD = 6.0
+# calls of at least this many tokens use oneDNN where it works (measured crossover with fbgemm: 8 to 64 tokens)
+ONEDNN_MIN_TOKENS = 32
 
 
-def _per_channel_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """Our uint8 codes `[out, in]` as a per-channel affine qint8 tensor with the same dequantized values."""
-    with warnings.catch_warnings():  # torch marks its quantized tensor types deprecated; fbgemm still needs them
+def _per_channel_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """Our uint8 codes `[out, in]` as a per-channel qint8 tensor: `q - 128` with zero point `z - 128` (the same
+    weight), or with zero point 0 when `zero` is None (the weight minus the zero points' share)."""
+    zero_point = torch.zeros(len(scale), dtype=torch.int64) if zero is None else zero.to(torch.int64) - 128
+    with warnings.catch_warnings():  # torch marks its quantized tensor types deprecated; the backends need them
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         return torch._make_per_channel_quantized_tensor(
-            (codes.to(torch.int16) - 128).to(torch.int8), scale.double(), zero.to(torch.int64) - 128, 0)
+            (codes.to(torch.int16) - 128).to(torch.int8), scale.double(), zero_point, 0)
+
+
+@contextlib.contextmanager
+def _backend(engine: str):
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def prepack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, engine: str):
+    """`quantized::linear_prepack` of `_per_channel_weight(codes, scale, zero)` for `engine`."""
+    with _backend(engine):
+        return torch.ops.quantized.linear_prepack(_per_channel_weight(codes, scale, zero), None)
 
 
 @functools.cache
 def engine_check(engine: str) -> tuple[bool | None, str | None]:
-    """`(reduce_range, None)` when `quantized::linear_dynamic` computes our asymmetric weights right, else
-    `(None, reason)`. Probed once per quantized engine with a weight of all-maximal codes and an all-ones input,
-    whose uint8 x int8 pair sums (2 x 255 x 127) overflow int16 unless the CPU accumulates without saturation."""
-    if not hasattr(torch.ops.quantized, "linear_dynamic") or not hasattr(torch.ops.quantized, "linear_prepack"):
+    """`(reduce_range, None)` when `engine` computes our weights right (fbgemm: with their zero points; onednn:
+    symmetric), else `(None, reason)`. Probed once with all-maximal codes and an all-ones input, whose
+    uint8 x int8 pair sums (2 x 255 x 127) overflow int16 unless the CPU accumulates without saturation."""
+    if not hasattr(torch.ops.quantized, "linear_dynamic"):
         return None, "this torch build has no quantized::linear_dynamic"
+    if engine not in torch.backends.quantized.supported_engines:
+        return None, f"this torch build has no {engine} backend"
     in_features, out_features = 64, 16
     codes = torch.full((out_features, in_features), 255, dtype=torch.uint8)
     scale = torch.full((out_features,), 0.5, dtype=torch.float16)
-    zero = torch.arange(out_features, dtype=torch.uint8) * 16  # zero points from 0 to 240
-    exact = (255 - zero.float()) * 0.5 * in_features
+    zero = None if engine == "onednn" else torch.arange(out_features, dtype=torch.uint8) * 16  # 0 to 240
+    exact = (255 - (torch.full((out_features,), 128.0) if zero is None else zero.float())) * 0.5 * in_features
     try:
-        packed = torch.ops.quantized.linear_prepack(_per_channel_weight(codes, scale, zero), None)
+        packed = prepack(codes, scale, zero, engine)
         back, _ = torch.ops.quantized.linear_unpack(packed)
         if not torch.equal(back.int_repr().to(torch.int16) + 128, codes.to(torch.int16)):
-            return None, f"engine {engine} does not keep per-channel int8 weights exactly"
+            return None, f"{engine} does not keep per-channel int8 weights exactly"
         ones = torch.ones(2, in_features)
         for reduce_range in (False, True):
             out = torch.ops.quantized.linear_dynamic(ones, packed, reduce_range)
             if torch.allclose(out[0], exact, rtol=1e-3, atol=1e-3):
                 return reduce_range, None
     except RuntimeError as error:
-        return None, f"engine {engine}: {str(error).splitlines()[0]}"
-    return None, f"engine {engine} gives wrong results for asymmetric per-channel int8 weights"
+        return None, f"{engine}: {str(error).splitlines()[0]}"
+    return None, f"{engine} gives wrong results for per-channel int8 weights"
 
 
 def activation_step(x: torch.Tensor, reduce_range: bool = False) -> torch.Tensor:
@@ -73,10 +101,11 @@ def activation_step(x: torch.Tensor, reduce_range: bool = False) -> torch.Tensor
 
 
 class Int8DynamicKernel:
-    """int8 with one scale per output row: `quantized::linear_dynamic` (int8 activations, any number of tokens)."""
+    """int8 with one scale per output row: `quantized::linear_dynamic` (int8 activations, any number of tokens),
+    fbgemm below `ONEDNN_MIN_TOKENS` tokens and oneDNN from there (when it works on this CPU)."""
 
-    name = "fbgemm-int8-dynamic"
-    max_tokens = None  # faster than fp32 and the bf16 packed kernel at 1 to 512 tokens (see README)
+    name = "int8-dynamic"
+    max_tokens = None  # faster than fp32 and the bf16 packed kernel from 1 to 512 tokens (see README)
     quantizes_activations = True  # so only used without autograd at all (inference), see kernels.forward
 
     @staticmethod
@@ -87,22 +116,25 @@ class Int8DynamicKernel:
             return f"group size {layer.group_size} (fbgemm takes one scale per output row)"
         if layer.weight.device.type != "cpu":
             return f"device {layer.weight.device.type}"
-        return engine_check(torch.backends.quantized.engine)[1]
+        return engine_check("fbgemm")[1]
 
     @staticmethod
     def prepare(layer) -> None:
         codes, scale, zero = layer.codes(), layer.weight_scale[:, 0].float(), layer.weight_zero[:, 0].float()
-        layer.kernel_packed = torch.ops.quantized.linear_prepack(_per_channel_weight(codes, scale, zero), None)
-        layer.kernel_reduce_range = engine_check(torch.backends.quantized.engine)[0]
-        row_sum = (codes.double().sum(dim=1) - layer.in_features * zero.double()) * scale.double()
-        layer.register_buffer("kernel_row_sum", row_sum.float(), persistent=False)  # sum_k w[n, k]
+        layer.kernel_packed = prepack(codes, scale, zero, "fbgemm")
+        layer.kernel_reduce_range = engine_check("fbgemm")[0]
+        onednn = engine_check("onednn")[1] is None
+        layer.kernel_packed_large = prepack(codes, scale, None, "onednn") if onednn else None
+        row_sum = (codes.double().sum(dim=1) - layer.in_features * zero.double()) * scale.double()  # sum_k w[n, k]
+        zero_term = (zero.double() - 128) * scale.double()  # w = s (q - 128) - zero_term
+        layer.register_buffer("kernel_sums", torch.stack([row_sum, zero_term]).float(), persistent=False)
 
     @staticmethod
     def run(layer, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, layer.in_features)
         if flat.dtype != torch.float32:
             flat = flat.float()
-        if len(flat) == 1:  # decode: fbgemm's per-tensor rounding is per token
+        if len(flat) == 1:  # decode: the backend's per-tensor grid is per token
             low, high = torch.aminmax(flat)
             if max(high.item(), -low.item()) <= OUTLIER_THRESHOLD:
                 y = torch.ops.quantized.linear_dynamic(flat, layer.kernel_packed, layer.kernel_reduce_range)
@@ -120,15 +152,27 @@ class Int8DynamicKernel:
 
 
 def _run_per_token(layer, flat: torch.Tensor, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """Per-token rounding from fbgemm's per-tensor one: map each token's [min, max] (0 included) onto [-1, 1], so
-    `x = center + half * unit` and `W x = half * W unit + center * sum_k w[:, k]`."""
-    high, low = high.clamp(min=0), low.clamp(max=0)
-    half = (high - low).mul_(0.5).clamp_(min=torch.finfo(torch.float32).tiny)
-    center = low + half
-    scale = half.reciprocal()
-    unit = torch.addcmul(center.mul(scale).neg_(), flat, scale)
-    y = torch.ops.quantized.linear_dynamic(unit, layer.kernel_packed, layer.kernel_reduce_range) * half
-    return y.addr_(center.view(-1), layer.kernel_row_sum)
+    """Per-token int8 grids through a backend that quantizes the whole input with one grid.
+
+    We round each token onto its own grid, `x^ = low + step j` with `j` in 0..255, and hand the backend `(j - 128)
+    * 2 / 255`: its grid is then exactly that one (every token spans it), so it rounds nothing and `x^` is known
+    exactly. With `y = M (j - 128) 2 / 255` from the backend's weight `M`:
+    `M x^ = step 255 / 2 y + (low + 128 step) sum_k M[:, k]`, and oneDNN's `M = W + zero_term` (no zero points)
+    needs `- zero_term sum_k x^_k`, that is `zero_term step (128 in_features - sum_k j_k)` after the row sums of W.
+    """
+    step = ((high - low) / 255).clamp_(min=torch.finfo(torch.float32).tiny)
+    scale = step.reciprocal()
+    centred = torch.addcmul(low.mul(scale).add_(128).neg_(), flat, scale).round_()  # j - 128
+    onednn = layer.kernel_packed_large is not None and len(flat) >= ONEDNN_MIN_TOKENS
+    if onednn:
+        zero_share = centred.sum(dim=-1, keepdim=True).mul_(step).neg_()
+    unit = centred.mul_(2 / 255)
+    if onednn:
+        y = torch.ops.quantized.linear_dynamic(unit, layer.kernel_packed_large, engine_check("onednn")[0])
+        shares = torch.cat([low + 128 * step, zero_share], dim=1)
+        return y.mul_(step * 127.5).addmm_(shares, layer.kernel_sums)
+    y = torch.ops.quantized.linear_dynamic(unit, layer.kernel_packed, layer.kernel_reduce_range)
+    return y.mul_(step * 127.5).addr_((low + 128 * step).view(-1), layer.kernel_sums[0])
 
 
 def _run_with_outliers(layer, flat: torch.Tensor, peaks: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ activation rounding step per input, see `dynamic_int8`.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 
@@ -168,13 +169,14 @@ def prepare_kernels(model, policy: str | None = None) -> dict[str, str]:
         if kernel is not None:
             kernel.prepare(module)
         module.kernel = kernel
+        module.prefill_bf16 = policy == "auto" and bf16_matmul_is_fast() and module.weight.device.type == "cpu"
         chosen[name] = kernel.name if kernel else "reference"
         if kernel is None:
             slow[name] = reason
     if chosen:
         counts = ", ".join(f"{k} x{n}" for k, n in Counter(chosen.values()).items())
         logger.info(f"QuantLinear kernels: {counts} (bf16 packed kernels serve calls of <= {DECODE_MAX_TOKENS} "
-                    "tokens, longer inputs dequantize and use F.linear; fbgemm-int8-dynamic serves every call "
+                    "tokens, longer inputs dequantize and use F.linear; int8-dynamic serves every call "
                     "without autograd)")
     if slow and policy == "auto":
         first, why = next(iter(slow.items()))
@@ -189,9 +191,20 @@ def _kernel_serves(kernel, layer, x: torch.Tensor) -> bool:
     return x.numel() <= kernel.max_tokens * layer.in_features and not _grad_needed(x)
 
 
+@functools.cache
+def bf16_matmul_is_fast() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX tiles): then a dequantized bf16 weight times
+    bf16 activations beats the float32 reference at prefill."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """`QuantLinear.forward`: the layer's kernel where it serves the call, else the reference path."""
+    """`QuantLinear.forward`: the layer's kernel where it serves the call, else the reference path (in bfloat16 for
+    inference on CPUs with fast bf16 matmuls, when `prepare_kernels` allowed it)."""
     kernel = layer.kernel
     if kernel is not None and _kernel_serves(kernel, layer, x):
         return kernel.run(layer, x)
+    if layer.prefill_bf16 and not torch.is_grad_enabled():
+        bias = None if layer.bias is None else layer.bias.to(torch.bfloat16)
+        return F.linear(x.to(torch.bfloat16), layer.dequantize(torch.bfloat16), bias).to(x.dtype)
     return F.linear(x, layer.dequantize(x.dtype), layer.bias)

@@ -25,6 +25,7 @@ class QuantLinear(nn.Module):
     """
 
     kernel = None  # set per layer by kernels.prepare_kernels
+    prefill_bf16 = False  # likewise: long inference inputs dequantize to bfloat16 (fast on CPUs with AMX)
 
     def __init__(
         self,

@@ -8,6 +8,7 @@ import transformers
 import optimum_agentos  # noqa: F401
 from optimum_agentos import AgentOSConfig, QuantLinear
 from optimum_agentos.quantization.dynamic_int8 import (
+    ONEDNN_MIN_TOKENS,
     OUTLIER_THRESHOLD,
     Int8DynamicKernel,
     activation_step,
@@ -33,7 +34,8 @@ def _step(module, x, exact_channels):
     """Each token's grid step (channels computed in float32 excluded from the grid's range)."""
     flat = x.reshape(-1, module.in_features).clone()
     flat[:, list(exact_channels)] = 0
-    return activation_step(flat, engine_check(torch.backends.quantized.engine)[0])  # [tokens, 1]
+    engine = "onednn" if module.kernel_packed_large is not None and len(flat) >= ONEDNN_MIN_TOKENS else "fbgemm"
+    return activation_step(flat, engine_check(engine)[0])  # [tokens, 1]
 
 
 def rounding_bound(module, x, exact_channels=()):
@@ -51,8 +53,20 @@ def typical_error(module, x, exact_channels=()):
 
 
 def test_this_cpu_runs_asymmetric_int8_weights_exactly():
-    reduce_range, reason = engine_check(torch.backends.quantized.engine)
+    reduce_range, reason = engine_check("fbgemm")
     assert reason is None and reduce_range is not None
+    module = layer()
+    assert (module.kernel_packed_large is None) == (engine_check("onednn")[1] is not None)
+
+
+def test_the_onednn_weight_is_ours_without_the_zero_points():
+    module = layer()
+    if module.kernel_packed_large is None:
+        pytest.skip(f"no oneDNN int8 here: {engine_check('onednn')[1]}")
+    weight, _ = torch.ops.quantized.linear_unpack(module.kernel_packed_large)
+    zero_term = (module.weight_zero[:, :1].float() - 128) * module.weight_scale[:, :1].float()
+    assert torch.equal(weight.q_per_channel_zero_points(), torch.zeros(192, dtype=torch.long))
+    torch.testing.assert_close(weight.dequantize() - zero_term, module.dequantize(), rtol=0, atol=1e-6)
 
 
 def test_packed_weight_is_our_codes_bit_for_bit():
@@ -65,7 +79,7 @@ def test_packed_weight_is_our_codes_bit_for_bit():
     assert torch.equal(weight.dequantize(), module.dequantize())
 
 
-@pytest.mark.parametrize("tokens", [1, 5, 64])
+@pytest.mark.parametrize("tokens", [1, 5, ONEDNN_MIN_TOKENS + 32])  # the last: oneDNN, where it works
 @pytest.mark.parametrize("bias", [True, False])
 def test_output_is_within_the_activation_rounding_bound(tokens, bias):
     module = layer(bias=bias)
@@ -83,7 +97,24 @@ def test_output_is_within_the_activation_rounding_bound(tokens, bias):
     assert (fast - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
-@pytest.mark.parametrize("tokens", [1, 24])
+@pytest.mark.parametrize("tokens", [5, ONEDNN_MIN_TOKENS + 32])  # fbgemm, then oneDNN where it works
+def test_several_tokens_compute_exactly_on_per_token_grids(tokens):
+    """Each token rounded to 256 levels between its min and max, then multiplied exactly (to float32 rounding; a
+    value right at a rounding boundary may land one level over, moving its outputs by one step times w)."""
+    module = layer()
+    x = torch.randn(3, tokens, 576).clamp(-4, 4) + torch.linspace(-1, 1, tokens).view(1, tokens, 1)
+    low, high = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+    step = (high - low) / 255
+    rounded = low + step * torch.round((x - low) / step)
+    with torch.no_grad():
+        fast, ref = module(x), reference(module, rounded)
+    error = (fast - ref).abs()
+    assert (error <= 1e-5 * ref.abs().max()).float().mean() >= 0.99
+    assert (error <= 1e-5 * ref.abs().max() + step.amax() * module.dequantize().abs().max()).all()
+    assert (fast - reference(module, x)).abs().max() > 1e-3 * ref.abs().max()  # rounding x does matter
+
+
+@pytest.mark.parametrize("tokens", [1, 24, ONEDNN_MIN_TOKENS + 8])
 def test_outlier_channels_are_computed_in_float32(tokens):
     module = layer(bias=False)
     x = torch.randn(1, tokens, 576)

@@ -11,6 +11,7 @@ from optimum_agentos.quantization.kernels import (
     Int4PackKernel,
     Int8DynamicKernel,
     Int8PackKernel,
+    bf16_matmul_is_fast,
     choose_kernel,
     int4_kernel_group,
     prepare_kernels,
@@ -63,12 +64,18 @@ def test_dispatch_prefers_fbgemm_for_int8_and_the_int4_kernel_for_int4():
     assert choose_kernel(layer(4, 128, in_features=576))[0] is Int4PackKernel
 
 
-def test_long_inputs_and_autograd_take_the_exact_reference_path():
+def test_long_inputs_take_the_bf16_path_on_amx_cpus_and_autograd_the_exact_reference_path():
     module = layer(4, 128)
     prepare_kernels(module)
+    assert module.prefill_bf16 == bf16_matmul_is_fast()
     x = torch.randn(2, 64, 256)
     with torch.no_grad():
-        assert torch.equal(module(x), reference(module, x))
+        fast, ref = module(x), reference(module, x)
+    if bf16_matmul_is_fast():  # dequantized bf16 weight times bf16 activations
+        assert (fast - ref).abs().max() <= TOLERANCE * ref.abs().max() and not torch.equal(fast, ref)
+    else:
+        assert torch.equal(fast, ref)
+    assert torch.equal(module(x), ref)  # grad mode on: the exact reference, even for inputs without grad
     x = torch.randn(1, 1, 256, requires_grad=True)
     out = module(x)
     assert torch.equal(out, reference(module, x))
@@ -101,12 +108,17 @@ def test_layers_without_a_kernel_say_why_and_stay_correct(bits, group_size, in_f
     assert prepare_kernels(module) == {"": "reference"}
     x = torch.randn(1, 1, in_features)
     with torch.no_grad():
-        assert torch.equal(module(x), reference(module, x))
+        fast, ref = module(x), reference(module, x)
+    assert (fast - ref).abs().max() <= TOLERANCE * ref.abs().max()  # bf16 on AMX CPUs, else exact
+    assert torch.equal(module(x), ref)
 
 
 def test_reference_policy_and_unknown_policy():
     module = layer(4, 128)
     assert prepare_kernels(module, policy="reference") == {"": "reference"} and module.kernel is None
+    x = torch.randn(2, 64, 256)
+    with torch.no_grad():
+        assert torch.equal(module(x), reference(module, x))
     with pytest.raises(ValueError, match="Unknown kernel policy"):
         prepare_kernels(module, policy="fast")
 
