@@ -34,6 +34,8 @@ logger = logging.get_logger(__name__)
 
 # inputs whose magnitude exceeds this in some token are computed in float32 (LLM.int8()'s threshold)
 OUTLIER_THRESHOLD = 6.0
+# float32 weight columns of at most this many outlier channels stay cached per layer (cleared by `prepare`)
+MAX_CACHED_OUTLIERS = 16
 # calls of at least this many tokens use oneDNN where it works (measured crossover with fbgemm: 8 to 64 tokens)
 ONEDNN_MIN_TOKENS = 32
 
@@ -128,6 +130,7 @@ class Int8DynamicKernel:
         row_sum = (codes.double().sum(dim=1) - layer.in_features * zero.double()) * scale.double()  # sum_k w[n, k]
         zero_term = (zero.double() - 128) * scale.double()  # w = s (q - 128) - zero_term
         layer.register_buffer("kernel_sums", torch.stack([row_sum, zero_term]).float(), persistent=False)
+        layer.kernel_outlier_columns = None
 
     @staticmethod
     def run(layer, x: torch.Tensor) -> torch.Tensor:
@@ -179,8 +182,14 @@ def _run_with_outliers(layer, flat: torch.Tensor, peaks: torch.Tensor) -> torch.
     """LLM.int8()'s split: the few input channels whose `peaks` (max |x|) pass the threshold in float32, the rest
     through int8."""
     outliers = (peaks > OUTLIER_THRESHOLD).nonzero().flatten()
-    codes = layer.weight.view(layer.out_features, layer.in_features)[:, outliers].float()
-    columns = (codes - layer.weight_zero[:, :1].float()) * layer.weight_scale[:, :1].float()
+    cached = layer.__dict__.get("kernel_outlier_columns")  # decode meets the same few channels token after token
+    if cached is not None and cached[0].shape == outliers.shape and torch.equal(cached[0], outliers):
+        columns = cached[1]
+    else:
+        codes = layer.weight.view(layer.out_features, layer.in_features)[:, outliers].float()
+        columns = (codes - layer.weight_zero[:, :1].float()) * layer.weight_scale[:, :1].float()
+        if len(outliers) <= MAX_CACHED_OUTLIERS:
+            layer.kernel_outlier_columns = (outliers, columns)
     inliers = flat.index_fill(1, outliers, 0.0)
     if len(flat) == 1:
         y = torch.ops.quantized.linear_dynamic(inliers, layer.kernel_packed, layer.kernel_reduce_range)

@@ -100,17 +100,18 @@ def test_output_is_within_the_activation_rounding_bound(tokens, bias):
 @pytest.mark.parametrize("tokens", [5, ONEDNN_MIN_TOKENS + 32])  # fbgemm, then oneDNN where it works
 def test_several_tokens_compute_exactly_on_per_token_grids(tokens):
     """Each token rounded to 256 levels between its min and max, then multiplied exactly (to float32 rounding; a
-    value right at a rounding boundary may land one level over, moving its outputs by one step times w)."""
+    value right at a rounding boundary may land one level over, moving its token's outputs by a step times w)."""
     module = layer()
-    x = torch.randn(3, tokens, 576).clamp(-4, 4) + torch.linspace(-1, 1, tokens).view(1, tokens, 1)
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(3, tokens, 576, generator=g).clamp(-4, 4) + torch.linspace(-1, 1, tokens).view(1, tokens, 1)
     low, high = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
     step = (high - low) / 255
     rounded = low + step * torch.round((x - low) / step)
     with torch.no_grad():
         fast, ref = module(x), reference(module, rounded)
-    error = (fast - ref).abs()
-    assert (error <= 1e-5 * ref.abs().max()).float().mean() >= 0.99
-    assert (error <= 1e-5 * ref.abs().max() + step.amax() * module.dequantize().abs().max()).all()
+    error, slack = (fast - ref).abs(), 1e-5 * ref.abs().max()
+    assert (error <= slack).all(dim=-1).float().mean() >= 0.9  # most tokens: exactly the rounded product
+    assert (error <= slack + step * module.dequantize().abs().max()).all()
     assert (fast - reference(module, x)).abs().max() > 1e-3 * ref.abs().max()  # rounding x does matter
 
 
@@ -138,13 +139,17 @@ def test_other_activation_dtypes_and_autograd():
     assert torch.equal(module(x), reference(module, x))  # grad mode: the exact reference path, even without grad
 
 
-def test_new_codes_repack():
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_new_codes_repack_and_drop_cached_outlier_columns(tokens):
     module = layer()
-    other = layer(seed=3)
-    module.load_codes(other.codes(), other.weight_scale, other.weight_zero)
-    x = torch.randn(1, 4, 576)
+    x = torch.randn(1, tokens, 576)
+    x[..., 9] = 30.0  # an outlier channel: its float32 weight column is cached
     with torch.no_grad():
-        assert ((module(x) - reference(module, x)).abs() <= rounding_bound(module, x)).all()
+        module(x)
+        other = layer(seed=3)
+        module.load_codes(other.codes(), other.weight_scale, other.weight_zero)
+        for _ in range(2):  # the second call reuses the cached column
+            assert ((module(x) - reference(module, x)).abs() <= rounding_bound(module, x, exact_channels=(9,))).all()
 
 
 def test_loaded_int8_checkpoint_uses_fbgemm_and_computes_like_the_reference(tmp_path, monkeypatch):
