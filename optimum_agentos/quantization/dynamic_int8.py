@@ -1,26 +1,25 @@
-"""int8 weights with dynamically quantized int8 activations on CPU: torch's `quantized::linear_dynamic`.
+"""int8 weights with int8 activations quantized at each call, on CPU.
 
-Our int8 codes are asymmetric per output row: `w = (q - z) s` with `q, z` in [0, 255]. Two backends pack them:
+Our int8 codes are asymmetric per output row: `w = (q - z) s` with `q, z` in [0, 255]. Two backends multiply them:
 
-- fbgemm (fastest at a few tokens, VNNI): per-channel affine int8, `q - 128` with zero point `z - 128` and the same
-  scale, which is the same weight exactly (it unpacks to our codes bit for bit);
-- oneDNN (AMX int8 tiles: 2-5x faster than fbgemm at hundreds of tokens, slower at one) takes symmetric weights
-  only: it gets `s (q - 128)` and the zero points' share `-s (z - 128) sum_k x_k` is added back in float32.
+- fbgemm's `quantized::linear_dynamic` (VNNI; the fastest at a few tokens) takes per-channel affine int8: `q - 128`
+  with zero point `z - 128` and the same scale is the same weight, exactly (it unpacks to our codes bit for bit);
+- oneDNN's `onednn::qlinear_pointwise` (AMX int8 tiles: 4-10x faster than fp32 at hundreds of tokens) takes uint8
+  activations we quantize ourselves and symmetric weights only: it gets `s (q - 128)`, and the zero points' share
+  `-s (z - 128) sum_k x_k` is added back in float32.
 
-At each call the backend quantizes the activations to 8 bits with one grid for the whole input. We make that grid
-per token: each token is mapped onto [-1, 1] first and its centre added back through the weight's row sums
-(`_run_per_token`), and the few input channels with values above `OUTLIER_THRESHOLD` run in float32 (LLM.int8()).
-The only change of numerics against the dequantize reference is the activation rounding: each output is off by at
-most half a grid step times `sum_k |w_k|` (see `activation_step` and tests/quantization/test_dynamic_int8.py).
+Activations get one 256-level grid per token, between the token's min and max (`_run_per_token`; a single token
+is left to fbgemm, whose per-tensor grid is then per token), and the few input channels with values above
+`OUTLIER_THRESHOLD` run in float32 (LLM.int8()). The only change of numerics against the dequantize reference is
+that activation rounding: each output is off by at most half a grid step times `sum_k |w_k|` (see
+`activation_step` and tests/quantization/test_dynamic_int8.py).
 
-CPUs without VNNI saturate the uint8 x int8 pair sums fbgemm uses; `engine_check` probes that once per backend
-with an input that would overflow, then asks for 7-bit activations (`reduce_range`), or reports why a backend is
-unusable.
+CPUs without VNNI saturate the uint8 x int8 pair sums fbgemm uses; `engine_check` probes that once with an input
+that would overflow, then asks for 7-bit activations (`reduce_range`), or reports why a backend is unusable.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 
@@ -50,44 +49,55 @@ def _per_channel_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Te
             (codes.to(torch.int16) - 128).to(torch.int8), scale.double(), zero_point, 0)
 
 
-@contextlib.contextmanager
-def _backend(engine: str):
+def fbgemm_prepack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+    """fbgemm's packed weight for codes `[out, in]` with per-row `scale` and `zero`."""
     previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
+    torch.backends.quantized.engine = "fbgemm"
     try:
-        yield
+        return torch.ops.quantized.linear_prepack(_per_channel_weight(codes, scale, zero), None)
     finally:
         torch.backends.quantized.engine = previous
 
 
-def prepack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, engine: str):
-    """`quantized::linear_prepack` of `_per_channel_weight(codes, scale, zero)` for `engine`."""
-    with _backend(engine):
-        return torch.ops.quantized.linear_prepack(_per_channel_weight(codes, scale, zero), None)
+def onednn_prepack(codes: torch.Tensor) -> torch.Tensor:
+    """oneDNN's packed (opaque) int8 weight `q - 128` for codes `[out, in]`."""
+    return torch.ops.onednn.qlinear_prepack((codes.to(torch.int16) - 128).to(torch.int8), None)
+
+
+def onednn_matmul(tokens: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`(tokens - 128) @ (s (q - 128)).T` in float32, `tokens` uint8 `[n, in]`."""
+    zero_points = torch.zeros(len(scale), dtype=torch.int64)
+    return torch.ops.onednn.qlinear_pointwise(tokens, 1.0, 128, packed, scale, zero_points, None, 1.0, 0,
+                                              torch.float32, "none", [], "")
 
 
 @functools.cache
 def engine_check(engine: str) -> tuple[bool | None, str | None]:
-    """`(reduce_range, None)` when `engine` computes our weights right (fbgemm: with their zero points; onednn:
-    symmetric), else `(None, reason)`. Probed once with all-maximal codes and an all-ones input, whose
-    uint8 x int8 pair sums (2 x 255 x 127) overflow int16 unless the CPU accumulates without saturation."""
-    if not hasattr(torch.ops.quantized, "linear_dynamic"):
-        return None, "this torch build has no quantized::linear_dynamic"
-    if engine not in torch.backends.quantized.supported_engines:
-        return None, f"this torch build has no {engine} backend"
+    """`(reduce_range, None)` when `engine` ("fbgemm" or "onednn") computes our weights right, else `(None, reason)`.
+    Probed once with all-maximal codes and an all-ones input, whose uint8 x int8 pair sums (2 x 255 x 127) overflow
+    int16 unless the CPU accumulates without saturation (oneDNN: exactness only; `reduce_range` is False)."""
     in_features, out_features = 64, 16
     codes = torch.full((out_features, in_features), 255, dtype=torch.uint8)
-    scale = torch.full((out_features,), 0.5, dtype=torch.float16)
-    zero = None if engine == "onednn" else torch.arange(out_features, dtype=torch.uint8) * 16  # 0 to 240
-    exact = (255 - (torch.full((out_features,), 128.0) if zero is None else zero.float())) * 0.5 * in_features
+    scale = torch.full((out_features,), 0.5)
+    zero = torch.arange(out_features, dtype=torch.uint8) * 16  # 0 to 240
     try:
-        packed = prepack(codes, scale, zero, engine)
+        if engine == "onednn":
+            if not hasattr(torch.ops.onednn, "qlinear_pointwise"):
+                return None, "this torch build has no onednn::qlinear_pointwise"
+            tokens = torch.arange(2 * in_features).remainder(256).to(torch.uint8).view(2, in_features)
+            out = onednn_matmul(tokens, onednn_prepack(codes), scale)
+            exact = (tokens.double() - 128).sum(dim=1, keepdim=True) * 127 * 0.5
+            ok = torch.allclose(out.double(), exact.expand(2, out_features), rtol=1e-5)
+            return (False, None) if ok else (None, "onednn gives wrong results for int8 weights")
+        if "fbgemm" not in torch.backends.quantized.supported_engines:
+            return None, "this torch build has no fbgemm backend"
+        packed = fbgemm_prepack(codes, scale, zero)
         back, _ = torch.ops.quantized.linear_unpack(packed)
         if not torch.equal(back.int_repr().to(torch.int16) + 128, codes.to(torch.int16)):
-            return None, f"{engine} does not keep per-channel int8 weights exactly"
-        ones = torch.ones(2, in_features)
+            return None, "fbgemm does not keep per-channel int8 weights exactly"
+        exact = (255 - zero.float()) * 0.5 * in_features
         for reduce_range in (False, True):
-            out = torch.ops.quantized.linear_dynamic(ones, packed, reduce_range)
+            out = torch.ops.quantized.linear_dynamic(torch.ones(2, in_features), packed, reduce_range)
             if torch.allclose(out[0], exact, rtol=1e-3, atol=1e-3):
                 return reduce_range, None
     except RuntimeError as error:
@@ -123,11 +133,12 @@ class Int8DynamicKernel:
     @staticmethod
     def prepare(layer) -> None:
         codes, scale, zero = layer.codes(), layer.weight_scale[:, 0].float(), layer.weight_zero[:, 0].float()
-        layer.kernel_packed = prepack(codes, scale, zero, "fbgemm")
+        layer.kernel_packed = fbgemm_prepack(codes, scale, zero)
         layer.kernel_reduce_range = engine_check("fbgemm")[0]
-        onednn = engine_check("onednn")[1] is None
-        layer.kernel_packed_large = prepack(codes, scale, None, "onednn") if onednn else None
-        row_sum = (codes.double().sum(dim=1) - layer.in_features * zero.double()) * scale.double()  # sum_k w[n, k]
+        layer.kernel_packed_large = onednn_prepack(codes) if engine_check("onednn")[1] is None else None
+        layer.kernel_scale = scale
+        code_sum = codes.sum(dim=1, dtype=torch.int64).double()
+        row_sum = (code_sum - layer.in_features * zero.double()) * scale.double()  # sum_k w[n, k]
         zero_term = (zero.double() - 128) * scale.double()  # w = s (q - 128) - zero_term
         layer.register_buffer("kernel_sums", torch.stack([row_sum, zero_term]).float(), persistent=False)
         layer.kernel_outlier_columns = None
@@ -155,25 +166,21 @@ class Int8DynamicKernel:
 
 
 def _run_per_token(layer, flat: torch.Tensor, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """Per-token int8 grids through a backend that quantizes the whole input with one grid.
+    """Each token rounded onto its own grid, `x^ = low + step j` with `j` in 0..255, then multiplied exactly.
 
-    We round each token onto its own grid, `x^ = low + step j` with `j` in 0..255, and hand the backend `(j - 128)
-    * 2 / 255`: its grid is then exactly that one (every token spans it), so it rounds nothing and `x^` is known
-    exactly. With `y = M (j - 128) 2 / 255` from the backend's weight `M`:
-    `M x^ = step 255 / 2 y + (low + 128 step) sum_k M[:, k]`, and oneDNN's `M = W + zero_term` (no zero points)
-    needs `- zero_term sum_k x^_k`, that is `zero_term step (128 in_features - sum_k j_k)` after the row sums of W.
+    oneDNN takes `j` itself: with `y = W0 (j - 128)` for its weight `W0 = s (q - 128) = W + zero_term`,
+    `W x^ = step y + (low + 128 step) sum_k w[:, k] + zero_term step (128 in_features - sum_k j_k)`. fbgemm
+    quantizes its input itself with one grid: handed `(j - 128) 2 / 255`, which spans that grid exactly, it rounds
+    nothing, and `W x^ = step 255 / 2 y + (low + 128 step) sum_k w[:, k]`.
     """
     step = ((high - low) / 255).clamp_(min=torch.finfo(torch.float32).tiny)
     scale = step.reciprocal()
-    centred = torch.addcmul(low.mul(scale).add_(128).neg_(), flat, scale).round_()  # j - 128
-    onednn = layer.kernel_packed_large is not None and len(flat) >= ONEDNN_MIN_TOKENS
-    if onednn:
-        zero_share = centred.sum(dim=-1, keepdim=True).mul_(step).neg_()
-    unit = centred.mul_(2 / 255)
-    if onednn:
-        y = torch.ops.quantized.linear_dynamic(unit, layer.kernel_packed_large, engine_check("onednn")[0])
-        shares = torch.cat([low + 128 * step, zero_share], dim=1)
-        return y.mul_(step * 127.5).addmm_(shares, layer.kernel_sums)
+    if layer.kernel_packed_large is not None and len(flat) >= ONEDNN_MIN_TOKENS:
+        levels = torch.addcmul(low.mul(scale).neg_(), flat, scale).round_()  # j
+        zero_share = levels.sum(dim=-1, keepdim=True).sub_(128 * layer.in_features).mul_(step).neg_()
+        y = onednn_matmul(levels.to(torch.uint8), layer.kernel_packed_large, layer.kernel_scale)
+        return y.mul_(step).addmm_(torch.cat([low + 128 * step, zero_share], dim=1), layer.kernel_sums)
+    unit = torch.addcmul(low.mul(scale).add_(128).neg_(), flat, scale).round_().mul_(2 / 255)  # (j - 128) 2 / 255
     y = torch.ops.quantized.linear_dynamic(unit, layer.kernel_packed, layer.kernel_reduce_range)
     return y.mul_(step * 127.5).addr_((low + 128 * step).view(-1), layer.kernel_sums[0])
 
