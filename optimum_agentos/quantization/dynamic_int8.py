@@ -142,6 +142,14 @@ class Int8DynamicKernel:
         zero_term = (zero.double() - 128) * scale.double()  # w = s (q - 128) - zero_term
         layer.register_buffer("kernel_sums", torch.stack([row_sum, zero_term]).float(), persistent=False)
         layer.kernel_outlier_columns = None
+        layer.weight.data = torch.empty(0, dtype=torch.uint8)  # fbgemm's copy is exact: see `codes`
+        layer.weight_in_kernel = True
+
+    @staticmethod
+    def codes(layer) -> torch.Tensor:
+        """The layer's codes `[out, in]`, read back from fbgemm's copy."""
+        weight, _ = torch.ops.quantized.linear_unpack(layer.kernel_packed)
+        return (weight.int_repr().to(torch.int16) + 128).to(torch.uint8)
 
     @staticmethod
     def run(layer, x: torch.Tensor) -> torch.Tensor:
@@ -193,7 +201,7 @@ def _run_with_outliers(layer, flat: torch.Tensor, peaks: torch.Tensor) -> torch.
     if cached is not None and cached[0].shape == outliers.shape and torch.equal(cached[0], outliers):
         columns = cached[1]
     else:
-        codes = layer.weight.view(layer.out_features, layer.in_features)[:, outliers].float()
+        codes = layer.codes()[:, outliers].float()
         columns = (codes - layer.weight_zero[:, :1].float()) * layer.weight_scale[:, :1].float()
         if len(outliers) <= MAX_CACHED_OUTLIERS:
             layer.kernel_outlier_columns = (outliers, columns)

@@ -168,6 +168,7 @@ def prepare_kernels(model, policy: str | None = None) -> dict[str, str]:
     for name, module in model.named_modules():
         if not isinstance(module, QuantLinear):
             continue
+        module.restore_weight()
         kernel, reason = (None, "policy 'reference'") if policy == "reference" else choose_kernel(module)
         if kernel is not None:
             kernel.prepare(module)

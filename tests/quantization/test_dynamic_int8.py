@@ -171,3 +171,50 @@ def test_loaded_int8_checkpoint_uses_fbgemm_and_computes_like_the_reference(tmp_
         for tokens in (ids, ids[:, :1]):  # prefill (per-token grids) and one token
             a, b = fast(tokens).logits, slow(tokens).logits
             assert (a - b).abs().max() <= 0.02 * b.abs().max()
+
+
+def test_fbgemm_holds_the_only_copy_of_the_codes_and_the_state_dict_is_unchanged():
+    module = layer()
+    plain = layer()
+    prepare_kernels(plain, policy="reference")
+    assert module.weight_in_kernel and module.weight.numel() == 0 and not plain.weight_in_kernel
+    state, expected = module.state_dict(), plain.state_dict()
+    assert list(state) == list(expected)
+    for key in expected:
+        assert state[key].dtype == expected[key].dtype and torch.equal(state[key], expected[key]), key
+    assert torch.equal(module.codes(), plain.codes())
+    prepare_kernels(module, policy="reference")  # switching back gives `weight` its codes again
+    assert not module.weight_in_kernel and torch.equal(module.weight, plain.weight)
+
+
+def test_load_state_dict_into_a_prepared_layer_repacks():
+    module, other = layer(), layer(seed=4)
+    module.load_state_dict(other.state_dict())
+    assert module.weight_in_kernel and torch.equal(module.codes(), other.codes())
+    x = torch.randn(1, 3, 576)
+    with torch.no_grad():
+        assert torch.equal(module(x), other(x))
+
+
+def test_int8_checkpoint_save_reload_is_bit_exact(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=192, intermediate_size=320, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "fp")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "fp", quantization_config=AgentOSConfig(bits=8, group_size=-1))
+    assert all(m.weight_in_kernel for m in model.modules() if isinstance(m, QuantLinear))
+    model.save_pretrained(tmp_path / "q")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    reloaded.save_pretrained(tmp_path / "q2")
+    monkeypatch.setenv("OPTIMUM_AGENTOS_KERNELS", "reference")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")  # `weight` as read from the file
+    from safetensors.torch import load_file
+
+    first, second = load_file(tmp_path / "q" / "model.safetensors"), load_file(tmp_path / "q2" / "model.safetensors")
+    expected = plain.state_dict()
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    for key, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, expected[key]), key
