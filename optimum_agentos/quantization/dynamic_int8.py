@@ -27,6 +27,7 @@ import torch
 from transformers.utils import logging
 
 from . import rtn
+from .memory import release_file_pages
 
 
 logger = logging.get_logger(__name__)
@@ -142,7 +143,8 @@ class Int8DynamicKernel:
         zero_term = (zero.double() - 128) * scale.double()  # w = s (q - 128) - zero_term
         layer.register_buffer("kernel_sums", torch.stack([row_sum, zero_term]).float(), persistent=False)
         layer.kernel_outlier_columns = None
-        layer.weight.data = torch.empty(0, dtype=torch.uint8)  # fbgemm's copy is exact: see `codes`
+        stored, layer.weight.data = layer.weight.data, torch.empty(0, dtype=torch.uint8)  # fbgemm's copy is exact
+        release_file_pages(stored)  # codes read from a mapped checkpoint leave no resident pages behind
         layer.weight_in_kernel = True
 
     @staticmethod
