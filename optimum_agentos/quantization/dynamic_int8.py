@@ -195,6 +195,18 @@ def _run_per_token(layer, flat: torch.Tensor, high: torch.Tensor, low: torch.Ten
     return y.mul_(step * 127.5).addr_((low + 128 * step).view(-1), layer.kernel_sums[0])
 
 
+def _weight_columns(layer, channels: torch.Tensor) -> torch.Tensor:
+    """Float32 columns `w[:, channels]`. fbgemm holding the only copy of the codes, a few columns come from the
+    kernel itself (one-hot inputs sit exactly on its grid, so `W e_k` is column k to float32 rounding) rather than
+    from unpacking the whole matrix."""
+    if layer.weight_in_kernel and len(channels) <= MAX_CACHED_OUTLIERS:
+        basis = torch.zeros(len(channels), layer.in_features)
+        basis[torch.arange(len(channels)), channels] = 1.0
+        return torch.ops.quantized.linear_dynamic(basis, layer.kernel_packed, layer.kernel_reduce_range).t()
+    codes = layer.codes()[:, channels].float()
+    return (codes - layer.weight_zero[:, :1].float()) * layer.weight_scale[:, :1].float()
+
+
 def _run_with_outliers(layer, flat: torch.Tensor, peaks: torch.Tensor) -> torch.Tensor:
     """LLM.int8()'s split: the few input channels whose `peaks` (max |x|) pass the threshold in float32, the rest
     through int8."""
@@ -203,8 +215,7 @@ def _run_with_outliers(layer, flat: torch.Tensor, peaks: torch.Tensor) -> torch.
     if cached is not None and cached[0].shape == outliers.shape and torch.equal(cached[0], outliers):
         columns = cached[1]
     else:
-        codes = layer.codes()[:, outliers].float()
-        columns = (codes - layer.weight_zero[:, :1].float()) * layer.weight_scale[:, :1].float()
+        columns = _weight_columns(layer, outliers)
         if len(outliers) <= MAX_CACHED_OUTLIERS:
             layer.kernel_outlier_columns = (outliers, columns)
     inliers = flat.index_fill(1, outliers, 0.0)
