@@ -1,16 +1,19 @@
 """Fast CPU paths for `QuantLinear`: repack once after loading, choose per call by the number of tokens.
 
-- int8, one scale per row: fbgemm's `quantized::linear_dynamic` (`dynamic_int8.Int8DynamicKernel`), int8
-  activations quantized per call, faster than fp32 from 1 to 512 tokens; inference only (no autograd at all),
-  since it rounds the activations. Where fbgemm is unusable, `Int8PackKernel` (bf16 activations) for decode.
+- int8, one scale per row: `dynamic_int8.Int8DynamicKernel`, int8 x int8 with the activations quantized per call
+  and per token (fbgemm up to 31 tokens, oneDNN from 32), faster than fp32 at decode and prefill; inference only
+  (no autograd at all), since it rounds the activations. Where fbgemm is unusable, `Int8PackKernel` (bf16
+  activations) for decode.
 - int4 whose group size and `in_features` share a factor 32/64/128/256: `_weight_int4pack_mm_for_cpu` with bf16
   activations, for decode (at most `DECODE_MAX_TOKENS` tokens, no autograd); it loses to fp32 at prefill.
-- everything else (prefill of int4, training, layers no kernel fits): the reference path (dequantize, then
-  `F.linear` in the activation dtype), which is always correct.
+- longer inference calls of the other layers: on CPUs with AMX, the weight dequantized to bf16 times bf16
+  activations (`bf16_matmul_is_fast`): 1.5-2x faster than the reference at 512 tokens (benchmarks/kernel_layers.py);
+- training and `policy="reference"`: the reference path (dequantize, then `F.linear` in the activation dtype),
+  which is always exact.
 
 The kernel layouts live in non-persistent buffers or attributes: the checkpoint format and `state_dict` do not
 change. Tolerance of the bf16 paths against the reference: bfloat16 rounding of the activations and of the int4
-scales, about 1% of the output's magnitude (tests/quantization/test_kernels.py); of the int8 dynamic path: half an
+scales, about 1% of the output's magnitude (tests/quantization/test_kernels.py); of the int8 path: half an
 activation rounding step per input, see `dynamic_int8`.
 """
 
