@@ -24,13 +24,9 @@ import functools
 import warnings
 
 import torch
-from transformers.utils import logging
 
 from . import rtn
 from .memory import release_file_pages
-
-
-logger = logging.get_logger(__name__)
 
 # inputs whose magnitude exceeds this in some token are computed in float32 (LLM.int8()'s threshold)
 OUTLIER_THRESHOLD = 6.0
@@ -114,8 +110,8 @@ def activation_step(x: torch.Tensor, reduce_range: bool = False) -> torch.Tensor
 
 
 class Int8DynamicKernel:
-    """int8 with one scale per output row: `quantized::linear_dynamic` (int8 activations, any number of tokens),
-    fbgemm below `ONEDNN_MIN_TOKENS` tokens and oneDNN from there (when it works on this CPU)."""
+    """int8 with one scale per output row, int8 activations, any number of tokens: fbgemm's `linear_dynamic` below
+    `ONEDNN_MIN_TOKENS` tokens, oneDNN's `qlinear_pointwise` from there (where it works on this CPU)."""
 
     name = "int8-dynamic"
     max_tokens = None  # faster than fp32 and the bf16 packed kernel from 1 to 512 tokens (see README)

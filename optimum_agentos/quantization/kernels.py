@@ -33,7 +33,6 @@ from transformers.utils import logging
 from . import rtn
 from .dynamic_int8 import Int8DynamicKernel
 
-
 logger = logging.get_logger(__name__)
 
 KERNELS_ENV = "OPTIMUM_AGENTOS_KERNELS"  # "auto" (default) or "reference" (always dequantize)
