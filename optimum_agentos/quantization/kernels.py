@@ -206,8 +206,8 @@ def release_free_memory() -> None:
 
 def _kernel_serves(kernel, layer, x: torch.Tensor) -> bool:
     if getattr(kernel, "quantizes_activations", False):  # changes numerics: inference only
-        return not torch.is_grad_enabled()
-    return x.numel() <= kernel.max_tokens * layer.in_features and not _grad_needed(x)
+        return not torch.is_grad_enabled() and x.numel() > 0
+    return 0 < x.numel() <= kernel.max_tokens * layer.in_features and not _grad_needed(x)
 
 
 @functools.cache

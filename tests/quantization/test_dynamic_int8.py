@@ -130,8 +130,10 @@ def test_outlier_channels_are_computed_in_float32(tokens):
     assert ((fast - ref).abs() <= 6 * typical_error(module, x, exact_channels=(3, 100))).all()
 
 
-def test_other_activation_dtypes_and_autograd():
+def test_other_activation_dtypes_empty_inputs_and_autograd():
     module = layer()
+    with torch.no_grad():
+        assert module(torch.randn(2, 0, 576)).shape == (2, 0, 192)
     x = torch.randn(1, 3, 576, dtype=torch.bfloat16)
     with torch.no_grad():
         assert module(x).dtype == torch.bfloat16
