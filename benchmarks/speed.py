@@ -163,8 +163,9 @@ def write_markdown(results: list[dict], args) -> str:
         f"and are timed round-robin, {args.repeats} repeats, medians; ratios are to fp32 in the same run. Load time "
         "and model memory (RSS after loading minus before, in a fresh process per row) come from separate processes. "
         "agentos int8/int4 are round-to-nearest checkpoints (per-channel int8; int4 group 128) loaded with "
-        "`from_pretrained`; their decode calls use the packed int8/int4 CPU kernels with bf16 activations, prefill "
-        "dequantizes each layer's weight and runs `F.linear` in fp32.",
+        "`from_pretrained`, using the CPU kernels described in the README: int8 runs int8 x int8 matmuls with "
+        "per-token activation grids (fbgemm at decode, oneDNN at prefill); int4 decode runs the packed int4 kernel "
+        "with bf16 activations, int4 prefill dequantizes to bf16 and multiplies in bf16 on CPUs with AMX.",
         "",
         "| row | prefill tok/s | prefill / fp32 | decode tok/s | decode / fp32 | model RSS (MB) | RSS / fp32 | load (s) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -1,20 +1,29 @@
 """Fast CPU paths for `QuantLinear`: repack once after loading, choose per call by the number of tokens.
 
-torch ships weight-only int4 and int8 matmuls for CPU (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) that
-beat fp32 at decode (a few tokens) but only with bfloat16 activations, and lose to fp32 at prefill. So:
+- int8, one scale per row: `dynamic_int8.Int8DynamicKernel`, int8 x int8 with the activations quantized per call
+  and per token (fbgemm up to 31 tokens, oneDNN from 32), faster than fp32 at decode and prefill; inference only
+  (no autograd at all), since it rounds the activations. Where fbgemm is unusable, `Int8PackKernel` (bf16
+  activations) for decode.
+- int4 whose group size and `in_features` share a factor 32/64/128/256: `_weight_int4pack_mm_for_cpu` with bf16
+  activations, for decode (at most `DECODE_MAX_TOKENS` tokens, no autograd); it loses to fp32 at prefill.
+- longer inference calls of the other layers: on CPUs with AMX, the weight dequantized to bf16 times bf16
+  activations (`bf16_matmul_is_fast`): 1.5-2x faster than the reference at 512 tokens (benchmarks/kernel_layers.py);
+- training and `policy="reference"`: the reference path (dequantize, then `F.linear` in the activation dtype),
+  which is always exact.
 
-- decode (at most `max_tokens` tokens, no autograd): the packed kernel, activations cast to bfloat16 and back;
-- prefill, training, or a layer no kernel fits: the reference path (dequantize, then `F.linear` in the activation
-  dtype), which is always correct.
-
-The kernel layouts live in non-persistent buffers: the checkpoint format and `state_dict` do not change. Tolerance
-of the fast paths against the reference: bfloat16 rounding of the activations and of the int4 scales, about 1% of
-the output's magnitude (see tests/quantization/test_kernels.py).
+The kernel layouts live in non-persistent buffers or attributes: the checkpoint format and `state_dict` do not
+change. Tolerance of the bf16 paths against the reference: bfloat16 rounding of the activations and of the int4
+scales, about 1% of the output's magnitude (tests/quantization/test_kernels.py); of the int8 path: half an
+activation rounding step per input, see `dynamic_int8`.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
+import sys
 from collections import Counter
 
 import torch
@@ -22,7 +31,7 @@ import torch.nn.functional as F
 from transformers.utils import logging
 
 from . import rtn
-
+from .dynamic_int8 import Int8DynamicKernel
 
 logger = logging.get_logger(__name__)
 
@@ -34,8 +43,22 @@ def _grad_needed(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
 
+INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes `_weight_int4pack_mm_for_cpu` accepts, largest first
+
+
+def int4_kernel_group(in_features: int, group_size: int) -> int | None:
+    """The largest kernel group size that divides both the stored group size and `in_features`, or None.
+
+    Every stored group, the short last one included, is then a whole number of kernel groups, so repeating each
+    stored scale and zero over its kernel groups is exact: 576 inputs with group 128 (4 x 128 + 64) run as 9 kernel
+    groups of 64.
+    """
+    group = rtn.effective_group_size(in_features, group_size)
+    return next((g for g in INT4_KERNEL_GROUPS if group % g == 0 and in_features % g == 0), None)
+
+
 class Int4PackKernel:
-    """int4, group size 32/64/128/256 dividing `in_features`: `torch._weight_int4pack_mm_for_cpu`."""
+    """int4 whose group size and `in_features` share a factor 32/64/128/256: `torch._weight_int4pack_mm_for_cpu`."""
 
     name = "int4pack-bf16"
     max_tokens = DECODE_MAX_TOKENS
@@ -46,27 +69,32 @@ class Int4PackKernel:
             return "this torch build has no _weight_int4pack_mm_for_cpu"
         if layer.bits != 4:
             return f"{layer.bits}-bit"
-        group = layer.in_features if layer.group_size == -1 else layer.group_size
-        if group not in (32, 64, 128, 256) or layer.in_features % group:
-            return f"group size {layer.group_size} with in_features {layer.in_features} (needs 32/64/128/256 dividing it)"
+        if int4_kernel_group(layer.in_features, layer.group_size) is None:
+            return (f"group size {layer.group_size} with in_features {layer.in_features} (needs a group of "
+                    "32/64/128/256 dividing both)")
+        if layer.out_features % 16:
+            return f"out_features {layer.out_features} (needs a multiple of 16)"
         if layer.weight.device.type != "cpu":
             return f"device {layer.weight.device.type}"
         return None
 
     @staticmethod
     def prepare(layer) -> None:
-        group = layer.in_features if layer.group_size == -1 else layer.group_size
+        group = int4_kernel_group(layer.in_features, layer.group_size)
+        stored = rtn.effective_group_size(layer.in_features, layer.group_size)
+        # per kernel group: the stored group it lies in
+        owner = torch.arange(0, layer.in_features, group) // stored
         codes = layer.codes().to(torch.int32)
         layer.register_buffer("kernel_weight", torch._convert_weight_to_int4pack_for_cpu(codes, 1), persistent=False)
-        scale = layer.weight_scale.float()
-        zero = (8 - layer.weight_zero.float()) * scale  # (q - z) s  ==  (q - 8) s + (8 - z) s
+        scale = layer.weight_scale.float()[:, owner]
+        zero = (8 - layer.weight_zero.float()[:, owner]) * scale  # (q - z) s  ==  (q - 8) s + (8 - z) s
         pairs = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         layer.register_buffer("kernel_scales", pairs, persistent=False)
         layer.kernel_group = group
 
     @staticmethod
     def run(layer, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, layer.in_features).to(torch.bfloat16)
+        flat = x.reshape(-1, layer.in_features).to(torch.bfloat16).contiguous()
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, layer.kernel_weight, layer.kernel_group,
                                                         layer.kernel_scales).to(x.dtype)
         if layer.bias is not None:
@@ -113,7 +141,7 @@ class Int8PackKernel:
         return y.reshape(*x.shape[:-1], layer.out_features)
 
 
-KERNELS = (Int4PackKernel, Int8PackKernel)
+KERNELS = (Int4PackKernel, Int8DynamicKernel, Int8PackKernel)  # first fit wins
 
 
 def choose_kernel(layer):
@@ -142,17 +170,22 @@ def prepare_kernels(model, policy: str | None = None) -> dict[str, str]:
     for name, module in model.named_modules():
         if not isinstance(module, QuantLinear):
             continue
+        module.restore_weight()
         kernel, reason = (None, "policy 'reference'") if policy == "reference" else choose_kernel(module)
         if kernel is not None:
             kernel.prepare(module)
         module.kernel = kernel
+        module.prefill_bf16 = policy == "auto" and bf16_matmul_is_fast() and module.weight.device.type == "cpu"
         chosen[name] = kernel.name if kernel else "reference"
         if kernel is None:
             slow[name] = reason
+    if any(kernel != "reference" for kernel in chosen.values()):
+        release_free_memory()  # repacking freed about 4 bytes per weight of temporaries
     if chosen:
         counts = ", ".join(f"{k} x{n}" for k, n in Counter(chosen.values()).items())
-        logger.info(f"QuantLinear kernels: {counts} (fast kernels serve calls of <= {DECODE_MAX_TOKENS} tokens; "
-                    "longer inputs dequantize and use F.linear)")
+        logger.info(f"QuantLinear kernels: {counts} (bf16 packed kernels serve calls of <= {DECODE_MAX_TOKENS} "
+                    "tokens, longer inputs dequantize and use F.linear; int8-dynamic serves every call "
+                    "without autograd)")
     if slow and policy == "auto":
         first, why = next(iter(slow.items()))
         logger.warning(f"{len(slow)} QuantLinear layers have no fast CPU kernel and dequantize on every call "
@@ -160,9 +193,37 @@ def prepare_kernels(model, policy: str | None = None) -> dict[str, str]:
     return chosen
 
 
+def release_free_memory() -> None:
+    """Hand the memory glibc keeps after freeing big temporaries back to the system (`malloc_trim`); elsewhere a
+    no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
+
+
+def _kernel_serves(kernel, layer, x: torch.Tensor) -> bool:
+    if getattr(kernel, "quantizes_activations", False):  # changes numerics: inference only
+        return not torch.is_grad_enabled() and x.numel() > 0
+    return 0 < x.numel() <= kernel.max_tokens * layer.in_features and not _grad_needed(x)
+
+
+@functools.cache
+def bf16_matmul_is_fast() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX tiles): then a dequantized bf16 weight times
+    bf16 activations beats the float32 reference at prefill."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """`QuantLinear.forward`: the layer's kernel for short inputs outside autograd, else the reference path."""
+    """`QuantLinear.forward`: the layer's kernel where it serves the call, else the reference path (in bfloat16 for
+    inference on CPUs with fast bf16 matmuls, when `prepare_kernels` allowed it)."""
     kernel = layer.kernel
-    if kernel is not None and x.numel() <= kernel.max_tokens * layer.in_features and not _grad_needed(x):
+    if kernel is not None and _kernel_serves(kernel, layer, x):
         return kernel.run(layer, x)
+    if layer.prefill_bf16 and not torch.is_grad_enabled():
+        bias = None if layer.bias is None else layer.bias.to(torch.bfloat16)
+        return F.linear(x.to(torch.bfloat16), layer.dequantize(torch.bfloat16), bias).to(x.dtype)
     return F.linear(x, layer.dequantize(x.dtype), layer.bias)

@@ -25,6 +25,8 @@ class QuantLinear(nn.Module):
     """
 
     kernel = None  # set per layer by kernels.prepare_kernels
+    prefill_bf16 = False  # likewise: long inference inputs dequantize to bfloat16 (fast on CPUs with AMX)
+    weight_in_kernel = False  # True when the kernel's layout holds the only copy of the codes (`weight` is empty)
 
     def __init__(
         self,
@@ -55,6 +57,9 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype or torch.float32, device=device))
         else:
             self.register_parameter("bias", None)
+        self.register_state_dict_post_hook(_weight_from_kernel)
+        self.register_load_state_dict_pre_hook(_weight_back_for_loading)
+        self.register_load_state_dict_post_hook(_repack_after_loading)
 
     @classmethod
     def from_float(
@@ -95,6 +100,7 @@ class QuantLinear(nn.Module):
         if codes.shape != (self.out_features, self.in_features):
             raise ValueError(f"codes of shape {tuple(codes.shape)} do not fit a {self.out_features}x{self.in_features} layer")
         self.weight.data = packing.pack(codes, self.bits)
+        self.weight_in_kernel = False
         self.weight_scale.data = scales.to(self.weight_scale.dtype).contiguous()
         self.weight_zero.data = zeros.to(torch.uint8).contiguous()
         if self.kernel is not None:  # keep the kernel's own layout in step with the new codes
@@ -102,7 +108,15 @@ class QuantLinear(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """Unpacked integer codes `[out, in]`."""
+        if self.weight_in_kernel:
+            return self.kernel.codes(self)
         return packing.unpack(self.weight, self.bits, self.out_features, self.in_features)
+
+    def restore_weight(self) -> None:
+        """Give `weight` its packed codes back when a kernel held the only copy."""
+        if self.weight_in_kernel:
+            self.weight.data = packing.pack(self.codes(), self.bits)
+            self.weight_in_kernel = False
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight `[out, in]` this layer computes with."""
@@ -118,6 +132,21 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"bits={self.bits}, group_size={self.group_size}"
         )
+
+
+def _weight_from_kernel(module: QuantLinear, state_dict, prefix, local_metadata) -> None:
+    """`state_dict` holds the packed codes even while only the kernel's layout keeps them."""
+    if module.weight_in_kernel:
+        state_dict[prefix + "weight"] = packing.pack(module.codes(), module.bits)
+
+
+def _weight_back_for_loading(module: QuantLinear, *args) -> None:
+    module.restore_weight()
+
+
+def _repack_after_loading(module: QuantLinear, incompatible_keys) -> None:
+    if module.kernel is not None:  # the kernel's layout follows the loaded codes
+        module.kernel.prepare(module)
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:

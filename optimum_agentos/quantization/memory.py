@@ -42,6 +42,14 @@ def _drop_file_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]], libc) 
         libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
 
+def release_file_pages(tensor: torch.Tensor) -> None:
+    """Drop the resident pages of a safetensors file that `tensor` views (after its last use: a later read would
+    fault them in again); a no-op for tensors in their own memory."""
+    ranges = _safetensors_mappings()
+    if ranges and tensor.device.type == "cpu":
+        _drop_file_pages(tensor, ranges, ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True))
+
+
 @torch.no_grad()
 def own_memory(model: nn.Module) -> None:
     """Give every CPU parameter and buffer its own memory, releasing the file pages it was a view of."""

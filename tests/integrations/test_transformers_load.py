@@ -44,7 +44,9 @@ def rtn_reference(kind, src, config):
 
 @pytest.mark.parametrize("kind", list(TINY_MODELS))
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_quantize_on_load_matches_rtn_and_reloads_exactly(kind, bits, tiny_folder, tmp_path):
+def test_quantize_on_load_matches_rtn_and_reloads_exactly(kind, bits, tiny_folder, tmp_path, monkeypatch):
+    # the quantization math, compared at 1e-5: the reference path (the bf16 kernels are checked in test_kernels.py)
+    monkeypatch.setenv("OPTIMUM_AGENTOS_KERNELS", "reference")
     src = tiny_folder(kind)
     config = AgentOSConfig(bits=bits, group_size=64)
     model = auto_for(kind).from_pretrained(src, quantization_config=config)

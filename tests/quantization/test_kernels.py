@@ -7,7 +7,15 @@ import transformers
 
 import optimum_agentos  # noqa: F401
 from optimum_agentos import AgentOSConfig, QuantLinear
-from optimum_agentos.quantization.kernels import Int4PackKernel, Int8PackKernel, choose_kernel, prepare_kernels
+from optimum_agentos.quantization.kernels import (
+    Int4PackKernel,
+    Int8DynamicKernel,
+    Int8PackKernel,
+    bf16_matmul_is_fast,
+    choose_kernel,
+    int4_kernel_group,
+    prepare_kernels,
+)
 
 # bf16 activations (and int4 scales) against the fp32 reference: relative to the output's magnitude
 TOLERANCE = 1e-2
@@ -24,14 +32,20 @@ def reference(module, x):
     return F.linear(x, module.dequantize(x.dtype), module.bias)
 
 
-@pytest.mark.parametrize("bits, group_size, kernel", [(4, 128, Int4PackKernel), (4, 32, Int4PackKernel),
-                                                     (4, -1, Int4PackKernel), (8, -1, Int8PackKernel)])
+@pytest.mark.parametrize("bits, group_size, in_features, kernel", [
+    (4, 128, 256, Int4PackKernel), (4, 32, 256, Int4PackKernel), (4, -1, 256, Int4PackKernel),
+    (8, -1, 256, Int8PackKernel),
+    # group size not dividing in_features (SmolLM2's 576 = 4 x 128 + 64): the short last group is served too
+    (4, 128, 576, Int4PackKernel), (4, 256, 576, Int4PackKernel), (4, -1, 576, Int4PackKernel),
+    (4, 128, 160, Int4PackKernel),
+])
 @pytest.mark.parametrize("tokens", [1, 5])
-def test_kernel_matches_the_reference_within_tolerance(bits, group_size, kernel, tokens):
-    module = layer(bits, group_size)
-    prepare_kernels(module)
-    assert module.kernel is kernel
-    x = torch.randn(1, tokens, 256)
+def test_kernel_matches_the_reference_within_tolerance(bits, group_size, in_features, kernel, tokens):
+    module = layer(bits, group_size, in_features=in_features)
+    assert kernel.unsupported(module) is None
+    kernel.prepare(module)  # int8 layers prefer fbgemm (test_dynamic_int8.py); the bf16 kernel is its fallback
+    module.kernel = kernel
+    x = torch.randn(1, tokens, in_features)
     with torch.no_grad():
         fast, ref = module(x), reference(module, x)
     assert fast.shape == ref.shape == (1, tokens, 192)
@@ -39,12 +53,29 @@ def test_kernel_matches_the_reference_within_tolerance(bits, group_size, kernel,
     assert not torch.equal(fast, ref)  # it really took the packed path
 
 
-def test_long_inputs_and_autograd_take_the_exact_reference_path():
+def test_int4_kernel_group_covers_the_short_last_group():
+    assert int4_kernel_group(576, 128) == 64 and int4_kernel_group(576, 256) == 64 and int4_kernel_group(576, -1) == 64
+    assert int4_kernel_group(512, 128) == 128 and int4_kernel_group(160, 128) == 32
+    assert int4_kernel_group(100, 128) is None and int4_kernel_group(256, 48) is None
+
+
+def test_dispatch_prefers_fbgemm_for_int8_and_the_int4_kernel_for_int4():
+    assert choose_kernel(layer(8, -1))[0] is Int8DynamicKernel
+    assert choose_kernel(layer(4, 128, in_features=576))[0] is Int4PackKernel
+
+
+def test_long_inputs_take_the_bf16_path_on_amx_cpus_and_autograd_the_exact_reference_path():
     module = layer(4, 128)
     prepare_kernels(module)
+    assert module.prefill_bf16 == bf16_matmul_is_fast()
     x = torch.randn(2, 64, 256)
     with torch.no_grad():
-        assert torch.equal(module(x), reference(module, x))
+        fast, ref = module(x), reference(module, x)
+    if bf16_matmul_is_fast():  # dequantized bf16 weight times bf16 activations
+        assert (fast - ref).abs().max() <= TOLERANCE * ref.abs().max() and not torch.equal(fast, ref)
+    else:
+        assert torch.equal(fast, ref)
+    assert torch.equal(module(x), ref)  # grad mode on: the exact reference, even for inputs without grad
     x = torch.randn(1, 1, 256, requires_grad=True)
     out = module(x)
     assert torch.equal(out, reference(module, x))
@@ -65,34 +96,41 @@ def test_kernel_buffers_stay_out_of_the_state_dict_and_follow_new_codes():
         assert (module(x) - ref).abs().max() <= TOLERANCE * ref.abs().max()
 
 
-@pytest.mark.parametrize("bits, group_size, in_features, reason", [
-    (3, 128, 256, "3-bit"), (4, 64, 96, "needs 32/64/128/256 dividing it"), (8, 128, 256, "one scale per output row"),
-    (2, -1, 256, "2-bit"),
+@pytest.mark.parametrize("bits, group_size, in_features, out_features, reason", [
+    (3, 128, 256, 192, "3-bit"), (4, 128, 100, 192, "32/64/128/256 dividing both"),
+    (4, 48, 96, 192, "32/64/128/256 dividing both"), (4, 128, 256, 100, "multiple of 16"),
+    (8, 128, 256, 192, "one scale per output row"), (2, -1, 256, 192, "2-bit"),
 ])
-def test_layers_without_a_kernel_say_why_and_stay_correct(bits, group_size, in_features, reason):
-    module = layer(bits, group_size, in_features=in_features)
+def test_layers_without_a_kernel_say_why_and_stay_correct(bits, group_size, in_features, out_features, reason):
+    module = layer(bits, group_size, in_features=in_features, out_features=out_features)
     kernel, why = choose_kernel(module)
     assert kernel is None and reason in why
     assert prepare_kernels(module) == {"": "reference"}
     x = torch.randn(1, 1, in_features)
     with torch.no_grad():
-        assert torch.equal(module(x), reference(module, x))
+        fast, ref = module(x), reference(module, x)
+    assert (fast - ref).abs().max() <= TOLERANCE * ref.abs().max()  # bf16 on AMX CPUs, else exact
+    assert torch.equal(module(x), ref)
 
 
 def test_reference_policy_and_unknown_policy():
     module = layer(4, 128)
     assert prepare_kernels(module, policy="reference") == {"": "reference"} and module.kernel is None
+    x = torch.randn(2, 64, 256)
+    with torch.no_grad():
+        assert torch.equal(module(x), reference(module, x))
     with pytest.raises(ValueError, match="Unknown kernel policy"):
         prepare_kernels(module, policy="fast")
 
 
 def test_loaded_checkpoint_uses_the_kernels_and_generates_like_the_reference(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    # 192 = 128 + 64 and 320 = 2 x 128 + 64: every layer has a short last group, like SmolLM2's 576
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=192, intermediate_size=320, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "fp")
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "fp", quantization_config=AgentOSConfig(bits=4, group_size=64))
+        tmp_path / "fp", quantization_config=AgentOSConfig(bits=4, group_size=128))
     model.save_pretrained(tmp_path / "q")
     fast = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
     kernels = {m.kernel for m in fast.modules() if isinstance(m, QuantLinear)}
