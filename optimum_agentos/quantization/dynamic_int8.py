@@ -109,6 +109,17 @@ def activation_step(x: torch.Tensor, reduce_range: bool = False) -> torch.Tensor
     return (flat.amax(dim=-1, keepdim=True).clamp(min=0) - flat.amin(dim=-1, keepdim=True).clamp(max=0)) / levels
 
 
+def per_row_int8_unsupported(layer) -> str | None:
+    """Why an int8 kernel with one scale per output row cannot serve `layer` (None when it can)."""
+    if layer.bits != 8:
+        return f"{layer.bits}-bit"
+    if rtn.num_groups(layer.in_features, layer.group_size) != 1:
+        return f"group size {layer.group_size} (the kernel takes one scale per output row)"
+    if layer.weight.device.type != "cpu":
+        return f"device {layer.weight.device.type}"
+    return None
+
+
 class Int8DynamicKernel:
     """int8 with one scale per output row, int8 activations, any number of tokens: fbgemm's `linear_dynamic` below
     `ONEDNN_MIN_TOKENS` tokens, oneDNN's `qlinear_pointwise` from there (where it works on this CPU)."""
@@ -119,13 +130,7 @@ class Int8DynamicKernel:
 
     @staticmethod
     def unsupported(layer) -> str | None:
-        if layer.bits != 8:
-            return f"{layer.bits}-bit"
-        if rtn.num_groups(layer.in_features, layer.group_size) != 1:
-            return f"group size {layer.group_size} (fbgemm takes one scale per output row)"
-        if layer.weight.device.type != "cpu":
-            return f"device {layer.weight.device.type}"
-        return engine_check("fbgemm")[1]
+        return per_row_int8_unsupported(layer) or engine_check("fbgemm")[1]
 
     @staticmethod
     def prepare(layer) -> None:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from transformers.utils import logging
 
 from . import rtn
-from .dynamic_int8 import Int8DynamicKernel
+from .dynamic_int8 import Int8DynamicKernel, per_row_int8_unsupported
 
 logger = logging.get_logger(__name__)
 
@@ -115,13 +115,7 @@ class Int8PackKernel:
     def unsupported(layer) -> str | None:
         if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             return "this torch build has no _weight_int8pack_mm"
-        if layer.bits != 8:
-            return f"{layer.bits}-bit"
-        if rtn.num_groups(layer.in_features, layer.group_size) != 1:
-            return f"group size {layer.group_size} (the kernel takes one scale per output row)"
-        if layer.weight.device.type != "cpu":
-            return f"device {layer.weight.device.type}"
-        return None
+        return per_row_int8_unsupported(layer)
 
     @staticmethod
     def prepare(layer) -> None:
