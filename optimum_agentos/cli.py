@@ -22,7 +22,10 @@ def _quantize_parser(sub) -> None:
     p.add_argument("--group-size", type=int, default=128, help="-1 for one group per output channel.")
     p.add_argument("--sym", action="store_true", help="Symmetric quantization.")
     p.add_argument("--method", default="gptq", choices=["rtn", "gptq"])
-    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal.")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: quantize columns by decreasing Hessian diagonal.")
+    p.add_argument("--observer", default=None, choices=["mse", "minmax"],
+                   help="Range of each group: MSE-searched or min/max (default: mse for GPTQ, minmax for RTN).")
     p.add_argument("--damp-percent", type=float, default=0.01)
     p.add_argument("--target", nargs="*", default=None, help="Modules to quantize (names or re:regex).")
     p.add_argument("--ignore", nargs="*", default=None, help="Modules to keep in full precision.")
@@ -122,6 +125,7 @@ def run_quantize(args) -> dict:
     output = _check_output(args)
     config = AgentOSConfig(
         bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method, act_order=args.act_order,
+        observer=args.observer,
         damp_percent=args.damp_percent, target=args.target, ignore=args.ignore,
     )
     quantizer = Quantizer.from_pretrained(args.model)

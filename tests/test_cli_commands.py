@@ -34,6 +34,13 @@ def folders(tmp_path_factory):
     return model, root / "int4"
 
 
+def test_quantize_cli_keeps_the_library_defaults(folders):
+    from .conftest import read_quant_config
+
+    config = read_quant_config(folders[1])
+    assert config["act_order"] is True and config["observer"] is None  # AgentOSConfig's defaults, not argparse's
+
+
 def test_optimum_cli_registers_the_agentos_commands():
     proc = subprocess.run([OPTIMUM_CLI, "agentos", "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
