@@ -27,6 +27,7 @@ ROWS = {
     "fp32": None,
     "bf16": None,
     "agentos-int8": dict(bits=8, group_size=-1, method="rtn"),
+    "agentos-w8a8": dict(bits=8, group_size=-1, method="rtn", activations="int8-dynamic"),
     "agentos-int4-g128": dict(bits=4, group_size=128, method="rtn"),
 }
 OPTIONAL_ROWS = ("quanto-int8", "quanto-int4", "torchao-int8")

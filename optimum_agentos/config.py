@@ -16,6 +16,7 @@ QUANT_METHOD = "agentos"
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_METHODS = ("rtn", "gptq")
 SUPPORTED_OBSERVERS = ("minmax", "mse")
+SUPPORTED_ACTIVATIONS = (None, "int8-dynamic")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 # Kept in full precision unless the user targets them explicitly: output head and embeddings.
 DEFAULT_IGNORE = ("lm_head", "re:.*embed.*", "re:.*wte$", "re:.*wpe$")
@@ -51,6 +52,10 @@ class AgentOSConfig(QuantizationConfigMixin):
             How a group's range is chosen: `"minmax"` or `"mse"` (shrink the range up to 20% when that lowers the
             group's squared rounding error). `None` picks `"mse"` for GPTQ (37.3 -> 35.6 above) and `"minmax"` for
             RTN, where the weight-space error is a poor guide (41.5 -> 45.9 above).
+        activations (`str`, *optional*):
+            `None` (weight-only: activations stay in float) or `"int8-dynamic"` (W8A8: int8 x int8 matmuls with each
+            token's activations rounded onto its own 256-level grid at run time; int8 with one scale per row only).
+            Faster on CPU, at the cost of the activation rounding (SmolLM2 WikiText-2 ppl +0.9% to +1.2%).
         block_size (`int`, *optional*, defaults to `128`):
             GPTQ: columns updated together (lazy batch updates).
         target (`list[str]`, *optional*):
@@ -85,6 +90,7 @@ class AgentOSConfig(QuantizationConfigMixin):
     damp_percent: float = 0.01
     act_order: bool = True
     observer: str | None = None
+    activations: str | None = None
     block_size: int = 128
     target: list[str] | None = None
     ignore: list[str] | None = None
@@ -127,6 +133,11 @@ class AgentOSConfig(QuantizationConfigMixin):
             raise ValueError(f"damp_percent={self.damp_percent!r} must be in [0, 1), typically 0.01.")
         if self.observer is not None and self.observer not in SUPPORTED_OBSERVERS:
             raise ValueError(f"observer={self.observer!r} is not supported; use one of {SUPPORTED_OBSERVERS} or None.")
+        if self.activations not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"activations={self.activations!r} is not supported; use one of {SUPPORTED_ACTIVATIONS}.")
+        if self.activations == "int8-dynamic" and (self.bits != 8 or self.group_size != -1):
+            raise ValueError("activations='int8-dynamic' (W8A8) needs bits=8 and group_size=-1 (one scale per row), "
+                             f"got bits={self.bits}, group_size={self.group_size}.")
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size!r} must be a positive number of columns.")
         if self.scale_dtype not in SCALE_DTYPES:

@@ -138,34 +138,41 @@ class Int8PackKernel:
 KERNELS = (Int4PackKernel, Int8DynamicKernel, Int8PackKernel)  # first fit wins
 
 
-def choose_kernel(layer):
-    """The first kernel that fits the layer, and why the others do not."""
+def choose_kernel(layer, activations: str | None = None):
+    """The first kernel that fits the layer, and why the others do not. Kernels that quantize activations are only
+    chosen when the checkpoint asks for it (`activations="int8-dynamic"`)."""
     reasons = []
     for kernel in KERNELS:
-        reason = kernel.unsupported(layer)
+        dynamic = getattr(kernel, "quantizes_activations", False)
+        reason = "weight-only checkpoint (activations=None)" if dynamic and activations != "int8-dynamic" else None
+        reason = reason or kernel.unsupported(layer)
         if reason is None:
             return kernel, None
         reasons.append(f"{kernel.name}: {reason}")
     return None, "; ".join(reasons)
 
 
-def prepare_kernels(model, policy: str | None = None) -> dict[str, str]:
+def prepare_kernels(model, policy: str | None = None, activations: str | None = None) -> dict[str, str]:
     """Repack every `QuantLinear` of `model` for its fastest kernel; returns `{layer: kernel or "reference"}`.
 
     Logs once which kernel the layers use, and warns, with the reason, for layers left on the slow reference path.
     `policy="reference"` (or `OPTIMUM_AGENTOS_KERNELS=reference`) keeps every layer on the reference path.
+    `activations` (default: the model's `quantization_config.activations`) = `"int8-dynamic"` allows the W8A8 kernel.
     """
     from .linear import QuantLinear
 
     policy = policy or os.environ.get(KERNELS_ENV, "auto")
     if policy not in ("auto", "reference"):
         raise ValueError(f"Unknown kernel policy {policy!r}; use 'auto' or 'reference'.")
+    if activations is None:
+        config = getattr(getattr(model, "config", None), "quantization_config", None)
+        activations = config.get("activations") if isinstance(config, dict) else getattr(config, "activations", None)
     chosen, slow = {}, {}
     for name, module in model.named_modules():
         if not isinstance(module, QuantLinear):
             continue
         module.restore_weight()
-        kernel, reason = (None, "policy 'reference'") if policy == "reference" else choose_kernel(module)
+        kernel, reason = (None, "policy 'reference'") if policy == "reference" else choose_kernel(module, activations)
         if kernel is not None:
             kernel.prepare(module)
         module.kernel = kernel

@@ -23,7 +23,7 @@ def layer(in_features=576, out_features=192, bias=True, seed=0):
     weight = torch.randn(out_features, in_features, generator=g) * 0.05
     b = torch.randn(out_features, generator=g) if bias else None
     module = QuantLinear.from_float(weight, b, 8, -1, sym=False)
-    assert prepare_kernels(module) == {"": Int8DynamicKernel.name}
+    assert prepare_kernels(module, activations="int8-dynamic") == {"": Int8DynamicKernel.name}
     return module
 
 
@@ -162,10 +162,14 @@ def test_loaded_int8_checkpoint_uses_fbgemm_and_computes_like_the_reference(tmp_
                                       num_attention_heads=4, num_key_value_heads=2)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "fp")
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "fp", quantization_config=AgentOSConfig(bits=8, group_size=-1))
+        tmp_path / "fp", quantization_config=AgentOSConfig(bits=8, group_size=-1, activations="int8-dynamic"))
     model.save_pretrained(tmp_path / "q")
     fast = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
     assert {m.kernel for m in fast.modules() if isinstance(m, QuantLinear)} == {Int8DynamicKernel}
+    assert fast.config.quantization_config.activations == "int8-dynamic"  # stored in config.json, reloaded
+    weight_only = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "fp", quantization_config=AgentOSConfig(bits=8, group_size=-1))
+    assert Int8DynamicKernel not in {m.kernel for m in weight_only.modules() if isinstance(m, QuantLinear)}
     monkeypatch.setenv("OPTIMUM_AGENTOS_KERNELS", "reference")
     slow = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
     ids = torch.tensor([[5, 9, 17, 33, 2, 90, 64, 11, 3, 7]])
@@ -204,7 +208,7 @@ def test_int8_checkpoint_save_reload_is_bit_exact(tmp_path, monkeypatch):
                                       num_attention_heads=4, num_key_value_heads=2)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "fp")
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "fp", quantization_config=AgentOSConfig(bits=8, group_size=-1))
+        tmp_path / "fp", quantization_config=AgentOSConfig(bits=8, group_size=-1, activations="int8-dynamic"))
     assert all(m.weight_in_kernel for m in model.modules() if isinstance(m, QuantLinear))
     model.save_pretrained(tmp_path / "q")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
@@ -220,3 +224,11 @@ def test_int8_checkpoint_save_reload_is_bit_exact(tmp_path, monkeypatch):
         assert torch.equal(first[key], second[key]), key
     for key, tensor in reloaded.state_dict().items():
         assert torch.equal(tensor, expected[key]), key
+
+
+@pytest.mark.parametrize("kwargs", [dict(bits=4, group_size=128), dict(bits=8, group_size=128)])
+def test_w8a8_needs_per_row_int8(kwargs):
+    with pytest.raises(ValueError, match="int8-dynamic.*bits=8 and group_size=-1"):
+        AgentOSConfig(activations="int8-dynamic", **kwargs)
+    with pytest.raises(ValueError, match="activations='int4' is not supported"):
+        AgentOSConfig(activations="int4")

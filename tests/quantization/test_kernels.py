@@ -59,8 +59,10 @@ def test_int4_kernel_group_covers_the_short_last_group():
     assert int4_kernel_group(100, 128) is None and int4_kernel_group(256, 48) is None
 
 
-def test_dispatch_prefers_fbgemm_for_int8_and_the_int4_kernel_for_int4():
-    assert choose_kernel(layer(8, -1))[0] is Int8DynamicKernel
+def test_dispatch_int8_weight_only_by_default_w8a8_when_asked_and_the_int4_kernel_for_int4():
+    kernel, _ = choose_kernel(layer(8, -1))
+    assert kernel is Int8PackKernel  # weight-only checkpoints keep float activations
+    assert choose_kernel(layer(8, -1), activations="int8-dynamic")[0] is Int8DynamicKernel
     assert choose_kernel(layer(4, 128, in_features=576))[0] is Int4PackKernel
 
 
