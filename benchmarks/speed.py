@@ -105,7 +105,7 @@ def worker(row: str, args) -> dict:
     """Fresh process: load time and resident memory of one model."""
     import torch
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.threads)
     before = rss_mb()
     start = time.perf_counter()
     model = load(row, Path(args.work))
@@ -124,6 +124,7 @@ def time_all(rows: list[str], args) -> dict[str, dict]:
     from optimum_agentos.evaluation.data import load_text, tokenize_text
     from optimum_agentos.models import resolve_model
 
+    torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
     prompt_ids = tokenize_text(tokenizer, load_text("wikitext2", "test"))[: args.prefill_tokens].unsqueeze(0)
     decode_prompt = prompt_ids[:, :16]
@@ -158,14 +159,17 @@ def write_markdown(results: list[dict], args) -> str:
         MARK_BEGIN,
         "## CPU inference speed: SmolLM2-135M-Instruct",
         "",
-        f"Written by `python benchmarks/speed.py` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores. "
+        f"Written by `python benchmarks/speed.py` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, torch "
+        f"on {args.threads} thread(s). "
         f"Prefill: one forward of {args.prefill_tokens} WikiText-2 tokens; decode: greedy generation of "
         f"{args.new_tokens} new tokens after a 16-token prompt, batch 1, KV cache on. All models live in one process "
         f"and are timed round-robin, {args.repeats} repeats, medians; ratios are to fp32 in the same run. Load time "
         "and model memory (RSS after loading minus before, in a fresh process per row) come from separate processes. "
         "agentos int8/int4 are round-to-nearest checkpoints (per-channel int8; int4 group 128) loaded with "
-        "`from_pretrained`, using the CPU kernels described in the README: int8 runs int8 x int8 matmuls with "
-        "per-token activation grids (fbgemm at decode, oneDNN at prefill); int4 decode runs the packed int4 kernel "
+        "`from_pretrained`, using the CPU kernels described in the README: weight-only int8 decodes with "
+        "`_weight_int8pack_mm` (bf16 activations); w8a8 (`activations='int8-dynamic'`) runs int8 x int8 matmuls with "
+        "per-token activation grids (fbgemm at decode, oneDNN at prefill); longer calls of the weight-only rows "
+        "dequantize to bf16 and multiply in bf16 on CPUs with AMX; int4 decode runs the packed int4 kernel "
         "with bf16 activations, int4 prefill dequantizes to bf16 and multiplies in bf16 on CPUs with AMX.",
         "",
         "| row | prefill tok/s | prefill / fp32 | decode tok/s | decode / fp32 | model RSS (MB) | RSS / fp32 | load (s) |",
@@ -185,6 +189,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="*", default=list(ROWS) + list(OPTIONAL_ROWS))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every row.")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -198,7 +203,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         args.work = work
         build_checkpoints(Path(work))
-        memory = {r["row"]: r for r in run_rows(__file__, rows, ["--work", work])}
+        memory = {r["row"]: r for r in run_rows(__file__, rows, ["--work", work, "--threads", str(args.threads)])}
         speed = time_all(rows, args)
     results = [{**memory[row], **speed[row]} for row in rows]
     publish("speed", results, write_markdown(results, args), MARK_BEGIN, MARK_END)
