@@ -101,6 +101,15 @@ def available_rows(requested: list[str]) -> list[str]:
     return rows
 
 
+def touch(tensor) -> None:
+    """Read every element (tensor subclasses such as torchao's: their inner plain tensors)."""
+    if hasattr(tensor, "__tensor_flatten__") and type(tensor).__name__ not in ("Tensor", "Parameter"):
+        for name in tensor.__tensor_flatten__()[0]:
+            touch(getattr(tensor, name))
+        return
+    tensor.float().sum() if tensor.is_floating_point() else tensor.sum()
+
+
 def worker(row: str, args) -> dict:
     """Fresh process: load time and resident memory of one model."""
     import torch
@@ -112,7 +121,7 @@ def worker(row: str, args) -> dict:
     seconds = time.perf_counter() - start
     with torch.no_grad():  # fault in lazily mapped safetensors pages, so RSS counts every weight
         for tensor in list(model.parameters()) + list(model.buffers()):
-            tensor.float().sum() if tensor.is_floating_point() else tensor.sum()
+            touch(tensor)
     return {"row": row, "load_s": seconds, "model_rss_mb": rss_mb() - before}
 
 
