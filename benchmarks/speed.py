@@ -33,14 +33,6 @@ ROWS = {
 OPTIONAL_ROWS = ("quanto-int8", "quanto-int4", "torchao-int8")
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def build_checkpoints(work: Path) -> None:
     """Quantize once (RTN, no calibration needed for a speed measurement) into folders the rows load."""
     import torch  # noqa: F401
@@ -115,6 +107,8 @@ def worker(row: str, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    from optimum_agentos.evaluation.measure import status_mb as rss_mb
+
     before = rss_mb()
     start = time.perf_counter()
     model = load(row, Path(args.work))

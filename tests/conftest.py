@@ -55,6 +55,16 @@ def model_output(model, ids):
     return out.logits
 
 
+def save_llama_with_short_groups(folder: Path, seed: int = 0) -> Path:
+    """A tiny float Llama checkpoint whose widths (192 = 128 + 64, 320 = 2 x 128 + 64) leave a short last group of
+    128 on every layer, like SmolLM2's 576."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=192, intermediate_size=320, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def tiny_folder(tmp_path):
     """Save a tiny float model of a family and return its folder."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,7 @@ def count_parameters(model) -> tuple[int, int]:
     return total, nonzero
 
 
-def _status_mb(field: str = "VmRSS") -> float:
+def status_mb(field: str = "VmRSS") -> float:
     """A memory field of /proc/self/status in MB (VmRSS: resident now; VmHWM: peak resident of this process image).
 
     VmHWM, not `ru_maxrss`: Linux carries ru_maxrss over `exec`, so a child would report its parent's peak."""
@@ -71,7 +70,7 @@ def measure_here(folder: str, auto_class: str, prefill_tokens: int = 256, new_to
 
     import optimum_agentos  # noqa: F401  (registers the agentos quantizer)
 
-    before = _status_mb()
+    before = status_mb()
     start = time.perf_counter()
     model = getattr(transformers, auto_class).from_pretrained(folder).eval()
     load_seconds = time.perf_counter() - start
@@ -87,8 +86,8 @@ def measure_here(folder: str, auto_class: str, prefill_tokens: int = 256, new_to
                           pad_token_id=model.config.eos_token_id)
             model.generate(prompt, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
             stats["decode_tokens_per_s"] = new_tokens / _timed(lambda: model.generate(prompt, **kwargs), repeats)
-    stats["peak_rss_mb"] = _status_mb("VmHWM")
-    stats["model_rss_mb"] = _status_mb() - before
+    stats["peak_rss_mb"] = status_mb("VmHWM")
+    stats["model_rss_mb"] = status_mb() - before
     return stats
 
 
@@ -97,7 +96,7 @@ def measure_in_subprocess(folder: str | Path, auto_class: str, prefill_tokens: i
     """`measure_here` in a fresh Python process; raises with the child's stderr when it fails."""
     cmd = [sys.executable, "-m", "optimum_agentos.evaluation.measure", str(folder), "--auto-class", auto_class,
            "--prefill-tokens", str(prefill_tokens), "--new-tokens", str(new_tokens), "--repeats", str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"Measuring {folder} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -8,7 +8,6 @@ metric's direction: `compressed / baseline` for accuracy-like metrics, `baseline
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -126,7 +125,7 @@ class CompressionReport:
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "report.json").write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
+        (folder / "report.json").write_text(json.dumps(self.to_dict(), indent=2, default=str))
         (folder / "report.md").write_text("# Compression report\n\n" + self.to_markdown() + "\n")
         self.plot(folder / "size_vs_quality.png")
         return folder
@@ -136,10 +135,6 @@ class CompressionReport:
         data = json.loads(Path(folder, "report.json").read_text())
         return cls(ModelEntry(**data["baseline"]), [ModelEntry(**m) for m in data["models"]], data["tasks"],
                    data.get("settings", {}))
-
-
-def _json_default(value):
-    return None if isinstance(value, float) and math.isnan(value) else str(value)
 
 
 STAT_COLUMNS = (("params", "parameters", "{:,}"), ("nonzero_params", "non-zero", "{:,}"),

@@ -17,6 +17,8 @@ from optimum_agentos.quantization.dynamic_int8 import (
 )
 from optimum_agentos.quantization.kernels import prepare_kernels
 
+from ..conftest import save_llama_with_short_groups
+
 
 def layer(in_features=576, out_features=192, bias=True, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -157,10 +159,7 @@ def test_new_codes_repack_and_drop_cached_outlier_columns(tokens):
 
 
 def test_loaded_int8_checkpoint_uses_fbgemm_and_computes_like_the_reference(tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=192, intermediate_size=320, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "fp")
+    save_llama_with_short_groups(tmp_path / "fp")
     model = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "fp", quantization_config=AgentOSConfig(bits=8, group_size=-1, activations="int8-dynamic"))
     model.save_pretrained(tmp_path / "q")
@@ -203,10 +202,7 @@ def test_load_state_dict_into_a_prepared_layer_repacks():
 
 
 def test_int8_checkpoint_save_reload_is_bit_exact(tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=192, intermediate_size=320, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "fp")
+    save_llama_with_short_groups(tmp_path / "fp")
     model = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "fp", quantization_config=AgentOSConfig(bits=8, group_size=-1, activations="int8-dynamic"))
     assert all(m.weight_in_kernel for m in model.modules() if isinstance(m, QuantLinear))

@@ -17,6 +17,8 @@ from optimum_agentos.quantization.kernels import (
     prepare_kernels,
 )
 
+from ..conftest import save_llama_with_short_groups
+
 # bf16 activations (and int4 scales) against the fp32 reference: relative to the output's magnitude
 TOLERANCE = 1e-2
 
@@ -126,11 +128,7 @@ def test_reference_policy_and_unknown_policy():
 
 
 def test_loaded_checkpoint_uses_the_kernels_and_generates_like_the_reference(tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    # 192 = 128 + 64 and 320 = 2 x 128 + 64: every layer has a short last group, like SmolLM2's 576
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=192, intermediate_size=320, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "fp")
+    save_llama_with_short_groups(tmp_path / "fp")  # every layer has a short last group, like SmolLM2's 576
     model = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "fp", quantization_config=AgentOSConfig(bits=4, group_size=128))
     model.save_pretrained(tmp_path / "q")
