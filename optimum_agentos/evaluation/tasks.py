@@ -126,7 +126,7 @@ def evaluate_model(model, tokenizer, tasks, limit: int | None = None, ppl_window
     from .classification import evaluate_classifier, evaluate_sts
     from .data import load_text, tokenize_text
     from .harness import run_harness
-    from .perplexity import perplexity
+    from .perplexity import perplexity_from_ids
 
     names = check_tasks(tasks, model)
     results = []
@@ -143,8 +143,9 @@ def evaluate_model(model, tokenizer, tasks, limit: int | None = None, ppl_window
     for name in names:
         info = TASKS[name]
         if info.kind == "perplexity":
-            windows = ppl_windows or len(tokenize_text(tokenizer, load_text(name, info.split))) // seq_len
-            add(name, {"perplexity": perplexity(model, tokenizer, name, info.split, seq_len, windows), "n": windows})
+            ids = tokenize_text(tokenizer, load_text(name, info.split))  # once: the window count comes from it too
+            windows = ppl_windows or len(ids) // seq_len
+            add(name, {"perplexity": perplexity_from_ids(model, ids, seq_len, windows), "n": windows})
         elif info.kind == "zero-shot":
             add(name, harness_scores[name])
         elif model_kind(model) == "encoder":
