@@ -29,6 +29,8 @@ def _quantize_parser(sub) -> None:
     p.add_argument("--damp-percent", type=float, default=0.01)
     p.add_argument("--activations", default=None, choices=["int8-dynamic"],
                    help="W8A8: int8 activations quantized per token at run time (int8, --group-size -1 only).")
+    p.add_argument("--embedding-bits", type=int, default=None, choices=[8],
+                   help="int8 token embeddings and output head (one int8 matrix when tied); default: kept in float.")
     p.add_argument("--target", nargs="*", default=None, help="Modules to quantize (names or re:regex).")
     p.add_argument("--ignore", nargs="*", default=None, help="Modules to keep in full precision.")
     _common_arguments(p)
@@ -127,7 +129,7 @@ def run_quantize(args) -> dict:
     output = _check_output(args)
     config = AgentOSConfig(
         bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method, act_order=args.act_order,
-        observer=args.observer, activations=args.activations,
+        observer=args.observer, activations=args.activations, embedding_bits=args.embedding_bits,
         damp_percent=args.damp_percent, target=args.target, ignore=args.ignore,
     )
     quantizer = Quantizer.from_pretrained(args.model)

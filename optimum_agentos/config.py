@@ -17,11 +17,14 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_METHODS = ("rtn", "gptq")
 SUPPORTED_OBSERVERS = ("minmax", "mse")
 SUPPORTED_ACTIVATIONS = (None, "int8-dynamic")
+SUPPORTED_EMBEDDING_BITS = (None, 8)
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 # Kept in full precision unless the user targets them explicitly: output head and embeddings.
 DEFAULT_IGNORE = ("lm_head", "re:.*embed.*", "re:.*wte$", "re:.*wpe$")
 # Fields added by format version 2 (pruned checkpoints); omitted from config.json when unset.
 PRUNING_KEYS = ("sparse_layers", "sparsity_pattern", "module_shapes", "pruning")
+# Fields added by format version 3 (int8 embeddings); likewise omitted when unset.
+VERSION_3_KEYS = ("embedding_bits",)
 
 
 class CheckpointVersionError(ValueError):
@@ -56,6 +59,10 @@ class AgentOSConfig(QuantizationConfigMixin):
             `None` (weight-only: activations stay in float) or `"int8-dynamic"` (W8A8: int8 x int8 matmuls with each
             token's activations rounded onto its own 256-level grid at run time; int8 with one scale per row only).
             Faster on CPU, at the cost of the activation rounding (SmolLM2 WikiText-2 ppl +0.9% to +1.2%).
+        embedding_bits (`int`, *optional*):
+            `8`: the input token embedding and the output head (one int8 matrix when they are tied) get one int8
+            code per weight and a float32 scale per row; `None` (default): kept in `float_dtype`. For small models
+            whose vocabulary matrix is a large share of the weights (SmolLM2-135M: 21%).
         block_size (`int`, *optional*, defaults to `128`):
             GPTQ: columns updated together (lazy batch updates).
         target (`list[str]`, *optional*):
@@ -91,6 +98,7 @@ class AgentOSConfig(QuantizationConfigMixin):
     act_order: bool = True
     observer: str | None = None
     activations: str | None = None
+    embedding_bits: int | None = None
     block_size: int = 128
     target: list[str] | None = None
     ignore: list[str] | None = None
@@ -138,6 +146,9 @@ class AgentOSConfig(QuantizationConfigMixin):
         if self.activations == "int8-dynamic" and (self.bits != 8 or self.group_size != -1):
             raise ValueError("activations='int8-dynamic' (W8A8) needs bits=8 and group_size=-1 (one scale per row), "
                              f"got bits={self.bits}, group_size={self.group_size}.")
+        if self.embedding_bits not in SUPPORTED_EMBEDDING_BITS:
+            raise ValueError(f"embedding_bits={self.embedding_bits!r} is not supported; use 8 (int8 token embeddings "
+                             "and output head) or None (kept in float).")
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size!r} must be a positive number of columns.")
         if self.scale_dtype not in SCALE_DTYPES:
@@ -192,7 +203,7 @@ class AgentOSConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         """All fields; the pruning ones only when set, so plain quantized checkpoints keep the version-1 key set."""
         data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
-        for key in PRUNING_KEYS:
+        for key in (*PRUNING_KEYS, *VERSION_3_KEYS):
             if data[key] is None:
                 del data[key]
         data["quant_method"] = QUANT_METHOD
@@ -210,8 +221,11 @@ class AgentOSConfig(QuantizationConfigMixin):
 
     def stamped(self) -> "AgentOSConfig":
         """A copy carrying this library's format and package versions, written on save. Checkpoints without
-        pruning keys keep format version 1, so older releases still read them."""
+        pruning or int8-embedding keys keep format version 1, so older releases still read them."""
         config = copy.deepcopy(self)
-        config.format_version = FORMAT_VERSION if any(getattr(self, k) is not None for k in PRUNING_KEYS) else 1
+        if any(getattr(self, k) is not None for k in VERSION_3_KEYS):
+            config.format_version = 3
+        else:
+            config.format_version = 2 if any(getattr(self, k) is not None for k in PRUNING_KEYS) else 1
         config.library_version = __version__
         return config

@@ -4,4 +4,5 @@ __version__ = "0.1.0"
 
 # Bump when the tensors or `quantization_config` keys of a saved checkpoint change meaning.
 # 2: pruned checkpoints (sparse_layers bitmask format, module_shapes).
-FORMAT_VERSION = 2
+# 3: int8 token embeddings / output head (embedding_bits).
+FORMAT_VERSION = 3

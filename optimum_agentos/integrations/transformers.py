@@ -13,9 +13,11 @@ from ..pruning.sparse_linear import SparseCheckpointError
 from ..config import QUANT_METHOD, AgentOSConfig
 from .peft import register_peft
 from ..quantization import rtn
+from ..quantization.embedding import QuantEmbedding, QuantHead, quantize_rows_int8
 from ..quantization.linear import SCALE_DTYPES, QuantLinear
 from ..quantization.kernels import prepare_kernels
 from ..quantization.kept_weights import round_kept_weights, state_dict_for_save
+from ..quantization.memory import own_memory
 from ..quantization.packing import pack
 from ..quantization.replace import replace_with_quant_linear
 
@@ -33,6 +35,9 @@ class AgentOSQuantizeOp(ConversionOps):
         target_key, value = next(iter(input_dict.items()))
         value = value[0] if isinstance(value, (list, tuple)) else value
         module = model.get_submodule(target_key.rpartition(".")[0])
+        if isinstance(module, (QuantEmbedding, QuantHead)):
+            codes, scale = quantize_rows_int8(value)
+            return {target_key: codes, f"{target_key}_scale": scale}
         weight = value.t() if getattr(module, "transposed", False) else value
         config = self.hf_quantizer.quantization_config
         codes, scales, zeros = rtn.quantize_rtn(
@@ -77,7 +82,7 @@ class AgentOSHfQuantizer(HfQuantizer):
             module = model.get_submodule(module_name)
         except AttributeError:
             return False
-        return isinstance(module, QuantLinear) and tensor_name == "weight"
+        return isinstance(module, (QuantLinear, QuantEmbedding, QuantHead)) and tensor_name == "weight"
 
     def get_quantize_ops(self):
         return AgentOSQuantizeOp(self)
@@ -100,6 +105,7 @@ class AgentOSHfQuantizer(HfQuantizer):
         model.config.quantization_config = self.quantization_config
         register_peft()
         prepare_kernels(model)
+        own_memory(model)  # tensors still viewing the checkpoint file get their own copies; its pages go
         return model
 
     def get_state_dict_and_metadata(self, model):

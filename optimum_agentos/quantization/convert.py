@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..config import AgentOSConfig
+from .embedding import dequantize_embeddings
 from .linear import SCALE_DTYPES, QuantLinear, float_weight
 from .targets import resolve_targets
 from .replace import check_group_size
@@ -43,4 +44,5 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             if module.bias is not None:
                 linear.bias = nn.Parameter(module.bias.detach().to(weight.dtype))
             set_module(model, name, linear)
+    dequantize_embeddings(model, dtype)
     return model

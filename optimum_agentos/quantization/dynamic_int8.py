@@ -26,7 +26,7 @@ import warnings
 import torch
 
 from . import rtn
-from .memory import release_file_pages
+from .memory import keep_only_kernel_copy
 
 # inputs whose magnitude exceeds this in some token are computed in float32 (LLM.int8()'s threshold)
 OUTLIER_THRESHOLD = 6.0
@@ -144,9 +144,7 @@ class Int8DynamicKernel:
         zero_term = (zero.double() - 128) * scale.double()  # w = s (q - 128) - zero_term
         layer.register_buffer("kernel_sums", torch.stack([row_sum, zero_term]).float(), persistent=False)
         layer.kernel_outlier_columns = None
-        stored, layer.weight.data = layer.weight.data, torch.empty(0, dtype=torch.uint8)  # fbgemm's copy is exact
-        release_file_pages(stored)  # codes read from a mapped checkpoint leave no resident pages behind
-        layer.weight_in_kernel = True
+        keep_only_kernel_copy(layer)  # fbgemm's copy is exact
 
     @staticmethod
     def codes(layer) -> torch.Tensor:

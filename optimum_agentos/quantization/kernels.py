@@ -32,6 +32,7 @@ from transformers.utils import logging
 
 from . import rtn
 from .dynamic_int8 import Int8DynamicKernel, per_row_int8_unsupported
+from .memory import keep_only_kernel_copy
 
 logger = logging.get_logger(__name__)
 
@@ -55,6 +56,17 @@ def int4_kernel_group(in_features: int, group_size: int) -> int | None:
     """
     group = rtn.effective_group_size(in_features, group_size)
     return next((g for g in INT4_KERNEL_GROUPS if group % g == 0 and in_features % g == 0), None)
+
+
+def unpack_int4pack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor | None:
+    """Codes `[out, in]` (uint8) from `_convert_weight_to_int4pack_for_cpu`'s layout, or None for shapes whose
+    layout this does not know. With 64 | out_features the layout (torch 2.13, AVX-512) is blocks of 64 rows: for
+    each input k, 32 bytes whose low nibbles are rows 0-31 of the block and high nibbles rows 32-63. `prepare`
+    checks the round trip before it relies on it, so another layout only costs the memory of a second copy."""
+    if out_features % 64 or packed.numel() * 2 != out_features * in_features:
+        return None
+    blocks = packed.view(out_features // 64, in_features, 32)
+    return torch.cat([blocks & 15, blocks >> 4], dim=2).transpose(1, 2).reshape(out_features, in_features)
 
 
 class Int4PackKernel:
@@ -84,13 +96,22 @@ class Int4PackKernel:
         stored = rtn.effective_group_size(layer.in_features, layer.group_size)
         # per kernel group: the stored group it lies in
         owner = torch.arange(0, layer.in_features, group) // stored
-        codes = layer.codes().to(torch.int32)
-        layer.register_buffer("kernel_weight", torch._convert_weight_to_int4pack_for_cpu(codes, 1), persistent=False)
+        codes = layer.codes()
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        layer.register_buffer("kernel_weight", packed, persistent=False)
         scale = layer.weight_scale.float()[:, owner]
         zero = (8 - layer.weight_zero.float()[:, owner]) * scale  # (q - z) s  ==  (q - 8) s + (8 - z) s
         pairs = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         layer.register_buffer("kernel_scales", pairs, persistent=False)
         layer.kernel_group = group
+        unpacked = unpack_int4pack(packed, layer.out_features, layer.in_features)
+        if unpacked is not None and torch.equal(unpacked, codes):  # the kernel's copy is exact: keep only it
+            keep_only_kernel_copy(layer)
+
+    @staticmethod
+    def codes(layer) -> torch.Tensor:
+        """The layer's codes `[out, in]`, read back from the kernel's packed layout."""
+        return unpack_int4pack(layer.kernel_weight, layer.out_features, layer.in_features)
 
     @staticmethod
     def run(layer, x: torch.Tensor) -> torch.Tensor:
@@ -124,6 +145,12 @@ class Int8PackKernel:
         scale = layer.weight_scale.float()[:, 0]
         layer.register_buffer("kernel_scales", scale.to(torch.bfloat16), persistent=False)
         layer.register_buffer("kernel_zero_term", (layer.weight_zero.float()[:, 0] - 128) * scale, persistent=False)
+        keep_only_kernel_copy(layer)
+
+    @staticmethod
+    def codes(layer) -> torch.Tensor:
+        """The layer's codes `[out, in]`: the kernel's `q - 128` shifted back."""
+        return (layer.kernel_weight.to(torch.int16) + 128).to(torch.uint8)
 
     @staticmethod
     def run(layer, x: torch.Tensor) -> torch.Tensor:
@@ -167,8 +194,12 @@ def prepare_kernels(model, policy: str | None = None, activations: str | None = 
     if activations is None:
         config = getattr(getattr(model, "config", None), "quantization_config", None)
         activations = config.get("activations") if isinstance(config, dict) else getattr(config, "activations", None)
+    from .embedding import QuantHead
+
     chosen, slow = {}, {}
     for name, module in model.named_modules():
+        if isinstance(module, QuantHead):
+            module.fast = policy == "auto"
         if not isinstance(module, QuantLinear):
             continue
         module.restore_weight()

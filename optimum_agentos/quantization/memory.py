@@ -50,14 +50,28 @@ def release_file_pages(tensor: torch.Tensor) -> None:
         _drop_file_pages(tensor, ranges, ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True))
 
 
+def keep_only_kernel_copy(layer) -> None:
+    """Empty a `QuantLinear`'s stored codes once its kernel's layout holds an exact copy (the layer then reads
+    its codes back from the kernel), dropping the checkpoint file pages they were read from."""
+    stored, layer.weight.data = layer.weight.data, torch.empty(0, dtype=torch.uint8)
+    release_file_pages(stored)
+    layer.weight_in_kernel = True
+
+
 @torch.no_grad()
 def own_memory(model: nn.Module) -> None:
-    """Give every CPU parameter and buffer its own memory, releasing the file pages it was a view of."""
+    """Give every CPU parameter and buffer its own memory, releasing the file pages it was a view of.
+
+    On Linux only the tensors inside a mapped safetensors file are copied (elsewhere the mappings are unknown and
+    every tensor is); once none is left, the file's mapping, with the pages read while loading, goes away."""
     ranges = _safetensors_mappings()
+    linux = sys.platform.startswith("linux")
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if ranges else None
     for module in model.modules():
         for tensor in list(module._parameters.values()) + list(module._buffers.values()):
             if tensor is None or tensor.device.type != "cpu":
+                continue
+            if linux and not any(start <= tensor.data_ptr() < end for start, end in ranges):
                 continue
             old = tensor.data
             tensor.data = old.clone()

@@ -12,6 +12,7 @@ from ..config import AgentOSConfig
 from ..integrations.transformers import attach_quantizer
 from .calibration import run_blockwise
 from .convert import set_module, quantize_model_rtn
+from .embedding import quantize_embeddings
 from .gptq import gptq_quantize
 from .linear import SCALE_DTYPES, QuantLinear, float_weight
 from .replace import check_group_size
@@ -53,6 +54,8 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
             if leftover:
                 logger.warning(f"{len(leftover)} target layers sit outside the repeated blocks; quantized with RTN: {leftover}")
                 quantize_model_rtn(self.model, config, names=leftover)
+        if config.embedding_bits:
+            quantize_embeddings(self.model)
         attach_quantizer(self.model, config)
         self.stats = {"layers": len(names), "seconds": time.perf_counter() - start}
         return self.model

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..config import AgentOSConfig
+from .embedding import replace_embeddings_for_loading
 from .linear import SCALE_DTYPES, QuantLinear, is_conv1d, linear_shape
 from .targets import resolve_targets
 
@@ -68,6 +69,8 @@ def replace_with_quant_linear(model: nn.Module, config: AgentOSConfig, device="m
         new.transposed = is_conv1d(old)
         new.requires_grad_(False)
         setattr(parent, child, new)
+    if config.embedding_bits:
+        replace_embeddings_for_loading(model, device)
     return list(dict.fromkeys([*quantized, *sparse]))
 
 

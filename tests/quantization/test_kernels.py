@@ -100,6 +100,46 @@ def test_kernel_buffers_stay_out_of_the_state_dict_and_follow_new_codes():
         assert (module(x) - ref).abs().max() <= TOLERANCE * ref.abs().max()
 
 
+@pytest.mark.parametrize("bits, group_size, out_features, kernel, only_copy", [
+    (4, 128, 192, Int4PackKernel, True), (8, -1, 192, Int8PackKernel, True),
+    (4, 128, 208, Int4PackKernel, False),  # 16 | 208 but not 64: a layout we do not unpack, so both copies stay
+])
+def test_kernel_holds_the_only_copy_of_the_codes_when_it_can_give_them_back(bits, group_size, out_features, kernel,
+                                                                             only_copy):
+    module = layer(bits, group_size, out_features=out_features)
+    codes, packed = module.codes(), module.weight.detach().clone()
+    kernel.prepare(module)
+    module.kernel = kernel
+    assert module.weight_in_kernel is only_copy and (module.weight.numel() == 0) is only_copy
+    assert torch.equal(module.codes(), codes)
+    assert torch.equal(module.state_dict()["weight"], packed)  # saving writes the same bytes
+    x = torch.randn(3, 300, 256)
+    with torch.no_grad():  # the long-input path dequantizes from the kernel's copy
+        assert torch.allclose(F.linear(x, module.dequantize(), module.bias), reference(module, x))
+    module.restore_weight()
+    assert torch.equal(module.weight, packed) and not module.weight_in_kernel
+
+
+def test_loaded_checkpoint_keeps_no_view_of_its_file(tmp_path):
+    from optimum_agentos.quantization.memory import _safetensors_mappings
+
+    save_llama_with_short_groups(tmp_path / "fp")
+    for bits, group_size in ((4, 128), (8, -1)):
+        folder = tmp_path / f"q{bits}"
+        transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "fp", quantization_config=AgentOSConfig(bits=bits, group_size=group_size)).save_pretrained(folder)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+        mapped = _safetensors_mappings()
+        tensors = list(model.parameters()) + list(model.buffers())
+        assert not any(start <= t.data_ptr() < end for t in tensors for start, end in mapped)
+        layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        if bits == 8:
+            assert all(m.weight_in_kernel for m in layers)
+        else:  # the int4 layout is unpacked for 64 | out_features (k/v_proj have 96 rows)
+            assert all(m.weight_in_kernel == (m.out_features % 64 == 0) for m in layers)
+            assert any(m.out_features % 64 for m in layers) and any(m.weight_in_kernel for m in layers)
+
+
 @pytest.mark.parametrize("bits, group_size, in_features, out_features, reason", [
     (3, 128, 256, 192, "3-bit"), (4, 128, 100, 192, "32/64/128/256 dividing both"),
     (4, 48, 96, 192, "32/64/128/256 dividing both"), (4, 128, 256, 100, "multiple of 16"),

@@ -1,0 +1,166 @@
+"""int8 token embeddings and output head (`AgentOSConfig(embedding_bits=8)`).
+
+A small model's vocabulary matrix is a large share of it (SmolLM2-135M: 28M of 135M weights) and it is the largest
+single matmul of each decoded token. Both get one int8 code per weight and one float32 scale per vocabulary row
+(symmetric: `w = q s`, `q` in [-127, 127]). When the head is tied to the embedding, both modules hold the same two
+tensors (tied like the float weights, through the model's tied-weight keys), so the file and the memory hold one
+int8 matrix. The head decodes with `torch._weight_int8pack_mm` on these codes as they are (no second copy).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+
+EMBEDDING_BITS = (8,)
+
+
+def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes `[rows, cols]` and float32 scales `[rows, 1]` (max |w| of the row / 127)."""
+    weight = weight.detach().float()
+    scale = (weight.abs().amax(dim=1, keepdim=True) / 127).clamp_(min=torch.finfo(torch.float32).tiny)
+    codes = torch.round(weight / scale).clamp_(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def _int8_parameters(rows: int, cols: int, device) -> tuple[nn.Parameter, nn.Parameter]:
+    weight = nn.Parameter(torch.empty(rows, cols, dtype=torch.int8, device=device), requires_grad=False)
+    scale = nn.Parameter(torch.empty(rows, 1, dtype=torch.float32, device=device), requires_grad=False)
+    return weight, scale
+
+
+class QuantEmbedding(nn.Module):
+    """`nn.Embedding` with int8 rows: `weight` int8 `[num_embeddings, embedding_dim]`, `weight_scale` float32
+    `[num_embeddings, 1]`; looks rows up, then scales them into `dtype` (the float model's dtype)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.dtype = dtype or torch.get_default_dtype()
+        self.weight, self.weight_scale = _int8_parameters(num_embeddings, embedding_dim, device)
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding) -> "QuantEmbedding":
+        new = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, embedding.weight.dtype,
+                  embedding.weight.device)
+        new.weight.data, new.weight_scale.data = quantize_rows_int8(embedding.weight)
+        return new
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.dtype
+        return self.weight.to(dtype) * self.weight_scale.to(dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(input_ids, self.weight).to(self.dtype)
+        return rows * F.embedding(input_ids, self.weight_scale).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits=8"
+
+
+class QuantHead(nn.Module):
+    """Bias-free output head with int8 rows, the same tensors as `QuantEmbedding` (shared with it when tied).
+
+    Short inference calls (decode) run `_weight_int8pack_mm` with bf16 activations and unit scales, then apply the
+    float32 scales; long ones dequantize (to bf16 on CPUs with AMX, like `QuantLinear`); autograd takes the exact
+    float path, as does everything before `kernels.prepare_kernels` has run. Tolerance of the int8 kernel against it: the bf16 rounding of activations and outputs (~1%)."""
+
+    fast = False  # set by kernels.prepare_kernels (False: always the exact float path)
+
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight, self.weight_scale = _int8_parameters(out_features, in_features, device)
+
+    @classmethod
+    def from_float(cls, head: nn.Linear) -> "QuantHead":
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("embedding_bits quantizes bias-free output heads only; this head has a bias. Leave "
+                             "embedding_bits=None for this model.")
+        new = cls(head.in_features, head.out_features, head.weight.device)
+        new.weight.data, new.weight_scale.data = quantize_rows_int8(head.weight)
+        return new
+
+    @classmethod
+    def tied_to(cls, embedding: QuantEmbedding) -> "QuantHead":
+        """A head computing with the embedding's own int8 tensors (tied weights)."""
+        new = cls(embedding.embedding_dim, embedding.num_embeddings, device="meta")
+        new.weight, new.weight_scale = embedding.weight, embedding.weight_scale
+        return new
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.to(dtype) * self.weight_scale.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        fast = self.fast and not torch.is_grad_enabled() and self.weight.device.type == "cpu"
+        if fast and 0 < len(flat) <= kernels.DECODE_MAX_TOKENS and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            ones = torch.ones(self.out_features, dtype=torch.bfloat16)
+            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, ones)
+            y = y.to(x.dtype) * self.weight_scale.view(-1).to(x.dtype)
+        elif fast and kernels.bf16_matmul_is_fast():
+            y = F.linear(flat.to(torch.bfloat16), self.dequantize(torch.bfloat16)).to(x.dtype)
+        else:
+            y = F.linear(flat, self.dequantize(x.dtype))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits=8"
+
+
+def quantize_embeddings(model: nn.Module) -> list[str]:
+    """Replace the float input embedding (and the output head, sharing its tensors when tied) of a float model by
+    int8 ones in place; returns the replaced module names."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(embedding, nn.Embedding):
+        raise ValueError(f"embedding_bits needs an nn.Embedding input embedding; {type(model).__name__} has "
+                         f"{type(embedding).__name__}. Leave embedding_bits=None for this model.")
+    tied = head is not None and getattr(head, "weight", None) is embedding.weight
+    new_embedding = QuantEmbedding.from_float(embedding)
+    model.set_input_embeddings(new_embedding)
+    names = [_name_of(model, new_embedding)]
+    if isinstance(head, nn.Linear):
+        model.set_output_embeddings(QuantHead.tied_to(new_embedding) if tied else QuantHead.from_float(head))
+        names.append(_name_of(model, model.get_output_embeddings()))
+    return names
+
+
+def replace_embeddings_for_loading(model: nn.Module, device="meta") -> None:
+    """Empty int8 embedding and head modules for the loader to fill; when the model ties them, the head's scale is
+    added to the model's tied-weight keys so it is tied (and saved once) like the codes."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(embedding, nn.Embedding):
+        raise ValueError(f"This checkpoint has int8 embeddings (embedding_bits=8) but {type(model).__name__}'s input "
+                         f"embedding is a {type(embedding).__name__}; the config.json does not match the model.")
+    new_embedding = QuantEmbedding(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx,
+                                   embedding.weight.dtype, device)
+    model.set_input_embeddings(new_embedding)
+    if isinstance(head, nn.Linear):
+        model.set_output_embeddings(QuantHead(head.in_features, head.out_features, device))
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        head_name, embedding_name = _name_of(model, model.get_output_embeddings()), _name_of(model, new_embedding)
+        if tied.get(f"{head_name}.weight") == f"{embedding_name}.weight":
+            tied[f"{head_name}.weight_scale"] = f"{embedding_name}.weight_scale"
+
+
+def dequantize_embeddings(model: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Float `nn.Embedding` / `nn.Linear` back in place of the int8 ones (still tied when they were)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if isinstance(embedding, QuantEmbedding):
+        weight = nn.Parameter(embedding.dequantize(dtype))
+        new = nn.Embedding(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, device="meta")
+        new.weight = weight
+        model.set_input_embeddings(new)
+        if isinstance(head, QuantHead):
+            tied = head.weight is embedding.weight
+            linear = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
+            linear.weight = weight if tied else nn.Parameter(head.dequantize(dtype or weight.dtype))
+            model.set_output_embeddings(linear)
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
