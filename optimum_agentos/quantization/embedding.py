@@ -69,7 +69,7 @@ class QuantHead(nn.Module):
     float32 scales; long ones dequantize (to bf16 on CPUs with AMX, like `QuantLinear`); autograd takes the exact
     float path, as does everything before `kernels.prepare_kernels` has run. Tolerance of the int8 kernel against it: the bf16 rounding of activations and outputs (~1%)."""
 
-    fast = False  # set by kernels.prepare_kernels (False: always the exact float path)
+    fast = False  # set by `prepare` (False: always the exact float path)
 
     def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__()
@@ -95,12 +95,18 @@ class QuantHead(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight.to(dtype) * self.weight_scale.to(dtype)
 
+    def prepare(self, fast: bool) -> None:
+        """Called by `kernels.prepare_kernels`: allow the fast paths (the kernel gets unit scales; the float32
+        scales are applied to its output)."""
+        self.fast = fast
+        self.register_buffer("kernel_unit_scales", torch.ones(self.out_features, dtype=torch.bfloat16,
+                                                              device=self.weight.device), persistent=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         fast = self.fast and not torch.is_grad_enabled() and self.weight.device.type == "cpu"
         if fast and 0 < len(flat) <= kernels.DECODE_MAX_TOKENS and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-            ones = torch.ones(self.out_features, dtype=torch.bfloat16)
-            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, ones)
+            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.kernel_unit_scales)
             y = y.to(x.dtype) * self.weight_scale.view(-1).to(x.dtype)
         elif fast and kernels.bf16_matmul_is_fast():
             y = F.linear(flat.to(torch.bfloat16), self.dequantize(torch.bfloat16)).to(x.dtype)

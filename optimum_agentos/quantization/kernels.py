@@ -144,7 +144,9 @@ class Int8PackKernel:
         layer.register_buffer("kernel_weight", codes, persistent=False)
         scale = layer.weight_scale.float()[:, 0]
         layer.register_buffer("kernel_scales", scale.to(torch.bfloat16), persistent=False)
-        layer.register_buffer("kernel_zero_term", (layer.weight_zero.float()[:, 0] - 128) * scale, persistent=False)
+        zero_term = (layer.weight_zero.float()[:, 0] - 128) * scale
+        # symmetric codes (every zero point 128) have no zero-point share: two ops fewer per call
+        layer.register_buffer("kernel_zero_term", zero_term if zero_term.any() else None, persistent=False)
         keep_only_kernel_copy(layer)
 
     @staticmethod
@@ -156,7 +158,9 @@ class Int8PackKernel:
     def run(layer, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, layer.in_features)
         y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), layer.kernel_weight, layer.kernel_scales)
-        y = y.to(x.dtype) - flat.sum(-1, keepdim=True) * layer.kernel_zero_term.to(x.dtype)
+        y = y.to(x.dtype)
+        if layer.kernel_zero_term is not None:
+            y = y.addcmul_(flat.sum(-1, keepdim=True), layer.kernel_zero_term.to(x.dtype), value=-1)
         if layer.bias is not None:
             y = y + layer.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], layer.out_features)
@@ -199,7 +203,7 @@ def prepare_kernels(model, policy: str | None = None, activations: str | None = 
     chosen, slow = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, QuantHead):
-            module.fast = policy == "auto"
+            module.prepare(fast=policy == "auto")
         if not isinstance(module, QuantLinear):
             continue
         module.restore_weight()
