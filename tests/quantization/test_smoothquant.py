@@ -5,7 +5,7 @@ import torch
 import transformers
 
 import optimum_agentos  # noqa: F401
-from optimum_agentos import AgentOSConfig, Quantizer, QuantLinear
+from optimum_agentos import AgentOSConfig, Pruner, PruningConfig, Quantizer, QuantLinear
 from optimum_agentos.quantization import dynamic_int8
 from optimum_agentos.quantization.dynamic_int8 import Int8DynamicKernel
 from optimum_agentos.quantization.smoothquant import smooth_model, smoothing_scales
@@ -141,3 +141,9 @@ def test_smoothing_lowers_the_w8a8_error_on_outlier_channels(threshold, monkeypa
         errors[alpha] = relative_error(model_output(model, test), reference)
     # measured: 0.028 -> 0.013 (pure int8) and 0.020 -> 0.013 (fp32 outlier split); a no-op smoothing fails this
     assert errors[0.5] < 0.8 * errors[None], errors
+
+
+def test_the_pruner_refuses_smoothing():
+    with pytest.raises(ValueError, match="The pruner does not apply smoothquant_alpha.*Quantizer"):
+        Pruner(tiny_llama()).prune_in_place(PruningConfig(method="magnitude"),
+                                            quantization=AgentOSConfig(**W8A8, smoothquant_alpha=0.5))
