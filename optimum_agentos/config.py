@@ -71,7 +71,8 @@ class AgentOSConfig(QuantizationConfigMixin):
             2023) with this strength in (0, 1), typically 0.5. Each input channel of the layers reading a normalized
             input is divided by `max|X_j|^alpha / max|W_j|^(1-alpha)` in the norm before them and multiplied into
             their weight columns, so the float model is unchanged. Needs calibration data (the activations'
-            maxima). Recorded for provenance only: the checkpoint loads like any W8A8 one.
+            maxima). Recorded for provenance only: the checkpoint loads like any W8A8 one. SmolLM2-135M W8A8 RTN
+            WikiText-2 ppl (16 windows of 512, fp32 36.63): 36.95 -> 36.91 with alpha 0.5, 37.06 with 0.8.
         block_size (`int`, *optional*, defaults to `128`):
             GPTQ: columns updated together (lazy batch updates).
         target (`list[str]`, *optional*):
