@@ -31,6 +31,9 @@ def _quantize_parser(sub) -> None:
                    help="W8A8: int8 activations quantized per token at run time (int8, --group-size -1 only).")
     p.add_argument("--embedding-bits", type=int, default=None, choices=[8],
                    help="int8 token embeddings and output head (one int8 matrix when tied); default: kept in float.")
+    p.add_argument("--smoothquant-alpha", type=float, default=None,
+                   help="W8A8: migrate activation outliers into the weights first (SmoothQuant) with this strength "
+                        "in (0, 1), e.g. 0.5; uses --calibration-dataset, also with --method rtn.")
     p.add_argument("--target", nargs="*", default=None, help="Modules to quantize (names or re:regex).")
     p.add_argument("--ignore", nargs="*", default=None, help="Modules to keep in full precision.")
     _common_arguments(p)
@@ -130,13 +133,14 @@ def run_quantize(args) -> dict:
     config = AgentOSConfig(
         bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method, act_order=args.act_order,
         observer=args.observer, activations=args.activations, embedding_bits=args.embedding_bits,
+        smoothquant_alpha=args.smoothquant_alpha,
         damp_percent=args.damp_percent, target=args.target, ignore=args.ignore,
     )
     quantizer = Quantizer.from_pretrained(args.model)
     evaluate = _evaluator(args, quantizer.tokenizer)
     baseline = evaluate(quantizer.model) if evaluate else None
     info = {"base_model": args.model, "sizes": {"baseline": _source_size(quantizer.model)}}
-    calibration = args.calibration_dataset if args.method == "gptq" else None
+    calibration = args.calibration_dataset if args.method == "gptq" or args.smoothquant_alpha is not None else None
     model = quantizer.quantize_in_place(config, calibration, args.num_samples, args.seq_len)
     info["config"] = config.stamped().to_dict()
     summary = {

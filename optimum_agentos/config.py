@@ -25,6 +25,9 @@ DEFAULT_IGNORE = ("lm_head", "re:.*embed.*", "re:.*wte$", "re:.*wpe$")
 PRUNING_KEYS = ("sparse_layers", "sparsity_pattern", "module_shapes", "pruning")
 # Fields added by format version 3 (int8 embeddings); likewise omitted when unset.
 VERSION_3_KEYS = ("embedding_bits",)
+# Added by format version 4 (provenance only: the smoothing is folded into the weights); likewise omitted when unset.
+VERSION_4_KEYS = ("smoothquant_alpha",)
+OPTIONAL_KEYS_SINCE = {2: PRUNING_KEYS, 3: VERSION_3_KEYS, 4: VERSION_4_KEYS}
 
 
 class CheckpointVersionError(ValueError):
@@ -63,6 +66,13 @@ class AgentOSConfig(QuantizationConfigMixin):
             `8`: the input token embedding and the output head (one int8 matrix when they are tied) get one int8
             code per weight and a float32 scale per row; `None` (default): kept in `float_dtype`. For small models
             whose vocabulary matrix is a large share of the weights (SmolLM2-135M: 21%).
+        smoothquant_alpha (`float`, *optional*):
+            W8A8 only: migrate activation outliers into the weights before quantizing (SmoothQuant, Xiao et al.
+            2023) with this strength in (0, 1), typically 0.5. Each input channel of the layers reading a normalized
+            input is divided by `max|X_j|^alpha / max|W_j|^(1-alpha)` in the norm before them and multiplied into
+            their weight columns, so the float model is unchanged. Needs calibration data (the activations'
+            maxima). Recorded for provenance only: the checkpoint loads like any W8A8 one. SmolLM2-135M W8A8 RTN
+            WikiText-2 ppl (16 windows of 512, fp32 36.63): 36.95 -> 36.91 with alpha 0.5, 37.06 with 0.8.
         block_size (`int`, *optional*, defaults to `128`):
             GPTQ: columns updated together (lazy batch updates).
         target (`list[str]`, *optional*):
@@ -99,6 +109,7 @@ class AgentOSConfig(QuantizationConfigMixin):
     observer: str | None = None
     activations: str | None = None
     embedding_bits: int | None = None
+    smoothquant_alpha: float | None = None
     block_size: int = 128
     target: list[str] | None = None
     ignore: list[str] | None = None
@@ -149,6 +160,13 @@ class AgentOSConfig(QuantizationConfigMixin):
         if self.embedding_bits not in SUPPORTED_EMBEDDING_BITS:
             raise ValueError(f"embedding_bits={self.embedding_bits!r} is not supported; use 8 (int8 token embeddings "
                              "and output head) or None (kept in float).")
+        if self.smoothquant_alpha is not None:
+            if self.activations != "int8-dynamic":
+                raise ValueError("smoothquant_alpha eases activation quantization: it needs activations='int8-dynamic' "
+                                 f"(W8A8), got activations={self.activations!r}; set it or drop smoothquant_alpha.")
+            alpha = self.smoothquant_alpha
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+                raise ValueError(f"smoothquant_alpha={alpha!r} must be a number in (0, 1), typically 0.5.")
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size!r} must be a positive number of columns.")
         if self.scale_dtype not in SCALE_DTYPES:
@@ -201,9 +219,10 @@ class AgentOSConfig(QuantizationConfigMixin):
         return (config, unused) if return_unused_kwargs else config
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields; the pruning ones only when set, so plain quantized checkpoints keep the version-1 key set."""
+        """All fields; the pruning, int8-embedding and smoothing ones only when set, so plain quantized checkpoints
+        keep the version-1 key set."""
         data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
-        for key in (*PRUNING_KEYS, *VERSION_3_KEYS):
+        for key in (key for keys in OPTIONAL_KEYS_SINCE.values() for key in keys):
             if data[key] is None:
                 del data[key]
         data["quant_method"] = QUANT_METHOD
@@ -220,12 +239,11 @@ class AgentOSConfig(QuantizationConfigMixin):
         return 20 if observer == "mse" else 0
 
     def stamped(self) -> "AgentOSConfig":
-        """A copy carrying this library's format and package versions, written on save. Checkpoints without
-        pruning or int8-embedding keys keep format version 1, so older releases still read them."""
+        """A copy carrying this library's format and package versions, written on save: the oldest format that
+        holds its keys (1 without pruning, int8-embedding or smoothing keys), so older releases still read it."""
         config = copy.deepcopy(self)
-        if any(getattr(self, k) is not None for k in VERSION_3_KEYS):
-            config.format_version = 3
-        else:
-            config.format_version = 2 if any(getattr(self, k) is not None for k in PRUNING_KEYS) else 1
+        config.format_version = max(
+            [1] + [v for v, keys in OPTIONAL_KEYS_SINCE.items() if any(getattr(self, k) is not None for k in keys)]
+        )
         config.library_version = __version__
         return config

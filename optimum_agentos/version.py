@@ -5,4 +5,5 @@ __version__ = "0.1.0"
 # Bump when the tensors or `quantization_config` keys of a saved checkpoint change meaning.
 # 2: pruned checkpoints (sparse_layers bitmask format, module_shapes).
 # 3: int8 token embeddings / output head (embedding_bits).
-FORMAT_VERSION = 3
+# 4: `smoothquant_alpha` (provenance of a W8A8 checkpoint smoothed before quantization; tensors unchanged).
+FORMAT_VERSION = 4

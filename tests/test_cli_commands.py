@@ -41,6 +41,15 @@ def test_quantize_cli_keeps_the_library_defaults(folders):
     assert config["act_order"] is True and config["observer"] is None  # AgentOSConfig's defaults, not argparse's
 
 
+def test_quantize_cli_smoothquant_calibrates_rtn_too(folders, tmp_path):
+    from .conftest import read_quant_config
+
+    assert main(["quantize", "--model", str(folders[0]), "--output", str(tmp_path / "w8a8"), "--bits", "8",
+                 "--group-size", "-1", "--method", "rtn", "--activations", "int8-dynamic", "--smoothquant-alpha", "0.5",
+                 "--num-samples", "4", "--seq-len", "64"]) == 0
+    assert read_quant_config(tmp_path / "w8a8")["smoothquant_alpha"] == 0.5
+
+
 def test_optimum_cli_registers_the_agentos_commands():
     proc = subprocess.run([OPTIMUM_CLI, "agentos", "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

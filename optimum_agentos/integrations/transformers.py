@@ -68,6 +68,11 @@ class AgentOSHfQuantizer(HfQuantizer):
                 f"Quantize-on-load only supports method='rtn' (no calibration data at load time); got "
                 f"method={quantization_config.method!r}. Use `optimum_agentos.Quantizer(...).quantize(...)` for GPTQ."
             )
+        if not self.pre_quantized and quantization_config.smoothquant_alpha is not None:
+            raise ValueError(
+                "Quantize-on-load cannot apply smoothquant_alpha (it needs calibration data, absent at load time). Use "
+                "`optimum_agentos.Quantizer(...).quantize(..., calibration_dataset='wikitext2')`."
+            )
 
     def validate_environment(self, *args, **kwargs):
         device_map = kwargs.get("device_map")

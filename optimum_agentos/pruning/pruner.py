@@ -69,6 +69,9 @@ class Pruner(ModelCompressor):
         start = time.perf_counter()
         params_before = self.model.num_parameters()
         wants_gptq = quantization is not None and quantization.method == "gptq"
+        if quantization is not None and quantization.smoothquant_alpha is not None:
+            raise ValueError("The pruner does not apply smoothquant_alpha; prune first, then quantize the pruned "
+                             "checkpoint with `Quantizer` and smoothquant_alpha.")
         ids = None
         if calibration_dataset is not None:
             ids = self.calibration_ids(calibration_dataset, num_samples, seq_len)

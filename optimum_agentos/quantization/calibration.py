@@ -1,13 +1,13 @@
 """Block-by-block calibration: run calibration data through one decoder block at a time, collecting each target
-layer's input Hessian with forward hooks (no tracing, no whole-model activation store).
+layer's input Hessian (or another input statistic) with forward hooks (no tracing, no whole-model activation store).
 
-Peak memory is the model plus one block's inputs for the calibration set. GPTQ here and SparseGPT/Wanda in the
-pruner plug in through `process_block`.
+Peak memory is the model plus one block's inputs for the calibration set. GPTQ here, SparseGPT/Wanda in the pruner
+and SmoothQuant's activation maxima plug in through `process_block`.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -66,11 +66,14 @@ def _accepts_use_cache(model: nn.Module) -> bool:
 
 
 class _SharedInputHessians:
-    """One accumulator per distinct input tensor: q/k/v (or gate/up) read the same tensor and share one Hessian."""
+    """One accumulator per distinct input tensor: q/k/v (or gate/up) read the same tensor and share one Hessian.
 
-    def __init__(self):
-        self.of_layer: dict[str, HessianAccumulator] = {}
-        self._seen: list[tuple[torch.Tensor, HessianAccumulator]] = []
+    `accumulator(in_features, device=...)` makes one; it has an `add(x)` method (default `HessianAccumulator`)."""
+
+    def __init__(self, accumulator: Callable = HessianAccumulator):
+        self.accumulator = accumulator
+        self.of_layer: dict[str, Any] = {}
+        self._seen: list[tuple[torch.Tensor, Any]] = []
 
     def new_batch(self) -> None:
         self._seen = []
@@ -80,7 +83,7 @@ class _SharedInputHessians:
             if ref is x:  # the reference keeps the tensor alive, so identity cannot be a reused address
                 self.of_layer.setdefault(name, acc)
                 return
-        acc = self.of_layer.setdefault(name, HessianAccumulator(x.shape[-1], device=x.device))
+        acc = self.of_layer.setdefault(name, self.accumulator(x.shape[-1], device=x.device))
         acc.add(x)
         self._seen.append((x, acc))
 
@@ -94,15 +97,16 @@ def run_blockwise(
     model: nn.Module,
     layer_names: list[str],
     calibration_ids: torch.Tensor,
-    process_block: Callable[[dict[str, nn.Module], dict[str, HessianAccumulator]], None],
+    process_block: Callable[[dict[str, nn.Module], dict[str, Any]], None],
     batch_size: int = 4,
     desc: str = "Calibrating",
+    accumulator: Callable = HessianAccumulator,
 ) -> list[str]:
     """Calibrate every block holding target layers, in order; returns the target layers no block holds.
 
     `process_block(layers, hessians)` receives the block's target layers by full name and their input Hessian
-    accumulators; it replaces or edits the layers in place. The block is then run again so the next block sees
-    the inputs the compressed model will produce.
+    accumulators (or what `accumulator` makes); it replaces or edits the layers in place. The block is then run
+    again so the next block sees the inputs the compressed model will produce.
     """
     if calibration_ids.numel() == 0:
         raise ValueError("The calibration set is empty; pass at least one window of token ids.")
@@ -119,7 +123,7 @@ def run_blockwise(
         block = blocks[index]
         if names:
             covered.update(names)
-            hessians = _SharedInputHessians()
+            hessians = _SharedInputHessians(accumulator)
             handles = [
                 modules[n].register_forward_hook(lambda m, args, out, n=n: hessians.add(n, args[0])) for n in names
             ]

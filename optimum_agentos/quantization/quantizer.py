@@ -16,6 +16,7 @@ from .embedding import quantize_embeddings
 from .gptq import gptq_quantize
 from .linear import SCALE_DTYPES, QuantLinear, float_weight
 from .replace import check_group_size
+from .smoothquant import smooth_model
 from .targets import resolve_targets
 
 
@@ -38,16 +39,23 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
         self, config: AgentOSConfig, calibration_dataset=None, num_samples: int = 64, seq_len: int = 512,
         batch_size: int = 4,
     ):
-        """Quantize `self.model` in memory and return it (marked quantized, ready for `save_pretrained`)."""
+        """Quantize `self.model` in memory and return it (marked quantized, ready for `save_pretrained`).
+
+        With `config.smoothquant_alpha` the float model is smoothed first (SmoothQuant), on the calibration data."""
         start = time.perf_counter()
         names = resolve_targets(self.model, config.target, config.ignore)
         check_group_size(self.model, names, config)
+        uses_data = [what for what, needs in (("method='gptq'", config.method == "gptq"),
+                                              ("smoothquant_alpha", config.smoothquant_alpha is not None)) if needs]
+        if uses_data and calibration_dataset is None:
+            raise ValueError(f"{' and '.join(uses_data)} needs calibration data: pass calibration_dataset='wikitext2' "
+                             "or texts.")
+        ids = self.calibration_ids(calibration_dataset, num_samples, seq_len) if uses_data else None
+        if config.smoothquant_alpha is not None:
+            smooth_model(self.model, names, ids, config.smoothquant_alpha, batch_size)
         if config.method == "rtn":
             quantize_model_rtn(self.model, config, names)
         else:
-            if calibration_dataset is None:
-                raise ValueError("method='gptq' needs calibration data: pass calibration_dataset='wikitext2' or texts.")
-            ids = self.calibration_ids(calibration_dataset, num_samples, seq_len)
             leftover = run_blockwise(
                 self.model, names, ids, lambda layers, h: self._gptq_block(layers, h, config), batch_size, "GPTQ"
             )
