@@ -5,7 +5,7 @@ Load time and resident memory come from a fresh process per row (RSS after loadi
 before it, so the torch runtime is not counted); the speed rows then time every model round-robin, so machine noise
 hits all rows alike, and report the ratio to fp32 measured beside it.
 
-    python benchmarks/speed.py                 # about 10 minutes on 2 cores
+    python benchmarks/speed.py                 # about 25 minutes on 2 cores
     python benchmarks/speed.py --repeats 3 --new-tokens 32
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -27,10 +28,15 @@ ROWS = {
     "fp32": None,
     "bf16": None,
     "agentos-int8": dict(bits=8, group_size=-1, method="rtn"),
+    "agentos-int8-sym-e8": dict(bits=8, group_size=-1, sym=True, method="rtn", embedding_bits=8),
     "agentos-w8a8": dict(bits=8, group_size=-1, method="rtn", activations="int8-dynamic"),
+    "agentos-w8a8-e8": dict(bits=8, group_size=-1, method="rtn", activations="int8-dynamic", embedding_bits=8),
     "agentos-int4-g128": dict(bits=4, group_size=128, method="rtn"),
+    "agentos-int4-g128-e8": dict(bits=4, group_size=128, method="rtn", embedding_bits=8),
 }
 OPTIONAL_ROWS = ("quanto-int8", "quanto-int4", "torchao-int8")
+# `torch.compile(model.forward)` (inductor, static KV cache for decode) of a row: "<row>+compile"
+COMPILED_ROWS = ("fp32+compile", "agentos-int8-sym-e8+compile")
 
 
 def build_checkpoints(work: Path) -> None:
@@ -54,6 +60,11 @@ def build_checkpoints(work: Path) -> None:
 def load(row: str, work: Path):
     import torch
     from transformers import AutoModelForCausalLM
+
+    if row.endswith("+compile"):
+        model = load(row.removesuffix("+compile"), work)
+        model.forward = torch.compile(model.forward, dynamic=False)
+        return model
 
     import optimum_agentos  # noqa: F401
     from optimum_agentos.models import resolve_model
@@ -82,6 +93,9 @@ def available_rows(requested: list[str]) -> list[str]:
     rows = []
     for row in requested:
         package = {"quanto": "optimum.quanto", "torchao": "torchao"}.get(row.split("-")[0])
+        if row.endswith("+compile") and shutil.which(os.environ.get("CXX", "g++")) is None:
+            print(f"skipping {row}: torch.compile's inductor needs a C++ compiler")
+            continue
         try:
             found = package is None or importlib.util.find_spec(package) is not None
         except ModuleNotFoundError:
@@ -116,7 +130,25 @@ def worker(row: str, args) -> dict:
     with torch.no_grad():  # fault in lazily mapped safetensors pages, so RSS counts every weight
         for tensor in list(model.parameters()) + list(model.buffers()):
             touch(tensor)
-    return {"row": row, "load_s": seconds, "model_rss_mb": rss_mb() - before}
+    result = {"row": row, "load_s": seconds, "model_rss_mb": rss_mb() - before}
+    if args.ppl_windows and not row.endswith("+compile"):  # a compiled row computes what its eager row does
+        from transformers import AutoTokenizer
+
+        from optimum_agentos.evaluation.tasks import evaluate_model
+        from optimum_agentos.models import resolve_model
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+        (ppl,) = evaluate_model(model.eval(), tokenizer, ["wikitext2"], ppl_windows=args.ppl_windows)
+        result["wikitext2_ppl"] = ppl.value
+    return result
+
+
+def generate_kwargs(row: str, new_tokens: int) -> dict:
+    """Greedy decoding of exactly `new_tokens`; compiled rows use a static KV cache (fixed shapes, no recompiles)."""
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if row.endswith("+compile"):
+        kwargs["cache_implementation"] = "static"
+    return kwargs
 
 
 def time_all(rows: list[str], args) -> dict[str, dict]:
@@ -134,23 +166,26 @@ def time_all(rows: list[str], args) -> dict[str, dict]:
     models = {row: load(row, Path(args.work)).eval() for row in rows}
     times = {row: {"prefill": [], "decode": []} for row in rows}
     with torch.no_grad():  # not inference_mode: optimum-quanto's tensors fail under it
-        for row, model in models.items():  # warm-up: first calls allocate and pick algorithms
-            model(prompt_ids[:, :32])
-            model.generate(decode_prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        compile_s = {}
+        for row, model in models.items():  # warm-up: first calls allocate, pick algorithms (and compile)
+            start = time.perf_counter()
+            model(prompt_ids, use_cache=False)
+            model.generate(decode_prompt, **generate_kwargs(row, args.new_tokens))
+            compile_s[row] = time.perf_counter() - start
         for _ in range(args.repeats):
             for row, model in models.items():
                 start = time.perf_counter()
                 model(prompt_ids, use_cache=False)
                 times[row]["prefill"].append(time.perf_counter() - start)
                 start = time.perf_counter()
-                out = model.generate(decode_prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                     do_sample=False)
+                out = model.generate(decode_prompt, **generate_kwargs(row, args.new_tokens))
                 times[row]["decode"].append(time.perf_counter() - start)
                 assert out.shape[1] == decode_prompt.shape[1] + args.new_tokens
     return {
         row: {
             "prefill_tok_s": args.prefill_tokens / statistics.median(t["prefill"]),
             "decode_tok_s": args.new_tokens / statistics.median(t["decode"]),
+            "warmup_s": compile_s[row],
         }
         for row, t in times.items()
     }
@@ -158,6 +193,7 @@ def time_all(rows: list[str], args) -> dict[str, dict]:
 
 def write_markdown(results: list[dict], args) -> str:
     fp32 = next(r for r in results if r["row"] == "fp32")
+    ppl = "wikitext2_ppl" in fp32
     lines = [
         MARK_BEGIN,
         "## CPU inference speed: SmolLM2-135M-Instruct",
@@ -166,23 +202,32 @@ def write_markdown(results: list[dict], args) -> str:
         f"on {args.threads} thread(s). "
         f"Prefill: one forward of {args.prefill_tokens} WikiText-2 tokens; decode: greedy generation of "
         f"{args.new_tokens} new tokens after a 16-token prompt, batch 1, KV cache on. All models live in one process "
-        f"and are timed round-robin, {args.repeats} repeats, medians; ratios are to fp32 in the same run. Load time "
-        "and model memory (RSS after loading minus before, in a fresh process per row) come from separate processes. "
-        "agentos int8/int4 are round-to-nearest checkpoints (per-channel int8; int4 group 128) loaded with "
-        "`from_pretrained`, using the CPU kernels described in the README: weight-only int8 decodes with "
+        f"and are timed round-robin, {args.repeats} repeats, medians; ratios are to fp32 in the same run. Load time, "
+        "model memory (RSS after loading minus before, in a fresh process per row)"
+        + (f" and WikiText-2 test perplexity ({args.ppl_windows} windows of 512 tokens)" if ppl else "")
+        + " come from separate processes. "
+        "agentos rows are round-to-nearest checkpoints loaded with `from_pretrained` (int8: one scale per output "
+        "row, asymmetric unless `sym`; int4: group 128; `e8`: `embedding_bits=8`, the tied embedding and output "
+        "head as one int8 matrix), using the CPU kernels described in the README: weight-only int8 decodes with "
         "`_weight_int8pack_mm` (bf16 activations); w8a8 (`activations='int8-dynamic'`) runs int8 x int8 matmuls with "
-        "per-token activation grids (fbgemm at decode, oneDNN at prefill); longer calls of the weight-only rows "
-        "dequantize to bf16 and multiply in bf16 on CPUs with AMX; int4 decode runs the packed int4 kernel "
-        "with bf16 activations, int4 prefill dequantizes to bf16 and multiplies in bf16 on CPUs with AMX.",
+        "per-token activation grids (fbgemm at decode, oneDNN at prefill); int4 decode runs the packed int4 kernel "
+        "with bf16 activations; longer calls of the weight-only rows dequantize to bf16 and multiply in bf16 on CPUs "
+        "with AMX. `+compile` rows wrap `model.forward` in `torch.compile` (inductor; static KV cache for decode); "
+        "their warm-up column is the compilation.",
         "",
-        "| row | prefill tok/s | prefill / fp32 | decode tok/s | decode / fp32 | model RSS (MB) | RSS / fp32 | load (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | prefill tok/s | prefill / fp32 | decode tok/s | decode / fp32 | model RSS (MB) | RSS / fp32 | "
+        + ("ppl | ppl / fp32 | " if ppl else "") + "load (s) | warm-up (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if ppl else "") + "---:|---:|",
     ]
     for r in results:
+        quality = ""
+        if ppl:
+            quality = (f"{r['wikitext2_ppl']:.2f} | {r['wikitext2_ppl'] / fp32['wikitext2_ppl']:.3f} | "
+                       if "wikitext2_ppl" in r else "(as eager) | | ")
         lines.append(
             f"| {r['row']} | {r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / fp32['prefill_tok_s']:.2f} | "
             f"{r['decode_tok_s']:.2f} | {r['decode_tok_s'] / fp32['decode_tok_s']:.2f} | {r['model_rss_mb']:.0f} | "
-            f"{r['model_rss_mb'] / fp32['model_rss_mb']:.2f} | {r['load_s']:.1f} |"
+            f"{r['model_rss_mb'] / fp32['model_rss_mb']:.2f} | {quality}{r['load_s']:.1f} | {r['warmup_s']:.0f} |"
         )
     lines += ["", "Raw results: `benchmarks/results/speed.json`.", MARK_END]
     return "\n".join(lines)
@@ -190,7 +235,9 @@ def write_markdown(results: list[dict], args) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="*", default=list(ROWS) + list(OPTIONAL_ROWS))
+    parser.add_argument("--rows", nargs="*", default=list(ROWS) + list(OPTIONAL_ROWS) + list(COMPILED_ROWS))
+    parser.add_argument("--ppl-windows", type=int, default=16,
+                        help="WikiText-2 perplexity over this many 512-token windows per row (0: skip).")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every row.")
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -206,7 +253,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         args.work = work
         build_checkpoints(Path(work))
-        memory = {r["row"]: r for r in run_rows(__file__, rows, ["--work", work, "--threads", str(args.threads)])}
+        passthrough = ["--work", work, "--threads", str(args.threads), "--ppl-windows", str(args.ppl_windows)]
+        memory = {r["row"]: r for r in run_rows(__file__, rows, passthrough)}
         speed = time_all(rows, args)
     results = [{**memory[row], **speed[row]} for row in rows]
     publish("speed", results, write_markdown(results, args), MARK_BEGIN, MARK_END)

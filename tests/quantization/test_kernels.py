@@ -120,6 +120,37 @@ def test_kernel_holds_the_only_copy_of_the_codes_when_it_can_give_them_back(bits
     assert torch.equal(module.weight, packed) and not module.weight_in_kernel
 
 
+def test_symmetric_int8_skips_the_zero_point_share_and_stays_within_tolerance():
+    g = torch.Generator().manual_seed(0)
+    module = QuantLinear.from_float(torch.randn(192, 256, generator=g) * 0.05, None, 8, -1, sym=True)
+    Int8PackKernel.prepare(module)
+    module.kernel = Int8PackKernel
+    assert module.kernel_zero_term is None
+    x = torch.randn(1, 2, 256)
+    with torch.no_grad():
+        fast, ref = module(x), reference(module, x)
+    assert (fast - ref).abs().max() <= TOLERANCE * ref.abs().max() and not torch.equal(fast, ref)
+
+
+@pytest.mark.parametrize("settings", [dict(bits=4, group_size=128), dict(bits=8, group_size=-1),
+                                      dict(bits=8, group_size=-1, sym=True, embedding_bits=8)])
+def test_fast_paths_compile_without_graph_breaks(tmp_path, settings):
+    save_llama_with_short_groups(tmp_path / "fp")
+    transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "fp", quantization_config=AgentOSConfig(**settings)).save_pretrained(tmp_path / "q")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    ids = torch.tensor([[5, 9, 17, 33]])
+    with torch.no_grad():
+        for tokens in (1, 4):  # decode (packed kernels) and a longer call (dequantize + F.linear)
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(lambda i: model(i, use_cache=False).logits)(ids[:, :tokens])
+            assert explained.graph_break_count == 0, explained.break_reasons
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        assert torch.allclose(compiled(ids[:, :1], use_cache=False).logits, model(ids[:, :1], use_cache=False).logits,
+                              atol=1e-5)
+    torch._dynamo.reset()
+
+
 def test_loaded_checkpoint_keeps_no_view_of_its_file(tmp_path):
     from optimum_agentos.quantization.memory import _safetensors_mappings
 
