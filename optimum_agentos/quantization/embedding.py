@@ -106,7 +106,8 @@ class QuantHead(nn.Module):
         flat = x.reshape(-1, self.in_features)
         fast = self.fast and not torch.is_grad_enabled() and self.weight.device.type == "cpu"
         if fast and 0 < len(flat) <= kernels.DECODE_MAX_TOKENS and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.kernel_unit_scales)
+            y = torch.ops.aten._weight_int8pack_mm(kernels.bf16_input(x, self.in_features), self.weight,
+                                                   self.kernel_unit_scales)
             y = y.to(x.dtype) * self.weight_scale.view(-1).to(x.dtype)
         elif fast and kernels.bf16_matmul_is_fast():
             y = F.linear(flat.to(torch.bfloat16), self.dequantize(torch.bfloat16)).to(x.dtype)

@@ -1,11 +1,11 @@
 """Fast CPU paths for `QuantLinear`: repack once after loading, choose per call by the number of tokens.
 
-- int8, one scale per row: `dynamic_int8.Int8DynamicKernel`, int8 x int8 with the activations quantized per call
-  and per token (fbgemm up to 31 tokens, oneDNN from 32), faster than fp32 at decode and prefill; inference only
-  (no autograd at all), since it rounds the activations. Where fbgemm is unusable, `Int8PackKernel` (bf16
-  activations) for decode.
+- int8, one scale per row: `Int8PackKernel` (`_weight_int8pack_mm`, bf16 activations) for calls of at most
+  `DECODE_MAX_TOKENS` tokens without autograd; with `activations="int8-dynamic"` (W8A8)
+  `dynamic_int8.Int8DynamicKernel`, int8 x int8 with the activations quantized per call and per token (fbgemm up
+  to 31 tokens, oneDNN from 32) for every inference call, since it rounds the activations.
 - int4 whose group size and `in_features` share a factor 32/64/128/256: `_weight_int4pack_mm_for_cpu` with bf16
-  activations, for decode (at most `DECODE_MAX_TOKENS` tokens, no autograd); it loses to fp32 at prefill.
+  activations, for calls of at most `DECODE_MAX_TOKENS` tokens without autograd; it loses to fp32 at prefill.
 - longer inference calls of the other layers: on CPUs with AMX, the weight dequantized to bf16 times bf16
   activations (`bf16_matmul_is_fast`): 1.5-2x faster than the reference at 512 tokens (benchmarks/kernel_layers.py);
 - training and `policy="reference"`: the reference path (dequantize, then `F.linear` in the activation dtype),
@@ -37,7 +37,26 @@ from .memory import keep_only_kernel_copy
 logger = logging.get_logger(__name__)
 
 KERNELS_ENV = "OPTIMUM_AGENTOS_KERNELS"  # "auto" (default) or "reference" (always dequantize)
-DECODE_MAX_TOKENS = 8
+# Calls of up to this many tokens go to the bf16 packed kernels: with the weights streamed from memory (as in a
+# model), they beat dequantizing to bf16 up to ~32 tokens (int8) and ~48 (int4) on a 2-core AMX CPU, so a chat
+# prompt's prefill does not dequantize every layer (benchmarks/kernel_layers.py).
+DECODE_MAX_TOKENS = 32
+
+
+def bf16_input(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """`x` as contiguous bf16 rows `[tokens, in_features]`. q/k/v (and gate/up) read the same activation tensor in
+    turn, so its conversion is kept for the next call while the tensor is unchanged (same object, same version)."""
+    if torch.compiler.is_compiling():  # compiled graphs fuse the conversion anyway
+        return x.reshape(-1, in_features).to(torch.bfloat16).contiguous()
+    cached = _last_bf16_input
+    if cached[0] is x and cached[1] == x._version:
+        return cached[2]
+    flat = x.reshape(-1, in_features).to(torch.bfloat16).contiguous()
+    _last_bf16_input[:] = [x, x._version, flat]
+    return flat
+
+
+_last_bf16_input: list = [None, -1, None]
 
 
 def _grad_needed(x: torch.Tensor) -> bool:
@@ -115,7 +134,7 @@ class Int4PackKernel:
 
     @staticmethod
     def run(layer, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, layer.in_features).to(torch.bfloat16).contiguous()
+        flat = bf16_input(x, layer.in_features)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, layer.kernel_weight, layer.kernel_group,
                                                         layer.kernel_scales).to(x.dtype)
         if layer.bias is not None:
@@ -156,10 +175,10 @@ class Int8PackKernel:
 
     @staticmethod
     def run(layer, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, layer.in_features)
-        y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), layer.kernel_weight, layer.kernel_scales)
-        y = y.to(x.dtype)
+        y = torch.ops.aten._weight_int8pack_mm(bf16_input(x, layer.in_features), layer.kernel_weight,
+                                               layer.kernel_scales).to(x.dtype)
         if layer.kernel_zero_term is not None:
+            flat = x.reshape(-1, layer.in_features)
             y = y.addcmul_(flat.sum(-1, keepdim=True), layer.kernel_zero_term.to(x.dtype), value=-1)
         if layer.bias is not None:
             y = y + layer.bias.to(x.dtype)
