@@ -46,8 +46,8 @@ DECODE_MAX_TOKENS = 32
 def bf16_input(x: torch.Tensor, in_features: int) -> torch.Tensor:
     """`x` as contiguous bf16 rows `[tokens, in_features]`. q/k/v (and gate/up) read the same activation tensor in
     turn, so its conversion is kept for the next call while the tensor is unchanged (same object, same version)."""
-    if torch.compiler.is_compiling():  # compiled graphs fuse the conversion anyway
-        return x.reshape(-1, in_features).to(torch.bfloat16).contiguous()
+    if torch.compiler.is_compiling() or x.is_inference():  # compiled graphs fuse the conversion anyway; inference
+        return x.reshape(-1, in_features).to(torch.bfloat16).contiguous()  # tensors have no version to check
     cached = _last_bf16_input
     if cached[0] is x and cached[1] == x._version:
         return cached[2]

@@ -120,6 +120,26 @@ def test_kernel_holds_the_only_copy_of_the_codes_when_it_can_give_them_back(bits
     assert torch.equal(module.weight, packed) and not module.weight_in_kernel
 
 
+def test_layers_reading_one_input_share_its_bf16_copy_until_it_changes():
+    first, second = layer(4, 128), layer(8, -1, seed=3)
+    prepare_kernels(first), prepare_kernels(second)
+    def close_to_reference(module, x):
+        ref = reference(module, x)
+        return (module(x) - ref).abs().max() <= TOLERANCE * ref.abs().max()
+
+    x = torch.randn(1, 1, 256)
+    with torch.no_grad():
+        first(x)
+        assert torch.equal(second(x), second(x.clone()))  # the cached conversion equals a fresh one
+        x.mul_(2)  # in place: a new version, converted again
+        assert close_to_reference(first, x) and close_to_reference(second, x)
+    with torch.inference_mode():  # inference tensors have no version counter: converted on every call
+        x = torch.randn(1, 1, 256)
+        first(x)
+        x.mul_(2)
+        assert close_to_reference(first, x) and close_to_reference(second, x)
+
+
 def test_symmetric_int8_skips_the_zero_point_share_and_stays_within_tolerance():
     g = torch.Generator().manual_seed(0)
     module = QuantLinear.from_float(torch.randn(192, 256, generator=g) * 0.05, None, 8, -1, sym=True)
