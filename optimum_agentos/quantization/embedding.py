@@ -70,6 +70,7 @@ class QuantHead(nn.Module):
     float path, as does everything before `kernels.prepare_kernels` has run. Tolerance of the int8 kernel against it: the bf16 rounding of activations and outputs (~1%)."""
 
     fast = False  # set by `prepare` (False: always the exact float path)
+    prefill_bf16 = False  # likewise: long inference calls dequantize to bfloat16 (fast on CPUs with AMX)
 
     def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__()
@@ -99,6 +100,7 @@ class QuantHead(nn.Module):
         """Called by `kernels.prepare_kernels`: allow the fast paths (the kernel gets unit scales; the float32
         scales are applied to its output)."""
         self.fast = fast
+        self.prefill_bf16 = fast and kernels.bf16_matmul_is_fast()
         self.register_buffer("kernel_unit_scales", torch.ones(self.out_features, dtype=torch.bfloat16,
                                                               device=self.weight.device), persistent=False)
 
@@ -109,7 +111,7 @@ class QuantHead(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(kernels.bf16_input(x, self.in_features), self.weight,
                                                    self.kernel_unit_scales)
             y = y.to(x.dtype) * self.weight_scale.view(-1).to(x.dtype)
-        elif fast and kernels.bf16_matmul_is_fast():
+        elif fast and self.prefill_bf16:
             y = F.linear(flat.to(torch.bfloat16), self.dequantize(torch.bfloat16)).to(x.dtype)
         else:
             y = F.linear(flat, self.dequantize(x.dtype))
