@@ -4,7 +4,8 @@ A small model's vocabulary matrix is a large share of it (SmolLM2-135M: 28M of 1
 single matmul of each decoded token. Both get one int8 code per weight and one float32 scale per vocabulary row
 (symmetric: `w = q s`, `q` in [-127, 127]). When the head is tied to the embedding, both modules hold the same two
 tensors (tied like the float weights, through the model's tied-weight keys), so the file and the memory hold one
-int8 matrix. The head decodes with `torch._weight_int8pack_mm` on these codes as they are (no second copy).
+int8 matrix. The head decodes with `torch._weight_int8pack_mm` on these codes as they are (no second copy,
+`kernels.Int8RowsKernel`).
 """
 
 from __future__ import annotations
@@ -65,12 +66,14 @@ class QuantEmbedding(nn.Module):
 class QuantHead(nn.Module):
     """Bias-free output head with int8 rows, the same tensors as `QuantEmbedding` (shared with it when tied).
 
-    Short inference calls (decode) run `_weight_int8pack_mm` with bf16 activations and unit scales, then apply the
-    float32 scales; long ones dequantize (to bf16 on CPUs with AMX, like `QuantLinear`); autograd takes the exact
-    float path, as does everything before `kernels.prepare_kernels` has run. Tolerance of the int8 kernel against it: the bf16 rounding of activations and outputs (~1%)."""
+    Computes through `kernels.forward`, like `QuantLinear`: short inference calls (decode) on
+    `kernels.Int8RowsKernel` once `kernels.prepare_kernels` has run; long ones dequantize (to bf16 on CPUs with AMX);
+    autograd, and everything before `prepare_kernels`, take the exact float path. Tolerance of the int8 kernel
+    against it: the bf16 rounding of activations and outputs (~1%)."""
 
-    fast = False  # set by `prepare` (False: always the exact float path)
-    prefill_bf16 = False  # likewise: long inference calls dequantize to bfloat16 (fast on CPUs with AMX)
+    kernel = None  # set by kernels.prepare_kernels
+    prefill_bf16 = False  # likewise
+    bias = None  # bias-free by construction (`from_float` refuses a head with one)
 
     def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__()
@@ -96,34 +99,16 @@ class QuantHead(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight.to(dtype) * self.weight_scale.to(dtype)
 
-    def prepare(self, fast: bool) -> None:
-        """Called by `kernels.prepare_kernels`: allow the fast paths (the kernel gets unit scales; the float32
-        scales are applied to its output)."""
-        self.fast = fast
-        self.prefill_bf16 = fast and kernels.bf16_matmul_is_fast()
-        self.register_buffer("kernel_unit_scales", torch.ones(self.out_features, dtype=torch.bfloat16,
-                                                              device=self.weight.device), persistent=False)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        fast = self.fast and not torch.is_grad_enabled() and self.weight.device.type == "cpu"
-        if fast and 0 < len(flat) <= kernels.DECODE_MAX_TOKENS and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-            y = torch.ops.aten._weight_int8pack_mm(kernels.bf16_input(x, self.in_features), self.weight,
-                                                   self.kernel_unit_scales)
-            y = y.to(x.dtype) * self.weight_scale.view(-1).to(x.dtype)
-        elif fast and self.prefill_bf16:
-            y = F.linear(flat.to(torch.bfloat16), self.dequantize(torch.bfloat16)).to(x.dtype)
-        else:
-            y = F.linear(flat, self.dequantize(x.dtype))
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return kernels.forward(self, x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits=8"
 
 
-def quantize_embeddings(model: nn.Module) -> list[str]:
+def quantize_embeddings(model: nn.Module) -> None:
     """Replace the float input embedding (and the output head, sharing its tensors when tied) of a float model by
-    int8 ones in place; returns the replaced module names."""
+    int8 ones, in place."""
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     if not isinstance(embedding, nn.Embedding):
         raise ValueError(f"embedding_bits needs an nn.Embedding input embedding; {type(model).__name__} has "
@@ -131,11 +116,8 @@ def quantize_embeddings(model: nn.Module) -> list[str]:
     tied = head is not None and getattr(head, "weight", None) is embedding.weight
     new_embedding = QuantEmbedding.from_float(embedding)
     model.set_input_embeddings(new_embedding)
-    names = [_name_of(model, new_embedding)]
     if isinstance(head, nn.Linear):
         model.set_output_embeddings(QuantHead.tied_to(new_embedding) if tied else QuantHead.from_float(head))
-        names.append(_name_of(model, model.get_output_embeddings()))
-    return names
 
 
 def replace_embeddings_for_loading(model: nn.Module, device="meta") -> None:

@@ -6,6 +6,8 @@
   to 31 tokens, oneDNN from 32) for every inference call, since it rounds the activations.
 - int4 whose group size and `in_features` share a factor 32/64/128/256: `_weight_int4pack_mm_for_cpu` with bf16
   activations, for calls of at most `DECODE_MAX_TOKENS` tokens without autograd; it loses to fp32 at prefill.
+- the int8 output head (`embedding.QuantHead`): `Int8RowsKernel`, `_weight_int8pack_mm` on its symmetric rows, for
+  calls of at most `DECODE_MAX_TOKENS` tokens without autograd.
 - longer inference calls of the other layers: on CPUs with AMX, the weight dequantized to bf16 times bf16
   activations (`bf16_matmul_is_fast`): 1.5-2x faster than the reference at 512 tokens (benchmarks/kernel_layers.py);
 - training and `policy="reference"`: the reference path (dequantize, then `F.linear` in the activation dtype),
@@ -19,11 +21,8 @@ activation rounding step per input, see `dynamic_int8`.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import os
-import sys
 from collections import Counter
 
 import torch
@@ -32,31 +31,32 @@ from transformers.utils import logging
 
 from . import rtn
 from .dynamic_int8 import Int8DynamicKernel, per_row_int8_unsupported
-from .memory import keep_only_kernel_copy
+from .memory import keep_only_kernel_copy, release_free_memory
 
 logger = logging.get_logger(__name__)
 
 KERNELS_ENV = "OPTIMUM_AGENTOS_KERNELS"  # "auto" (default) or "reference" (always dequantize)
 # Calls of up to this many tokens go to the bf16 packed kernels: with the weights streamed from memory (as in a
-# model), they beat dequantizing to bf16 up to ~32 tokens (int8) and ~48 (int4) on a 2-core AMX CPU, so a chat
-# prompt's prefill does not dequantize every layer (benchmarks/kernel_layers.py).
+# model), int8 beats dequantizing to bf16 up to 32 tokens and ties at 64, int4 still wins at 64, on a 2-core AMX CPU
+# (`benchmarks/kernel_layers.py --threads 2 --copies 40`); so a chat prompt's prefill does not dequantize every layer.
 DECODE_MAX_TOKENS = 32
 
 
 def bf16_input(x: torch.Tensor, in_features: int) -> torch.Tensor:
     """`x` as contiguous bf16 rows `[tokens, in_features]`. q/k/v (and gate/up) read the same activation tensor in
     turn, so its conversion is kept for the next call while the tensor is unchanged (same object, same version)."""
+    global _last_bf16_input
     if torch.compiler.is_compiling() or x.is_inference():  # compiled graphs fuse the conversion anyway; inference
         return x.reshape(-1, in_features).to(torch.bfloat16).contiguous()  # tensors have no version to check
-    cached = _last_bf16_input
-    if cached[0] is x and cached[1] == x._version:
-        return cached[2]
+    source, version, flat = _last_bf16_input  # one tuple, read once
+    if source is x and version == x._version:
+        return flat
     flat = x.reshape(-1, in_features).to(torch.bfloat16).contiguous()
-    _last_bf16_input[:] = [x, x._version, flat]
+    _last_bf16_input = (x, x._version, flat)
     return flat
 
 
-_last_bf16_input: list = [None, -1, None]
+_last_bf16_input: tuple = (None, -1, None)
 
 
 def _grad_needed(x: torch.Tensor) -> bool:
@@ -185,14 +185,42 @@ class Int8PackKernel:
         return y.reshape(*x.shape[:-1], layer.out_features)
 
 
-KERNELS = (Int4PackKernel, Int8DynamicKernel, Int8PackKernel)  # first fit wins
+class Int8RowsKernel:
+    """Symmetric int8 rows with float32 row scales (`embedding.QuantHead`): `torch._weight_int8pack_mm` on the rows
+    as they are (shared with the tied embedding), with unit scales; the float32 scales are applied to its output."""
+
+    name = "int8rows-bf16"
+    max_tokens = DECODE_MAX_TOKENS
+
+    @staticmethod
+    def unsupported(head) -> str | None:
+        if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            return "this torch build has no _weight_int8pack_mm"
+        if head.weight.device.type != "cpu":
+            return f"device {head.weight.device.type}"
+        return None
+
+    @staticmethod
+    def prepare(head) -> None:
+        ones = torch.ones(head.out_features, dtype=torch.bfloat16, device=head.weight.device)
+        head.register_buffer("kernel_unit_scales", ones, persistent=False)  # a buffer: inductor lowers it
+
+    @staticmethod
+    def run(head, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(bf16_input(x, head.in_features), head.weight, head.kernel_unit_scales)
+        y = y.to(x.dtype) * head.weight_scale.view(-1).to(x.dtype)
+        return y.reshape(*x.shape[:-1], head.out_features)
 
 
-def choose_kernel(layer, activations: str | None = None):
-    """The first kernel that fits the layer, and why the others do not. Kernels that quantize activations are only
-    chosen when the checkpoint asks for it (`activations="int8-dynamic"`)."""
+KERNELS = (Int4PackKernel, Int8DynamicKernel, Int8PackKernel)  # for `QuantLinear`; first fit wins
+HEAD_KERNELS = (Int8RowsKernel,)  # for `embedding.QuantHead`
+
+
+def choose_kernel(layer, activations: str | None = None, candidates=KERNELS):
+    """The first of `candidates` that fits the layer, and why the others do not. Kernels that quantize activations
+    are only chosen when the checkpoint asks for it (`activations="int8-dynamic"`)."""
     reasons = []
-    for kernel in KERNELS:
+    for kernel in candidates:
         dynamic = getattr(kernel, "quantizes_activations", False)
         reason = "weight-only checkpoint (activations=None)" if dynamic and activations != "int8-dynamic" else None
         reason = reason or kernel.unsupported(layer)
@@ -203,12 +231,14 @@ def choose_kernel(layer, activations: str | None = None):
 
 
 def prepare_kernels(model, policy: str | None = None, activations: str | None = None) -> dict[str, str]:
-    """Repack every `QuantLinear` of `model` for its fastest kernel; returns `{layer: kernel or "reference"}`.
+    """Repack every `QuantLinear` (and int8 `QuantHead`) of `model` for its fastest kernel; returns
+    `{layer: kernel or "reference"}`.
 
     Logs once which kernel the layers use, and warns, with the reason, for layers left on the slow reference path.
     `policy="reference"` (or `OPTIMUM_AGENTOS_KERNELS=reference`) keeps every layer on the reference path.
     `activations` (default: the model's `quantization_config.activations`) = `"int8-dynamic"` allows the W8A8 kernel.
     """
+    from .embedding import QuantHead
     from .linear import QuantLinear
 
     policy = policy or os.environ.get(KERNELS_ENV, "auto")
@@ -217,16 +247,17 @@ def prepare_kernels(model, policy: str | None = None, activations: str | None = 
     if activations is None:
         config = getattr(getattr(model, "config", None), "quantization_config", None)
         activations = config.get("activations") if isinstance(config, dict) else getattr(config, "activations", None)
-    from .embedding import QuantHead
-
     chosen, slow = {}, {}
     for name, module in model.named_modules():
-        if isinstance(module, QuantHead):
-            module.prepare(fast=policy == "auto")
-        if not isinstance(module, QuantLinear):
+        if isinstance(module, QuantLinear):
+            candidates = KERNELS
+            module.restore_weight()
+        elif isinstance(module, QuantHead):
+            candidates = HEAD_KERNELS
+        else:
             continue
-        module.restore_weight()
-        kernel, reason = (None, "policy 'reference'") if policy == "reference" else choose_kernel(module, activations)
+        kernel, reason = (None, "policy 'reference'") if policy == "reference" else choose_kernel(
+            module, activations, candidates)
         if kernel is not None:
             kernel.prepare(module)
         module.kernel = kernel
@@ -246,17 +277,6 @@ def prepare_kernels(model, policy: str | None = None, activations: str | None = 
         logger.warning(f"{len(slow)} QuantLinear layers have no fast CPU kernel and dequantize on every call "
                        f"(slow at decode), e.g. {first}: {why}")
     return chosen
-
-
-def release_free_memory() -> None:
-    """Hand the memory glibc keeps after freeing big temporaries back to the system (`malloc_trim`); elsewhere a
-    no-op."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        pass
 
 
 def _kernel_serves(kernel, layer, x: torch.Tensor) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import mmap
 import sys
 
@@ -18,6 +19,22 @@ from torch import nn
 
 
 _MADV_DONTNEED = 4
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def release_free_memory() -> None:
+    """Hand the memory glibc keeps after freeing big temporaries back to the system (`malloc_trim`); elsewhere a
+    no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        _libc().malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
 
 
 def _safetensors_mappings() -> list[tuple[int, int]]:
@@ -47,7 +64,7 @@ def release_file_pages(tensor: torch.Tensor) -> None:
     fault them in again); a no-op for tensors in their own memory."""
     ranges = _safetensors_mappings()
     if ranges and tensor.device.type == "cpu":
-        _drop_file_pages(tensor, ranges, ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True))
+        _drop_file_pages(tensor, ranges, _libc())
 
 
 def keep_only_kernel_copy(layer) -> None:
@@ -66,7 +83,7 @@ def own_memory(model: nn.Module) -> None:
     every tensor is); once none is left, the file's mapping, with the pages read while loading, goes away."""
     ranges = _safetensors_mappings()
     linux = sys.platform.startswith("linux")
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if ranges else None
+    libc = _libc() if ranges else None
     for module in model.modules():
         for tensor in list(module._parameters.values()) + list(module._buffers.values()):
             if tensor is None or tensor.device.type != "cpu":
