@@ -5,7 +5,7 @@ Load time and resident memory come from a fresh process per row (RSS after loadi
 before it, so the torch runtime is not counted); the speed rows then time every model round-robin, so machine noise
 hits all rows alike, and report the ratio to fp32 measured beside it.
 
-    python benchmarks/speed.py                 # about 25 minutes on 2 cores
+    python benchmarks/speed.py                 # about 20 minutes on 2 cores
     python benchmarks/speed.py --repeats 3 --new-tokens 32
 """
 
@@ -169,12 +169,12 @@ def time_all(rows: list[str], args) -> dict[str, dict]:
     models = {row: load(row, Path(args.work)).eval() for row in rows}
     times = {row: {"prefill": [], "decode": []} for row in rows}
     with torch.no_grad():  # not inference_mode: optimum-quanto's tensors fail under it
-        compile_s = {}
+        warmup_seconds = {}
         for row, model in models.items():  # warm-up: first calls allocate, pick algorithms (and compile)
             start = time.perf_counter()
             model(prompt_ids, use_cache=False)
             model.generate(decode_prompt, **generate_kwargs(row, args.new_tokens))
-            compile_s[row] = time.perf_counter() - start
+            warmup_seconds[row] = time.perf_counter() - start
         for _ in range(args.repeats):
             for row, model in models.items():
                 start = time.perf_counter()
@@ -188,7 +188,7 @@ def time_all(rows: list[str], args) -> dict[str, dict]:
         row: {
             "prefill_tok_s": args.prefill_tokens / statistics.median(t["prefill"]),
             "decode_tok_s": args.new_tokens / statistics.median(t["decode"]),
-            "warmup_s": compile_s[row],
+            "warmup_s": warmup_seconds[row],
         }
         for row, t in times.items()
     }

@@ -65,8 +65,9 @@ def _accepts_use_cache(model: nn.Module) -> bool:
     return hasattr(getattr(model, "config", None), "use_cache")
 
 
-class _SharedInputHessians:
-    """One accumulator per distinct input tensor: q/k/v (or gate/up) read the same tensor and share one Hessian.
+class _SharedInputStats:
+    """One accumulator per distinct input tensor: q/k/v (or gate/up) read the same tensor and share one Hessian
+    (or other statistic).
 
     `accumulator(in_features, device=...)` makes one; it has an `add(x)` method (default `HessianAccumulator`)."""
 
@@ -123,7 +124,7 @@ def run_blockwise(
         block = blocks[index]
         if names:
             covered.update(names)
-            hessians = _SharedInputHessians(accumulator)
+            hessians = _SharedInputStats(accumulator)
             handles = [
                 modules[n].register_forward_hook(lambda m, args, out, n=n: hessians.add(n, args[0])) for n in names
             ]

@@ -45,8 +45,11 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
         start = time.perf_counter()
         names = resolve_targets(self.model, config.target, config.ignore)
         check_group_size(self.model, names, config)
-        uses_data = [what for what, needs in (("method='gptq'", config.method == "gptq"),
-                                              ("smoothquant_alpha", config.smoothquant_alpha is not None)) if needs]
+        uses_data = []
+        if config.method == "gptq":
+            uses_data.append("method='gptq'")
+        if config.smoothquant_alpha is not None:
+            uses_data.append("smoothquant_alpha")
         if uses_data and calibration_dataset is None:
             raise ValueError(f"{' and '.join(uses_data)} needs calibration data: pass calibration_dataset='wikitext2' "
                              "or texts.")
