@@ -77,9 +77,13 @@ def _prune_parser(sub) -> None:
 
 
 def _check_output(args) -> Path:
+    from .formats.folder import check_save_dir
+
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        raise SystemExit(f"error: {output} exists and is not empty; pass --overwrite to replace it.")
+    try:
+        check_save_dir(output, args.overwrite)
+    except FileExistsError as err:  # also UnsafeOverwriteError: the user's files are named
+        raise SystemExit(f"error: {err}".replace("overwrite=True (CLI: --overwrite)", "--overwrite")) from None
     return output
 
 
@@ -93,7 +97,7 @@ def _evaluator(args, tokenizer):
 
 def _save_with_card(args, model, tokenizer, info: dict, baseline, evaluate, files: dict | None = None) -> dict:
     """Evaluate the compressed model, save it with its card atomically; returns the summary's shared rows."""
-    from .checkpoint import folder_size, save_model_folder
+    from .formats.folder import folder_size, save_model_folder
     from .hub.card import write_card
 
     results = []
@@ -113,7 +117,7 @@ def _save_with_card(args, model, tokenizer, info: dict, baseline, evaluate, file
         for name, text in (files or {}).items():
             Path(folder, name).write_text(text)
 
-    save_model_folder(model, tokenizer, args.output, overwrite=True, extra=extra)
+    save_model_folder(model, tokenizer, args.output, overwrite=args.overwrite, extra=extra)
     base_size = info["sizes"].get("baseline")
     summary = {
         "size_mb": round(info["sizes"]["compressed"] / 1e6, 1),
@@ -189,7 +193,7 @@ def run_prune(args) -> dict:
 
 
 def _source_size(model) -> int | None:
-    from .checkpoint import folder_size
+    from .formats.folder import folder_size
 
     path = getattr(model, "name_or_path", None)
     return folder_size(path) if path and Path(path).is_dir() else None

@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 def load_pretrained(model_or_path: str, dtype=torch.float32, **kwargs):
@@ -22,7 +26,9 @@ def load_pretrained(model_or_path: str, dtype=torch.float32, **kwargs):
     own_memory(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as err:
+        logger.warning(f"No tokenizer could be loaded from {path} ({type(err).__name__}: {err}); the checkpoint will be "
+                       "saved without tokenizer files unless you pass tokenizer=.")
         tokenizer = None
     return model, tokenizer, path
 

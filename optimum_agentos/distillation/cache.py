@@ -14,7 +14,7 @@ from datasets import Dataset, Sequence, Value
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..checkpoint import atomic_directory
+from ..formats.folder import atomic_directory
 
 
 logger = logging.get_logger(__name__)
@@ -91,7 +91,7 @@ def precompute_teacher_topk(
 
 
 def save_atomically(dataset: Dataset, output_dir: str | os.PathLike) -> Path:
-    """`save_to_disk` through `checkpoint.atomic_directory`: an existing cache is replaced only once the new one is
+    """`save_to_disk` through `formats.folder.atomic_directory`: an existing cache is replaced only once the new one is
     complete."""
     with atomic_directory(output_dir) as tmp:
         dataset.save_to_disk(str(tmp))

@@ -89,7 +89,7 @@ def _language_model(args, dargs, config, tokenizer):
 def run_distill(argv: list[str]) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
 
-    from ..checkpoint import folder_size, save_model_folder
+    from ..formats.folder import check_save_dir, folder_size, save_model_folder
     from ..hub.card import write_card
     from ..models import resolve_model
     from .cache import precompute_teacher_topk
@@ -104,8 +104,10 @@ def run_distill(argv: list[str]) -> dict:
     if (dargs.student is None) == (dargs.student_layers is None):
         raise SystemExit("error: pass exactly one of --student (a model) or --student_layers (made from the teacher).")
     output = Path(config.output_dir)
-    if output.exists() and any(output.iterdir()) and not dargs.overwrite:
-        raise SystemExit(f"error: {output} exists and is not empty; pass --overwrite to replace it.")
+    try:
+        check_save_dir(output, dargs.overwrite, carry_over=_trainer_output)
+    except FileExistsError as err:
+        raise SystemExit(f"error: {err}".replace("overwrite=True (CLI: --overwrite)", "--overwrite True")) from None
     start = time.perf_counter()
     teacher_path = resolve_model(dargs.teacher)
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
@@ -151,19 +153,27 @@ def run_distill(argv: list[str]) -> dict:
                   "compressed": results["student_after"], "dataset_type": job["dataset_type"]}],
     )
 
-    def extra(folder):
-        write_card(folder, info)
-
-    save_model_folder(model, tokenizer, output, overwrite=True, extra=extra)
     summary = {
         "output": str(output), "task": dargs.task, "metric": job["metric"], "teacher": round(results["teacher"], 4),
         "student_before": round(results["student_before"], 4), "student_after": round(results["student_after"], 4),
         "teacher_params": params["teacher"], "student_params": params["student"], "steps": trained.global_step,
         "train_seconds": round(trained.metrics.get("train_runtime", 0.0), 1),
-        "size_mb": round(folder_size(output) / 1e6, 1), "total_seconds": round(time.perf_counter() - start, 1),
     }
-    Path(output, "agentos_summary.json").write_text(json.dumps(summary, indent=2))
+
+    def extra(folder):
+        write_card(folder, info)
+        summary["size_mb"] = round(folder_size(folder) / 1e6, 1)
+        summary["total_seconds"] = round(time.perf_counter() - start, 1)
+        Path(folder, "agentos_summary.json").write_text(json.dumps(summary, indent=2))
+
+    # The Trainer's own outputs in output_dir (checkpoint-N for resume_from_checkpoint, logs) stay beside the model.
+    save_model_folder(model, tokenizer, output, overwrite=dargs.overwrite, extra=extra, carry_over=_trainer_output)
     return summary
+
+
+def _trainer_output(name: str) -> bool:
+    """Entries `transformers.Trainer` writes into its `output_dir`."""
+    return name.startswith(("checkpoint-", "runs", "trainer_state", "training_args")) or name == "all_results.json"
 
 
 if __name__ == "__main__":

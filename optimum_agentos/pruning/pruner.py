@@ -242,9 +242,10 @@ class Pruner(ModelCompressor):
 
         `float_dtype` is the dtype of the kept float values and embeddings on disk when not quantizing.
         """
-        from ..checkpoint import save_model_folder
+        from ..formats.folder import check_save_dir, save_model_folder
         from ..hub.card import write_card
 
+        check_save_dir(save_dir, overwrite)  # before minutes of work: refuse a folder holding the user's files
         config = config or PruningConfig()
         self.prune_in_place(config, calibration_dataset, num_samples, seq_len, batch_size, quantization)
         model = self.compress(config, float_dtype)

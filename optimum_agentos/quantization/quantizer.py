@@ -93,9 +93,10 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
         file_prefix=None,
     ):
         """Quantize and save model, tokenizer and model card to `save_dir` (atomically). Returns the model."""
-        from ..checkpoint import save_model_folder
+        from ..formats.folder import check_save_dir, save_model_folder
         from ..hub.card import write_card
 
+        check_save_dir(save_dir, overwrite)  # before minutes of work: refuse a folder holding the user's files
         config = config or AgentOSConfig()
         model = self.quantize_in_place(config, calibration_dataset, num_samples, seq_len, batch_size)
         card_info = {"base_model": self.source, "config": config.to_dict(), **(card_extra or {})}

@@ -21,9 +21,9 @@ def test_distill_command_rejects_bad_arguments(argv, message, tmp_path):
         run_distill(argv + ["--output_dir", str(tmp_path / "o"), "--report_to", "none"])
 
 
-def test_distill_command_refuses_a_non_empty_output(tmp_path):
+def test_distill_command_refuses_a_folder_of_user_files(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="--overwrite"):
+    with pytest.raises(SystemExit, match="keep.txt"):
         run_distill(["--task", "sst2", "--student_layers", "3", "--output_dir", str(tmp_path), "--report_to", "none"])
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
