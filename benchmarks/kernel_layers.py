@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from optimum_agentos import QuantLinear
-from optimum_agentos.quantization.kernels import Int8PackKernel, prepare_kernels
+from optimum_agentos.nn.kernels import Int8PackKernel
+from optimum_agentos.nn.prepare import prepare_kernels
 
 SHAPES = {"q_proj/o_proj": (576, 576), "k_proj/v_proj": (576, 192), "gate/up_proj": (576, 1536),
           "down_proj": (1536, 576)}

@@ -53,7 +53,7 @@ def run_llmcompressor(python: str, rows: list[str], args) -> list[dict]:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from optimum_agentos.evaluation.data import calibration_windows, load_text, tokenize_text, windows_from_ids
+    from optimum_agentos.data import calibration_windows, load_text, tokenize_text, windows_from_ids
     from optimum_agentos.models import resolve_model
 
     source = resolve_model("smollm2-135m")
@@ -117,7 +117,7 @@ def recover(model, tokenizer, steps: int, seq_len: int = 512, batch: int = 2, lr
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    from optimum_agentos.evaluation.data import calibration_windows
+    from optimum_agentos.data import calibration_windows
 
     ids = calibration_windows(tokenizer, "wikitext2", "validation", steps * batch, seq_len)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
@@ -141,7 +141,7 @@ def worker(row: str, args) -> dict:
 
     import optimum_agentos  # noqa: F401
     from optimum_agentos import AgentOSConfig, Pruner, PruningConfig
-    from optimum_agentos.checkpoint import folder_size
+    from optimum_agentos.formats import folder_size
     from optimum_agentos.evaluation import perplexity
     from optimum_agentos.models import resolve_model
 

@@ -159,7 +159,7 @@ def time_all(rows: list[str], args) -> dict[str, dict]:
     import torch
     from transformers import AutoTokenizer
 
-    from optimum_agentos.evaluation.data import load_text, tokenize_text
+    from optimum_agentos.data import load_text, tokenize_text
     from optimum_agentos.models import resolve_model
 
     torch.set_num_threads(args.threads)

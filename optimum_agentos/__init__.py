@@ -4,13 +4,15 @@ Importing the package registers `quant_method: "agentos"` with transformers, so 
 quantizes agentos checkpoints.
 """
 
+from . import _moved
 from .config import AgentOSConfig
 from .integrations.transformers import register as _register
-from .pruning import PruningConfig, SparseLinear
-from .quantization import QuantLinear
+from .nn import QuantLinear, SparseLinear
 from .version import FORMAT_VERSION, __version__
 
+
 _register()
+_moved.install()
 
 _DISTILLATION = {"DistillationConfig", "DistillationTrainer", "make_student", "precompute_teacher_topk"}
 
@@ -30,6 +32,10 @@ def __getattr__(name):
         from .pruning.pruner import Pruner
 
         return Pruner
+    if name == "PruningConfig":
+        from .pruning.config import PruningConfig
+
+        return PruningConfig
     if name in _DISTILLATION:
         from . import distillation
 

@@ -16,7 +16,7 @@ def load_pretrained(model_or_path: str, dtype=torch.float32, **kwargs):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from .models import resolve_model
-    from .quantization.memory import own_memory
+    from .nn.memory import own_memory
 
     path = resolve_model(model_or_path)
     config = AutoConfig.from_pretrained(path, **kwargs)
@@ -52,12 +52,6 @@ class ModelCompressor:
 
     def calibration_ids(self, calibration_dataset, num_samples: int, seq_len: int) -> torch.Tensor:
         """Token windows `[num_samples, seq_len]` from a dataset name, a list of texts or ready ids."""
-        if isinstance(calibration_dataset, torch.Tensor):
-            return calibration_dataset.long().reshape(-1, calibration_dataset.shape[-1])
-        if self.tokenizer is None:
-            raise ValueError(f"Calibration from text needs a tokenizer: pass tokenizer= to {type(self).__name__}.")
-        from .evaluation.data import calibration_windows, windows_from_text
+        from .calibration.data import calibration_ids
 
-        if isinstance(calibration_dataset, str):
-            return calibration_windows(self.tokenizer, calibration_dataset, "validation", num_samples, seq_len)
-        return windows_from_text(self.tokenizer, "\n\n".join(calibration_dataset), num_samples, seq_len)
+        return calibration_ids(self.tokenizer, calibration_dataset, num_samples, seq_len, type(self).__name__)

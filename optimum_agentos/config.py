@@ -34,6 +34,19 @@ class CheckpointVersionError(ValueError):
     """A checkpoint written by a newer library than the one installed."""
 
 
+
+def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
+    """`"2:4"` -> `(2, 4)`: keep N of every M consecutive input weights. `None`/`"unstructured"` -> None."""
+    if pattern in (None, "unstructured"):
+        return None
+    try:
+        n, m = (int(p) for p in pattern.split(":"))
+    except ValueError as err:
+        raise ValueError(f"pattern={pattern!r} must look like 'N:M' (e.g. '2:4') or 'unstructured'.") from err
+    if not 0 < n < m:
+        raise ValueError(f"pattern={pattern!r} needs 0 < N < M.")
+    return n, m
+
 @dataclass
 class AgentOSConfig(QuantizationConfigMixin):
     """Weight-only quantization settings, also the `quantization_config` stored in `config.json`.
@@ -189,8 +202,6 @@ class AgentOSConfig(QuantizationConfigMixin):
             if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
                 raise ValueError(f"module_shapes[{name!r}]={shape!r} must be [out_features, in_features].")
         if self.sparsity_pattern is not None:
-            from .pruning.masks import parse_pattern
-
             parse_pattern(self.sparsity_pattern)
         if self.format_version > FORMAT_VERSION:
             raise CheckpointVersionError(

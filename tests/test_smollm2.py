@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_agentos import AgentOSConfig
-from optimum_agentos.checkpoint import folder_size
+from optimum_agentos.formats import folder_size
 from optimum_agentos.evaluation import perplexity
 from optimum_agentos.models import resolve_model
 from optimum_agentos.quantization.quantizer import Quantizer

@@ -6,7 +6,7 @@ import copy
 
 import torch.nn as nn
 
-from ..modeling import find_layer_list, keep_layers
+from ..nn.modeling import find_layer_list, keep_layers
 
 
 def uniform_layer_selection(teacher_layers: int, num_layers: int) -> list[int]:

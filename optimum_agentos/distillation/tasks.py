@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from datasets import Dataset
 
-from ..evaluation.data import load_text, tokenize_text, windows_from_ids
+from ..data import load_text, tokenize_text, windows_from_ids
 from ..evaluation.glue import glue_task, load_glue
 
 

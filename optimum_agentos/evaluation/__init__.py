@@ -1,7 +1,7 @@
 """Evaluation: standard tasks on in-memory models (perplexity, lm-eval zero-shot, GLUE, STS-B), baseline-vs-compressed
 reports, and the offline-capable datasets and calibration windows behind them."""
 
-from .data import (
+from ..data import (
     DATASETS,
     DatasetUnavailableError,
     calibration_windows,

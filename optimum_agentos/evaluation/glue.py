@@ -9,7 +9,7 @@ from typing import Callable
 
 from transformers.utils import logging
 
-from .data import DatasetUnavailableError, data_dir, is_offline
+from ..data import DatasetUnavailableError, data_dir, is_offline
 
 
 logger = logging.get_logger(__name__)

@@ -22,8 +22,7 @@ import torch
 def count_parameters(model) -> tuple[int, int]:
     """`(parameters, non-zero parameters)` of the model as it computes: quantized and sparse layers are counted by
     their logical `[out, in]` weight, not by their packed storage."""
-    from ..pruning.sparse_linear import SparseLinear
-    from ..quantization.linear import QuantLinear
+    from ..nn import QuantLinear, SparseLinear
 
     total = nonzero = 0
     seen = set()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .data import load_text, tokenize_text, windows_from_ids
+from ..data import load_text, tokenize_text, windows_from_ids
 
 
 logger = logging.get_logger(__name__)
@@ -104,7 +104,7 @@ def perplexity(
     Args:
         model: a causal LM (`AutoModelForCausalLM`), on any device.
         tokenizer: its tokenizer.
-        dataset (`str`, *optional*, defaults to `"wikitext2"`): dataset name (see `evaluation.data.DATASETS`).
+        dataset (`str`, *optional*, defaults to `"wikitext2"`): dataset name (see `optimum_agentos.data.DATASETS`).
         split (`str`, *optional*, defaults to `"test"`): dataset split.
         seq_len (`int`, *optional*, defaults to `512`): tokens per window.
         num_windows (`int`, *optional*, defaults to `64`): windows from the start of the split; `None` = all.

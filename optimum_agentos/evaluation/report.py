@@ -198,7 +198,7 @@ def compare(baseline, compressed, tokenizer=None, tasks=("wikitext2",), limit: i
     """
     from transformers import AutoTokenizer
 
-    from ..checkpoint import folder_size
+    from ..formats.folder import folder_size
     from .measure import count_parameters, measure_in_subprocess
 
     tasks = check_tasks(tasks)

@@ -124,7 +124,7 @@ def evaluate_model(model, tokenizer, tasks, limit: int | None = None, ppl_window
     ```
     """
     from .classification import evaluate_classifier, evaluate_sts
-    from .data import load_text, tokenize_text
+    from ..data import load_text, tokenize_text
     from .harness import run_harness
     from .perplexity import perplexity_from_ids
 

@@ -53,3 +53,59 @@ def check_safetensors(path: str | os.PathLike) -> dict:
         )
     header.pop("__metadata__", None)
     return header
+
+
+def check_layer_tensors(model, headers: dict, tied: dict | None = None) -> None:
+    """Before loading: every tensor of every compressed layer is in the checkpoint, with the shape the config implies.
+
+    A missing `weight_scale` (or any other) tensor would otherwise load silently with whatever memory held;
+    `tied` maps keys saved once under another name (a tied int8 head) to that name."""
+    from ..nn import QuantEmbedding, QuantHead, QuantLinear, SparseLinear
+
+    if not headers:
+        return
+    tied = tied or {}
+    missing, wrong = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, (QuantLinear, SparseLinear, QuantEmbedding, QuantHead)):
+            continue
+        for key, tensor in module.state_dict(prefix=f"{name}.", keep_vars=True).items():
+            entry = headers.get(key) or headers.get(tied.get(key, ""))
+            if entry is None:
+                missing.append(key)
+            elif tuple(entry["shape"]) != tuple(tensor.shape):
+                wrong.append(f"{key} {entry['shape']} (expected {list(tensor.shape)})")
+    if missing or wrong:
+        found = (f"missing {missing[:5]}" if missing else "") + ("; " if missing and wrong else "") + (
+            f"wrong shapes {wrong[:5]}" if wrong else "")
+        raise CorruptCheckpointError(
+            f"The checkpoint's safetensors files do not hold the tensors its config.json describes: {found}. The "
+            f"files are damaged or belong to another save. {_FIX}"
+        )
+
+
+def check_sparse_layers(model, config) -> None:
+    """After loading: every sparse layer's bitmask matches its values (and the recorded N:M pattern)."""
+    from ..config import parse_pattern
+
+    if not config.sparse_layers:
+        return
+    n_m = parse_pattern(config.sparsity_pattern)
+    for name in config.sparse_layers:
+        model.get_submodule(name).check(name, n_m)
+
+
+def check_sparse_value_shapes(model, config, headers: dict) -> None:
+    """Before loading: each sparse layer's stored value tensor has the size its recorded count of kept weights
+    implies (a more precise message than `check_layer_tensors` gives for the same mismatch)."""
+    from ..nn.sparse_linear import SparseCheckpointError
+
+    for name in config.sparse_layers or {}:
+        entry = headers.get(f"{name}.weight")
+        expected = tuple(model.get_submodule(name).weight.shape)
+        if entry is not None and tuple(entry["shape"]) != expected:
+            raise SparseCheckpointError(
+                f"{name}: config.json records {config.sparse_layers[name]} kept weights (a value tensor of shape "
+                f"{list(expected)}) but the safetensors file stores {entry['shape']}; the checkpoint is corrupt or "
+                "its config.json belongs to another save. Re-download or re-save it."
+            )

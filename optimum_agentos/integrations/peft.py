@@ -12,8 +12,8 @@ import importlib.util
 import torch
 from torch import nn
 
-from ..quantization import rtn
-from ..quantization.linear import QuantLinear
+from ..nn import qmath
+from ..nn.linear import QuantLinear
 
 
 _REGISTERED = False
@@ -60,7 +60,7 @@ def _lora_class():
             if safe_merge and not torch.isfinite(weight).all():
                 raise ValueError(f"Merging adapters {names} produced non-finite weights; nothing was merged.")
             sym = bool((base.weight_zero == (1 << (base.bits - 1))).all())
-            codes, scales, zeros = rtn.quantize_rtn(weight, base.bits, base.group_size, sym, base.weight_scale.dtype)
+            codes, scales, zeros = qmath.quantize_rtn(weight, base.bits, base.group_size, sym, base.weight_scale.dtype)
             base.load_codes(codes, scales, zeros)
 
         def unmerge(self) -> None:

@@ -8,18 +8,18 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils import logging
 
-from ..checkpoint import check_safetensors
-from ..pruning.sparse_linear import SparseCheckpointError
 from ..config import QUANT_METHOD, AgentOSConfig
+from ..formats.checks import check_layer_tensors, check_safetensors, check_sparse_layers, check_sparse_value_shapes
+from ..formats.kept_weights import round_kept_weights, state_dict_for_save
+from ..formats.mark import mark_compressed
+from ..formats.replace import dequantize_model, replace_with_quant_linear
+from ..nn import qmath
+from ..nn.embedding import QuantEmbedding, QuantHead, quantize_rows_int8
+from ..nn.linear import SCALE_DTYPES, QuantLinear
+from ..nn.memory import own_memory
+from ..nn.packing import pack
+from ..nn.prepare import prepare_kernels
 from .peft import register_peft
-from ..quantization import rtn
-from ..quantization.embedding import QuantEmbedding, QuantHead, quantize_rows_int8
-from ..quantization.linear import SCALE_DTYPES, QuantLinear
-from ..quantization.kernels import prepare_kernels
-from ..quantization.kept_weights import round_kept_weights, state_dict_for_save
-from ..quantization.memory import own_memory
-from ..quantization.packing import pack
-from ..quantization.replace import replace_with_quant_linear
 
 
 logger = logging.get_logger(__name__)
@@ -40,7 +40,7 @@ class AgentOSQuantizeOp(ConversionOps):
             return {target_key: codes, f"{target_key}_scale": scale}
         weight = value.t() if getattr(module, "transposed", False) else value
         config = self.hf_quantizer.quantization_config
-        codes, scales, zeros = rtn.quantize_rtn(
+        codes, scales, zeros = qmath.quantize_rtn(
             weight, config.bits, config.group_size, config.sym, SCALE_DTYPES[config.scale_dtype], config.mse_grid
         )
         return {
@@ -58,6 +58,7 @@ class AgentOSHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: AgentOSConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
+        register_peft()  # LoRA over QuantLinear, for any model this quantizer loads or marks
         if not self.pre_quantized and (quantization_config.sparse_layers or quantization_config.module_shapes):
             raise ValueError(
                 "sparse_layers/module_shapes describe a saved pruned checkpoint; they cannot be applied on load. "
@@ -99,6 +100,8 @@ class AgentOSHfQuantizer(HfQuantizer):
                 headers.update(check_safetensors(file))
         names = replace_with_quant_linear(model, self.quantization_config)
         check_sparse_value_shapes(model, self.quantization_config, headers)
+        if self.pre_quantized:  # every compressed layer's tensors are in the files, with the shapes config.json implies
+            check_layer_tensors(model, headers, getattr(model, "all_tied_weights_keys", None))
         logger.info(f"agentos: {len(names)} compressed layers")
         return model
 
@@ -108,7 +111,6 @@ class AgentOSHfQuantizer(HfQuantizer):
             round_kept_weights(model, self.quantization_config.float_dtype)
         self.quantization_config = self.quantization_config.stamped()
         model.config.quantization_config = self.quantization_config
-        register_peft()
         prepare_kernels(model)
         own_memory(model)  # tensors still viewing the checkpoint file get their own copies; its pages go
         return model
@@ -131,46 +133,11 @@ class AgentOSHfQuantizer(HfQuantizer):
         return True
 
     def _dequantize(self, model, dtype=None):
-        from ..quantization.convert import dequantize_model
-
         return dequantize_model(model, dtype)
 
 
-def check_sparse_value_shapes(model, config: AgentOSConfig, headers: dict) -> None:
-    """Before loading: each sparse layer's stored value tensor must have the size its recorded count implies."""
-    for name in config.sparse_layers or {}:
-        entry = headers.get(f"{name}.weight")
-        expected = tuple(model.get_submodule(name).weight.shape)
-        if entry is not None and tuple(entry["shape"]) != expected:
-            raise SparseCheckpointError(
-                f"{name}: config.json records {config.sparse_layers[name]} kept weights (a value tensor of shape "
-                f"{list(expected)}) but the safetensors file stores {entry['shape']}; the checkpoint is corrupt or "
-                "its config.json belongs to another save. Re-download or re-save it."
-            )
-
-
-def check_sparse_layers(model, config: AgentOSConfig) -> None:
-    """After loading: every sparse layer's bitmask matches its values (and the recorded N:M pattern)."""
-    if not config.sparse_layers:
-        return
-    from ..pruning.masks import parse_pattern
-
-    n_m = parse_pattern(config.sparsity_pattern)
-    for name in config.sparse_layers:
-        model.get_submodule(name).check(name, n_m)
-
-
-def attach_quantizer(model, config: AgentOSConfig) -> None:
-    """Mark a model quantized in memory (not via `from_pretrained`) so `save_pretrained`/`push_to_hub` write the
-    agentos checkpoint and its `quantization_config`."""
-    config = config.stamped()
-    round_kept_weights(model, config.float_dtype)
-    model.hf_quantizer = AgentOSHfQuantizer(config, pre_quantized=True)
-    model.is_quantized = True
-    model.quantization_method = QUANT_METHOD
-    model.config.quantization_config = config
-    register_peft()
-    prepare_kernels(model)  # the in-memory model computes exactly as the reloaded one will
+# Kept for code that marked models through this module; algorithms use `formats.mark.mark_compressed`.
+attach_quantizer = mark_compressed
 
 
 def register() -> None:

@@ -2,7 +2,7 @@
 
 from .config import PruningConfig
 from .masks import global_magnitude_masks, magnitude_scores, mask_from_scores, parse_pattern, wanda_scores
-from .sparse_linear import SparseLinear
+from ..nn.sparse_linear import SparseLinear
 from .sparsegpt import sparsegpt_prune
 
 __all__ = [
@@ -12,7 +12,7 @@ __all__ = [
 
 
 def __getattr__(name):
-    if name == "Pruner":  # imports the transformers integration, which imports this package: load on first use
+    if name == "Pruner":  # the quantization algorithms and calibration: loaded on first use
         from .pruner import Pruner
 
         return Pruner

@@ -17,8 +17,8 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from ..config import DEFAULT_IGNORE
-from ..quantization.linear import float_weight, is_conv1d
-from ..quantization.targets import is_supported_layer, matches
+from ..nn.linear import float_weight, is_conv1d
+from ..nn.targets import is_supported_layer, matches
 from .masks import check_n_m, check_sparsity, magnitude_scores, mask_from_scores, parse_pattern
 
 

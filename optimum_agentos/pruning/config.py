@@ -129,7 +129,7 @@ class PruningConfig:
                 raise ValueError(f"{name}={value!r} must be a count >= 0.")
 
     def layer_sparsity_of(self, name: str) -> float:
-        from ..quantization.targets import matches
+        from ..nn.targets import matches
 
         for pattern, value in (self.layer_sparsity or {}).items():
             if matches(name, pattern):

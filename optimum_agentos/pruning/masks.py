@@ -7,23 +7,12 @@ from __future__ import annotations
 
 import torch
 
+from ..config import parse_pattern  # noqa: F401  (re-exported: the pattern syntax lives with the config)
+
 
 def check_sparsity(sparsity: float) -> None:
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity={sparsity!r} must be in [0, 1), e.g. 0.5 to remove half the weights.")
-
-
-def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
-    """`"2:4"` -> `(2, 4)`: keep N of every M consecutive input weights. `None`/`"unstructured"` -> None."""
-    if pattern in (None, "unstructured"):
-        return None
-    try:
-        n, m = (int(p) for p in pattern.split(":"))
-    except ValueError as err:
-        raise ValueError(f"pattern={pattern!r} must look like 'N:M' (e.g. '2:4') or 'unstructured'.") from err
-    if not 0 < n < m:
-        raise ValueError(f"pattern={pattern!r} needs 0 < N < M.")
-    return n, m
 
 
 def check_n_m(in_features: int, n_m: tuple[int, int], name: str = "layer") -> None:

@@ -9,20 +9,20 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from ..calibration.runner import run_blockwise
 from ..compressor import ModelCompressor
 from ..config import AgentOSConfig
-from ..integrations.transformers import attach_quantizer
-from ..quantization import rtn
-from ..quantization.calibration import run_blockwise
-from ..quantization.convert import set_module, quantize_model_rtn
-from ..quantization.gptq import gptq_quantize
-from ..quantization.linear import SCALE_DTYPES, QuantLinear, float_weight, linear_shape
-from ..quantization.replace import check_group_size
-from ..quantization.targets import resolve_targets
+from ..formats.mark import mark_compressed
+from ..formats.replace import check_group_size
+from ..nn import qmath
+from ..nn.linear import SCALE_DTYPES, QuantLinear, float_weight, is_conv1d, linear_shape
+from ..nn.modeling import set_module
+from ..nn.sparse_linear import SparseLinear
+from ..nn.targets import resolve_targets
+from ..quantization import gptq_quantize, quantize_model_rtn  # the one entry point for sparse + quantized
 from .config import PruningConfig
 from .masks import check_n_m, global_magnitude_masks, magnitude_scores, mask_from_scores, wanda_scores
 from .report import sparsity_report
-from .sparse_linear import SparseLinear
 from .sparsegpt import sparsegpt_prune
 
 
@@ -31,8 +31,6 @@ logger = logging.get_logger(__name__)
 
 def set_float_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Write an `[out, in]` weight back into an `nn.Linear` or `Conv1D` (which stores `[in, out]`)."""
-    from ..quantization.linear import is_conv1d
-
     with torch.no_grad():
         module.weight.copy_(weight.t() if is_conv1d(module) else weight)
 
@@ -191,7 +189,7 @@ class Pruner(ModelCompressor):
         for name in todo:
             if name in self.masks:
                 module = modules[name]
-                codes, scales, zeros = rtn.quantize_rtn(
+                codes, scales, zeros = qmath.quantize_rtn(
                     float_weight(module).detach(), quantization.bits, quantization.group_size, quantization.sym,
                     SCALE_DTYPES[quantization.scale_dtype], quantization.mse_grid,
                 )
@@ -209,7 +207,7 @@ class Pruner(ModelCompressor):
         sparse = {n: m.nnz for n, m in modules.items() if isinstance(m, SparseLinear)}
         shapes = {}
         if config.is_structured:
-            from .structured import module_shapes
+            from ..formats.shapes import module_shapes
 
             shapes = module_shapes(self.model)
         quantization = self._quantization
@@ -222,7 +220,7 @@ class Pruner(ModelCompressor):
             sparse_layers=sparse or None, module_shapes=shapes or None, pruning=config.to_dict(),
             sparsity_pattern=config.pattern if config.n_m else None,
         )
-        attach_quantizer(self.model, AgentOSConfig.from_dict(storage))
+        mark_compressed(self.model, AgentOSConfig.from_dict(storage))
         return self.model
 
     def prune(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quantization.linear import QuantLinear, float_weight
-from ..quantization.targets import is_supported_layer
-from .sparse_linear import SparseLinear
+from ..nn.linear import QuantLinear, float_weight
+from ..nn.sparse_linear import SparseLinear
+from ..nn.targets import is_supported_layer
 
 
 def layer_zeros(module: nn.Module) -> tuple[int, int]:

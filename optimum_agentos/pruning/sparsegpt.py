@@ -1,12 +1,12 @@
 """SparseGPT (Frantar & Alistarh 2023): prune one weight matrix and update the surviving weights through the
 inverse calibration Hessian so the layer's output changes as little as possible. Shares its Hessian machinery with
-GPTQ (`quantization.hessian`)."""
+GPTQ (`calibration.hessian`)."""
 
 from __future__ import annotations
 
 import torch
 
-from ..quantization.hessian import inverse_cholesky, prepare_dead_columns
+from ..calibration.hessian import inverse_cholesky, prepare_dead_columns
 from .masks import check_n_m, check_sparsity
 
 

@@ -2,7 +2,7 @@
 
 Works on Llama-style decoders (`model.model.layers[i]` with `self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj`).
 Uniform pruning keeps every layer alike and updates `config.json`, so the result is a plain transformers checkpoint;
-non-uniform pruning leaves the config alone and `module_shapes` / `apply_module_shapes` carry the per-layer widths.
+non-uniform pruning leaves the config alone and `formats.shapes` carries the per-layer widths.
 """
 
 from __future__ import annotations
@@ -14,43 +14,20 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..modeling import keep_layers
+from ..nn.modeling import (
+    ATTENTION,
+    LAYERS_PREFIX,
+    MLP,
+    SUPPORTED,
+    attention_heads,
+    decoder_layers,
+    keep_layers,
+    set_head_counts,
+)
 from .masks import check_sparsity
 
 
 logger = logging.get_logger(__name__)
-
-SUPPORTED = (
-    "Llama-style decoders (e.g. LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM): model.model.layers[i] with "
-    "self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj as plain nn.Linear layers"
-)
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
-LAYERS_PREFIX = "model.layers"
-
-
-def decoder_layers(model: nn.Module, linears: bool = True) -> nn.ModuleList:
-    """`model.model.layers`, after checking the layout this module can slice (with `linears`, every projection)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(
-            f"Structured pruning does not support {type(model).__name__}: it has no `model.layers` list of decoder "
-            f"layers. Supported: {SUPPORTED}."
-        )
-    for i, layer in enumerate(layers):
-        parts = [("self_attn", p) for p in ATTENTION] + [("mlp", p) for p in MLP] if linears else [("self_attn", None)]
-        for parent, child in parts:
-            module = getattr(layer, parent, None)
-            if child is not None:
-                module = getattr(module, child, None)
-            if module is None or (child is not None and type(module) is not nn.Linear):
-                where = f"{LAYERS_PREFIX}.{i}.{parent}" + (f".{child}" if child else "")
-                found = "missing" if module is None else f"a {type(module).__name__}"
-                raise ValueError(
-                    f"Structured pruning does not support {type(model).__name__}: `{where}` is {found}. "
-                    f"Supported: {SUPPORTED} (prune before quantizing or sparsifying)."
-                )
-    return layers
 
 
 @torch.no_grad()
@@ -98,12 +75,6 @@ def _norms(linear: nn.Linear, dim: int) -> torch.Tensor:
     return linear.weight.detach().float().norm(dim=dim)
 
 
-def _heads(attn: nn.Module) -> tuple[int, int, int, int]:
-    """`(query heads, kv heads, queries per kv head, head_dim)` of one attention module, read from its shapes."""
-    head_dim, groups = attn.head_dim, attn.num_key_value_groups
-    return attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim, groups, head_dim
-
-
 def mlp_neuron_scores(
     model: nn.Module, calibration_ids: torch.Tensor | None = None, batch_size: int = 4
 ) -> list[torch.Tensor]:
@@ -139,7 +110,7 @@ def attention_group_scores(
     scores = []
     for i, layer in enumerate(layers):
         attn = layer.self_attn
-        _, num_kv, groups, head_dim = _heads(attn)
+        _, num_kv, groups, head_dim = attention_heads(attn)
         if calibration_ids is not None:
             per_column = stats[i].mean().sqrt() * _norms(attn.o_proj, 0)
             scores.append(per_column.view(num_kv, groups * head_dim).sum(1))
@@ -253,14 +224,6 @@ def prune_mlp_neurons(
     return {f"{LAYERS_PREFIX}.{i}.mlp": drop for i, drop in enumerate(removed)}
 
 
-def _set_head_counts(attn: nn.Module) -> None:
-    """Refresh the head-count attributes some attention classes keep (head_dim and the GQA ratio do not change)."""
-    num_heads, num_kv, _, _ = _heads(attn)
-    for name, value in (("num_heads", num_heads), ("num_attention_heads", num_heads), ("num_key_value_heads", num_kv)):
-        if hasattr(attn, name):
-            setattr(attn, name, value)
-
-
 def prune_attention_heads(
     model: nn.Module, num_groups: int, scores: list[torch.Tensor] | None = None, uniform: bool = True
 ) -> dict[str, list[int]]:
@@ -272,7 +235,7 @@ def prune_attention_heads(
     least one) and leaves the config alone.
     """
     layers = decoder_layers(model)
-    heads = [_heads(l.self_attn) for l in layers]
+    heads = [attention_heads(l.self_attn) for l in layers]
     fewest = min(h[1] for h in heads)
     if not isinstance(num_groups, int) or num_groups < 0:
         raise ValueError(f"num_groups={num_groups!r} must be a non-negative integer (KV groups to remove per layer).")
@@ -298,8 +261,8 @@ def prune_attention_heads(
         _slice_linear(attn.k_proj, kv_keep, 0)
         _slice_linear(attn.v_proj, kv_keep, 0)
         _slice_linear(attn.o_proj, q_keep, 1)
-        _set_head_counts(attn)
-    new_heads = {_heads(l.self_attn) for l in layers}
+        set_head_counts(attn)
+    new_heads = {attention_heads(l.self_attn) for l in layers}
     if uniform and len(new_heads) == 1:
         num_heads, num_kv, _, head_dim = new_heads.pop()
         model.config.head_dim = head_dim  # else hidden_size // num_attention_heads would change it on reload
@@ -321,69 +284,3 @@ def remove_layers(model: nn.Module, indices: list[int]) -> None:
     if len(indices) >= count:
         raise ValueError(f"Removing layers {sorted(indices)} would remove all {count} decoder layers; keep one.")
     keep_layers(model, [i for i in range(count) if i not in set(indices)])
-
-
-def _reference_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """`[out, in]` of every decoder-layer nn.Linear of a fresh model built from `model.config` (on meta: no memory)."""
-    with torch.device("meta"):
-        fresh = type(model)(copy.deepcopy(model.config))
-    prefix = f"{LAYERS_PREFIX}."
-    return {
-        name: (m.out_features, m.in_features)
-        for name, m in fresh.named_modules()
-        if name.startswith(prefix) and isinstance(m, nn.Linear)
-    }
-
-
-def module_shapes(model: nn.Module) -> dict[str, list[int]]:
-    """`{name: [out_features, in_features]}` of the decoder-layer linear layers whose shape differs from what
-    `model.config` implies (a non-uniform prune's leftovers); empty when the config describes every layer.
-
-    Layers already replaced by `SparseLinear`/`QuantLinear` count too: only `in_features`/`out_features` are read.
-    """
-    decoder_layers(model, linears=False)
-    modules = dict(model.named_modules())
-    shapes = {}
-    for name, expected in _reference_shapes(model).items():
-        module = modules.get(name)
-        if module is None:
-            continue
-        actual = (int(module.out_features), int(module.in_features))
-        if actual != expected:
-            shapes[name] = list(actual)
-    return shapes
-
-
-def apply_module_shapes(model: nn.Module, shapes: dict[str, list[int]]) -> None:
-    """Load side of `module_shapes`: resize the named nn.Linear layers of a freshly built model (meta device is fine)
-    to the recorded `[out, in]` and refresh the head counts of the attention modules, so the state dict loads."""
-    layers = decoder_layers(model)
-    modules = dict(model.named_modules())
-    touched = set()
-    for name, shape in shapes.items():
-        old = modules.get(name)
-        if not isinstance(old, nn.Linear) or not name.startswith(f"{LAYERS_PREFIX}."):
-            raise ValueError(
-                f"module_shapes names {name!r}, which is not a decoder-layer nn.Linear of {type(model).__name__}; the "
-                "checkpoint's config does not match its architecture."
-            )
-        if len(shape) != 2 or any(not isinstance(s, int) or s < 1 for s in shape):
-            raise ValueError(f"module_shapes[{name!r}]={shape!r} must be [out_features, in_features] (positive ints).")
-        out_features, in_features = shape
-        device, dtype = old.weight.device, old.weight.dtype
-        new = nn.Linear(in_features, out_features, bias=old.bias is not None, device=device, dtype=dtype)
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name], child, new)
-        touched.add(int(name[len(LAYERS_PREFIX) + 1:].split(".")[0]))
-    for i in sorted(touched):
-        attn, mlp = layers[i].self_attn, layers[i].mlp
-        head_dim, q_out = attn.head_dim, attn.q_proj.out_features
-        if q_out % head_dim or attn.k_proj.out_features * attn.num_key_value_groups != q_out:
-            raise ValueError(
-                f"module_shapes gives {LAYERS_PREFIX}.{i}.self_attn q_proj {attn.q_proj.out_features} and k_proj "
-                f"{attn.k_proj.out_features} outputs: not whole heads of {head_dim} with "
-                f"{attn.num_key_value_groups} query heads per key/value head."
-            )
-        _set_head_counts(attn)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = mlp.down_proj.in_features

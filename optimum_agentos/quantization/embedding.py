@@ -1,109 +1,12 @@
-"""int8 token embeddings and output head (`AgentOSConfig(embedding_bits=8)`).
+"""int8 token embeddings and output head for a float model (`AgentOSConfig(embedding_bits=8)`).
 
-A small model's vocabulary matrix is a large share of it (SmolLM2-135M: 28M of 135M weights) and it is the largest
-single matmul of each decoded token. Both get one int8 code per weight and one float32 scale per vocabulary row
-(symmetric: `w = q s`, `q` in [-127, 127]). When the head is tied to the embedding, both modules hold the same two
-tensors (tied like the float weights, through the model's tied-weight keys), so the file and the memory hold one
-int8 matrix. The head decodes with `torch._weight_int8pack_mm` on these codes as they are (no second copy,
-`kernels.Int8RowsKernel`).
-"""
+The layer types are the runtime's (`optimum_agentos.nn.embedding`); they are re-exported here for earlier imports."""
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
-
-EMBEDDING_BITS = (8,)
-
-
-def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes `[rows, cols]` and float32 scales `[rows, 1]` (max |w| of the row / 127)."""
-    weight = weight.detach().float()
-    scale = (weight.abs().amax(dim=1, keepdim=True) / 127).clamp_(min=torch.finfo(torch.float32).tiny)
-    codes = torch.round(weight / scale).clamp_(-127, 127).to(torch.int8)
-    return codes, scale
-
-
-def _int8_parameters(rows: int, cols: int, device) -> tuple[nn.Parameter, nn.Parameter]:
-    weight = nn.Parameter(torch.empty(rows, cols, dtype=torch.int8, device=device), requires_grad=False)
-    scale = nn.Parameter(torch.empty(rows, 1, dtype=torch.float32, device=device), requires_grad=False)
-    return weight, scale
-
-
-class QuantEmbedding(nn.Module):
-    """`nn.Embedding` with int8 rows: `weight` int8 `[num_embeddings, embedding_dim]`, `weight_scale` float32
-    `[num_embeddings, 1]`; looks rows up, then scales them into `dtype` (the float model's dtype)."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
-                 dtype: torch.dtype | None = None, device=None):
-        super().__init__()
-        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.dtype = dtype or torch.get_default_dtype()
-        self.weight, self.weight_scale = _int8_parameters(num_embeddings, embedding_dim, device)
-
-    @classmethod
-    def from_float(cls, embedding: nn.Embedding) -> "QuantEmbedding":
-        new = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, embedding.weight.dtype,
-                  embedding.weight.device)
-        new.weight.data, new.weight_scale.data = quantize_rows_int8(embedding.weight)
-        return new
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or self.dtype
-        return self.weight.to(dtype) * self.weight_scale.to(dtype)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(input_ids, self.weight).to(self.dtype)
-        return rows * F.embedding(input_ids, self.weight_scale).to(self.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, bits=8"
-
-
-class QuantHead(nn.Module):
-    """Bias-free output head with int8 rows, the same tensors as `QuantEmbedding` (shared with it when tied).
-
-    Computes through `kernels.forward`, like `QuantLinear`: short inference calls (decode) on
-    `kernels.Int8RowsKernel` once `kernels.prepare_kernels` has run; long ones dequantize (to bf16 on CPUs with AMX);
-    autograd, and everything before `prepare_kernels`, take the exact float path. Tolerance of the int8 kernel
-    against it: the bf16 rounding of activations and outputs (~1%)."""
-
-    kernel = None  # set by kernels.prepare_kernels
-    prefill_bf16 = False  # likewise
-    bias = None  # bias-free by construction (`from_float` refuses a head with one)
-
-    def __init__(self, in_features: int, out_features: int, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight, self.weight_scale = _int8_parameters(out_features, in_features, device)
-
-    @classmethod
-    def from_float(cls, head: nn.Linear) -> "QuantHead":
-        if getattr(head, "bias", None) is not None:
-            raise ValueError("embedding_bits quantizes bias-free output heads only; this head has a bias. Leave "
-                             "embedding_bits=None for this model.")
-        new = cls(head.in_features, head.out_features, head.weight.device)
-        new.weight.data, new.weight_scale.data = quantize_rows_int8(head.weight)
-        return new
-
-    @classmethod
-    def tied_to(cls, embedding: QuantEmbedding) -> "QuantHead":
-        """A head computing with the embedding's own int8 tensors (tied weights)."""
-        new = cls(embedding.embedding_dim, embedding.num_embeddings, device="meta")
-        new.weight, new.weight_scale = embedding.weight, embedding.weight_scale
-        return new
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.weight.to(dtype) * self.weight_scale.to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.forward(self, x)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits=8"
+from ..nn.embedding import EMBEDDING_BITS, QuantEmbedding, QuantHead, quantize_rows_int8  # noqa: F401
 
 
 def quantize_embeddings(model: nn.Module) -> None:
@@ -118,40 +21,3 @@ def quantize_embeddings(model: nn.Module) -> None:
     model.set_input_embeddings(new_embedding)
     if isinstance(head, nn.Linear):
         model.set_output_embeddings(QuantHead.tied_to(new_embedding) if tied else QuantHead.from_float(head))
-
-
-def replace_embeddings_for_loading(model: nn.Module, device="meta") -> None:
-    """Empty int8 embedding and head modules for the loader to fill; when the model ties them, the head's scale is
-    added to the model's tied-weight keys so it is tied (and saved once) like the codes."""
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if not isinstance(embedding, nn.Embedding):
-        raise ValueError(f"This checkpoint has int8 embeddings (embedding_bits=8) but {type(model).__name__}'s input "
-                         f"embedding is a {type(embedding).__name__}; the config.json does not match the model.")
-    new_embedding = QuantEmbedding(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx,
-                                   embedding.weight.dtype, device)
-    model.set_input_embeddings(new_embedding)
-    if isinstance(head, nn.Linear):
-        model.set_output_embeddings(QuantHead(head.in_features, head.out_features, device))
-        tied = getattr(model, "all_tied_weights_keys", None) or {}
-        head_name, embedding_name = _name_of(model, model.get_output_embeddings()), _name_of(model, new_embedding)
-        if tied.get(f"{head_name}.weight") == f"{embedding_name}.weight":
-            tied[f"{head_name}.weight_scale"] = f"{embedding_name}.weight_scale"
-
-
-def dequantize_embeddings(model: nn.Module, dtype: torch.dtype | None = None) -> None:
-    """Float `nn.Embedding` / `nn.Linear` back in place of the int8 ones (still tied when they were)."""
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if isinstance(embedding, QuantEmbedding):
-        weight = nn.Parameter(embedding.dequantize(dtype))
-        new = nn.Embedding(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, device="meta")
-        new.weight = weight
-        model.set_input_embeddings(new)
-        if isinstance(head, QuantHead):
-            tied = head.weight is embedding.weight
-            linear = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
-            linear.weight = weight if tied else nn.Parameter(head.dequantize(dtype or weight.dtype))
-            model.set_output_embeddings(linear)
-
-
-def _name_of(model: nn.Module, module: nn.Module) -> str:
-    return next(name for name, m in model.named_modules() if m is module)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .hessian import inverse_cholesky, prepare_dead_columns
-from .rtn import compute_qparams, effective_group_size
+from ..calibration.hessian import inverse_cholesky, prepare_dead_columns
+from ..nn.qmath import compute_qparams, effective_group_size
 
 
 def gptq_quantize(

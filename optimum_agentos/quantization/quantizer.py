@@ -7,17 +7,18 @@ import time
 from optimum.quantization_base import OptimumQuantizer
 from transformers.utils import logging
 
+from ..calibration.runner import run_blockwise
 from ..compressor import ModelCompressor
 from ..config import AgentOSConfig
-from ..integrations.transformers import attach_quantizer
-from .calibration import run_blockwise
-from .convert import set_module, quantize_model_rtn
+from ..formats.mark import mark_compressed
+from ..formats.replace import check_group_size
+from ..nn.linear import SCALE_DTYPES, QuantLinear, float_weight
+from ..nn.modeling import set_module
+from ..nn.targets import resolve_targets
 from .embedding import quantize_embeddings
 from .gptq import gptq_quantize
-from .linear import SCALE_DTYPES, QuantLinear, float_weight
-from .replace import check_group_size
+from .rtn import quantize_model_rtn
 from .smoothquant import smooth_model
-from .targets import resolve_targets
 
 
 logger = logging.get_logger(__name__)
@@ -67,7 +68,7 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
                 quantize_model_rtn(self.model, config, names=leftover)
         if config.embedding_bits:
             quantize_embeddings(self.model)
-        attach_quantizer(self.model, config)
+        mark_compressed(self.model, config)
         self.stats = {"layers": len(names), "seconds": time.perf_counter() - start}
         return self.model
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .calibration import find_blocks, run_blockwise
+from ..calibration.runner import find_blocks, run_blockwise
 
 
 logger = logging.get_logger(__name__)

@@ -15,7 +15,7 @@ from optimum_agentos.evaluation import (
     tokenize_text,
     windows_from_ids,
 )
-from optimum_agentos.evaluation.data import DATA_DIR_ENV
+from optimum_agentos.data import DATA_DIR_ENV
 from optimum_agentos.models import resolve_model
 
 

@@ -11,7 +11,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertCon
 
 from optimum_agentos.evaluation import DatasetUnavailableError, evaluate_model
 from optimum_agentos.evaluation.classification import evaluate_classifier, mean_pooled
-from optimum_agentos.evaluation.data import DATA_DIR_ENV
+from optimum_agentos.data import DATA_DIR_ENV
 from optimum_agentos.evaluation.glue import glue_metrics, load_glue
 from optimum_agentos.evaluation.harness import HARNESS_TASKS, build_task, local_rows, run_harness
 from optimum_agentos.evaluation.tasks import check_tasks

@@ -6,7 +6,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from optimum_agentos import AgentOSConfig, QuantLinear
-from optimum_agentos.quantization import rtn
+from optimum_agentos.nn import qmath as rtn
 
 from ..conftest import model_output, sample_ids
 

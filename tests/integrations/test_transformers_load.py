@@ -10,13 +10,13 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import optimum_agentos
 from optimum_agentos import AgentOSConfig, QuantLinear
-from optimum_agentos.checkpoint import CorruptCheckpointError, folder_size
+from optimum_agentos.formats import CorruptCheckpointError, folder_size
 from optimum_agentos.quantization.quantizer import Quantizer
 
-from optimum_agentos.quantization import rtn
-from optimum_agentos.quantization.kept_weights import round_kept_weights
-from optimum_agentos.quantization.linear import float_weight, is_conv1d
-from optimum_agentos.quantization.targets import resolve_targets
+from optimum_agentos.nn import qmath as rtn
+from optimum_agentos.formats.kept_weights import round_kept_weights
+from optimum_agentos.nn.linear import float_weight, is_conv1d
+from optimum_agentos.nn.targets import resolve_targets
 
 from ..conftest import (
     TINY_MODELS, build_tiny, model_output, read_quant_config, run_python, run_python_expect_failure, sample_ids,

@@ -13,8 +13,8 @@ from optimum_agentos.pruning import magnitude_scores, mask_from_scores
 from optimum_agentos.pruning.callbacks import (
     GradualPruningCallback, MaskFixedCallback, cubic_sparsity, masks_from_zeros,
 )
-from optimum_agentos.quantization.linear import float_weight
-from optimum_agentos.quantization.targets import resolve_targets
+from optimum_agentos.nn.linear import float_weight
+from optimum_agentos.nn.targets import resolve_targets
 
 from ..conftest import build_tiny, sample_ids
 

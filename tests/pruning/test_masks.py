@@ -4,7 +4,7 @@ import torch
 from optimum_agentos.pruning import (
     global_magnitude_masks, magnitude_scores, mask_from_scores, parse_pattern, sparsegpt_prune, wanda_scores,
 )
-from optimum_agentos.quantization.hessian import HessianAccumulator
+from optimum_agentos.calibration.hessian import HessianAccumulator
 
 
 def gen(seed):

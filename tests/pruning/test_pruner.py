@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 import optimum_agentos  # noqa: F401
 from optimum_agentos import AgentOSConfig, Pruner, PruningConfig, SparseLinear
-from optimum_agentos.checkpoint import folder_size
-from optimum_agentos.pruning.sparse_linear import SparseCheckpointError
+from optimum_agentos.formats import folder_size
+from optimum_agentos.nn.sparse_linear import SparseCheckpointError
 from tests.conftest import build_tiny, model_output, run_python, sample_ids
 
 

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from optimum_agentos.pruning.masks import mask_from_scores
-from optimum_agentos.pruning.sparse_linear import (
+from optimum_agentos.nn.sparse_linear import (
     SparseCheckpointError, SparseLinear, bitmask_bytes, pack_bitmask, unpack_bitmask,
 )
-from optimum_agentos.quantization import rtn
+from optimum_agentos.nn import qmath as rtn
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 96), (160, 96)])

@@ -5,8 +5,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
+from optimum_agentos.formats.shapes import apply_module_shapes, module_shapes
 from optimum_agentos.pruning.structured import (
-    apply_module_shapes, attention_group_scores, block_influence, mlp_neuron_scores, module_shapes,
+    attention_group_scores, block_influence, mlp_neuron_scores,
     prune_attention_heads, prune_mlp_neurons, remove_layers,
 )
 from tests.conftest import build_tiny, model_output, sample_ids
@@ -319,7 +320,7 @@ def test_unsupported_model_is_named(call):
 
 
 def test_replaced_linear_is_rejected():
-    from optimum_agentos.pruning.sparse_linear import SparseLinear
+    from optimum_agentos.nn.sparse_linear import SparseLinear
 
     model = build_tiny("llama")
     down = model.model.layers[1].mlp.down_proj

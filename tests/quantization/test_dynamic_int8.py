@@ -7,7 +7,7 @@ import transformers
 
 import optimum_agentos  # noqa: F401
 from optimum_agentos import AgentOSConfig, QuantLinear
-from optimum_agentos.quantization.dynamic_int8 import (
+from optimum_agentos.nn.dynamic_int8 import (
     ONEDNN_MIN_TOKENS,
     OUTLIER_THRESHOLD,
     Int8DynamicKernel,
@@ -15,7 +15,7 @@ from optimum_agentos.quantization.dynamic_int8 import (
     engine_check,
     onednn_matmul,
 )
-from optimum_agentos.quantization.kernels import prepare_kernels
+from optimum_agentos.nn.prepare import prepare_kernels
 
 from ..conftest import save_llama_with_short_groups
 

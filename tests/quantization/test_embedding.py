@@ -10,9 +10,9 @@ from safetensors import safe_open
 
 import optimum_agentos  # noqa: F401
 from optimum_agentos import AgentOSConfig, Quantizer
-from optimum_agentos.quantization.convert import dequantize_model
-from optimum_agentos.quantization.embedding import QuantEmbedding, QuantHead, quantize_rows_int8
-from optimum_agentos.quantization.kernels import prepare_kernels
+from optimum_agentos.formats.replace import dequantize_model
+from optimum_agentos.nn.embedding import QuantEmbedding, QuantHead, quantize_rows_int8
+from optimum_agentos.nn.prepare import prepare_kernels
 
 from ..conftest import build_tiny, model_output, run_python, sample_ids
 

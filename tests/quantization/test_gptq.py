@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from optimum_agentos.quantization import rtn
+from optimum_agentos.nn import qmath as rtn
 from optimum_agentos.quantization.gptq import gptq_quantize
-from optimum_agentos.quantization.hessian import HessianAccumulator
+from optimum_agentos.calibration.hessian import HessianAccumulator
 
 
 def correlated_inputs(n=2048, dim=96, rank=16, seed=0):

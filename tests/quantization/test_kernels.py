@@ -7,15 +7,15 @@ import transformers
 
 import optimum_agentos  # noqa: F401
 from optimum_agentos import AgentOSConfig, QuantLinear
-from optimum_agentos.quantization.kernels import (
+from optimum_agentos.nn.kernels import (
     Int4PackKernel,
     Int8DynamicKernel,
     Int8PackKernel,
     bf16_matmul_is_fast,
     choose_kernel,
     int4_kernel_group,
-    prepare_kernels,
 )
+from optimum_agentos.nn.prepare import prepare_kernels
 
 from ..conftest import save_llama_with_short_groups
 
@@ -172,7 +172,7 @@ def test_fast_paths_compile_without_graph_breaks(tmp_path, settings):
 
 
 def test_loaded_checkpoint_keeps_no_view_of_its_file(tmp_path):
-    from optimum_agentos.quantization.memory import _safetensors_mappings
+    from optimum_agentos.nn.memory import _safetensors_mappings
 
     save_llama_with_short_groups(tmp_path / "fp")
     for bits, group_size in ((4, 128), (8, -1)):

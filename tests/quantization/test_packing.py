@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from optimum_agentos.quantization import packing
+from optimum_agentos.nn import packing
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

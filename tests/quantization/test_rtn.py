@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from optimum_agentos.quantization import rtn
+from optimum_agentos.nn import qmath as rtn
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -6,10 +6,10 @@ import transformers
 
 import optimum_agentos  # noqa: F401
 from optimum_agentos import AgentOSConfig, Pruner, PruningConfig, Quantizer, QuantLinear
-from optimum_agentos.quantization import dynamic_int8
-from optimum_agentos.quantization.dynamic_int8 import Int8DynamicKernel
+from optimum_agentos.nn import dynamic_int8
+from optimum_agentos.nn.dynamic_int8 import Int8DynamicKernel
 from optimum_agentos.quantization.smoothquant import smooth_model, smoothing_scales
-from optimum_agentos.quantization.targets import resolve_targets
+from optimum_agentos.nn.targets import resolve_targets
 
 from ..conftest import build_tiny, model_output, read_quant_config, run_python, sample_ids
 
@@ -117,7 +117,7 @@ def test_smoothed_w8a8_checkpoint_reloads_in_a_fresh_process(method, tmp_path):
         f"""
         import torch, transformers, optimum_agentos
         from optimum_agentos import QuantLinear
-        from optimum_agentos.quantization.dynamic_int8 import Int8DynamicKernel
+        from optimum_agentos.nn.dynamic_int8 import Int8DynamicKernel
         expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
         model = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'q')!r})
         assert {{m.kernel for m in model.modules() if isinstance(m, QuantLinear)}} == {{Int8DynamicKernel}}

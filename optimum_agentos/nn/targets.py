@@ -28,7 +28,7 @@ def resolve_targets(model: nn.Module, target: list[str] | None, ignore: list[str
     head and embeddings are covered by the default ignore list of `AgentOSConfig`.
     """
     modules = dict(model.named_modules())
-    from ..pruning.sparse_linear import SparseLinear
+    from .sparse_linear import SparseLinear
     from .linear import QuantLinear
 
     if any(isinstance(m, (QuantLinear, SparseLinear)) for m in modules.values()):

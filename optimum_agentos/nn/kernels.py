@@ -22,18 +22,14 @@ activation rounding step per input, see `dynamic_int8`.
 from __future__ import annotations
 
 import functools
-import os
-from collections import Counter
 
 import torch
 import torch.nn.functional as F
-from transformers.utils import logging
 
-from . import rtn
+from . import qmath
 from .dynamic_int8 import Int8DynamicKernel, per_row_int8_unsupported
-from .memory import keep_only_kernel_copy, release_free_memory
+from .memory import keep_only_kernel_copy
 
-logger = logging.get_logger(__name__)
 
 KERNELS_ENV = "OPTIMUM_AGENTOS_KERNELS"  # "auto" (default) or "reference" (always dequantize)
 # Calls of up to this many tokens go to the bf16 packed kernels: with the weights streamed from memory (as in a
@@ -73,7 +69,7 @@ def int4_kernel_group(in_features: int, group_size: int) -> int | None:
     stored scale and zero over its kernel groups is exact: 576 inputs with group 128 (4 x 128 + 64) run as 9 kernel
     groups of 64.
     """
-    group = rtn.effective_group_size(in_features, group_size)
+    group = qmath.effective_group_size(in_features, group_size)
     return next((g for g in INT4_KERNEL_GROUPS if group % g == 0 and in_features % g == 0), None)
 
 
@@ -112,7 +108,7 @@ class Int4PackKernel:
     @staticmethod
     def prepare(layer) -> None:
         group = int4_kernel_group(layer.in_features, layer.group_size)
-        stored = rtn.effective_group_size(layer.in_features, layer.group_size)
+        stored = qmath.effective_group_size(layer.in_features, layer.group_size)
         # per kernel group: the stored group it lies in
         owner = torch.arange(0, layer.in_features, group) // stored
         codes = layer.codes()
@@ -228,55 +224,6 @@ def choose_kernel(layer, activations: str | None = None, candidates=KERNELS):
             return kernel, None
         reasons.append(f"{kernel.name}: {reason}")
     return None, "; ".join(reasons)
-
-
-def prepare_kernels(model, policy: str | None = None, activations: str | None = None) -> dict[str, str]:
-    """Repack every `QuantLinear` (and int8 `QuantHead`) of `model` for its fastest kernel; returns
-    `{layer: kernel or "reference"}`.
-
-    Logs once which kernel the layers use, and warns, with the reason, for layers left on the slow reference path.
-    `policy="reference"` (or `OPTIMUM_AGENTOS_KERNELS=reference`) keeps every layer on the reference path.
-    `activations` (default: the model's `quantization_config.activations`) = `"int8-dynamic"` allows the W8A8 kernel.
-    """
-    from .embedding import QuantHead
-    from .linear import QuantLinear
-
-    policy = policy or os.environ.get(KERNELS_ENV, "auto")
-    if policy not in ("auto", "reference"):
-        raise ValueError(f"Unknown kernel policy {policy!r}; use 'auto' or 'reference'.")
-    if activations is None:
-        config = getattr(getattr(model, "config", None), "quantization_config", None)
-        activations = config.get("activations") if isinstance(config, dict) else getattr(config, "activations", None)
-    chosen, slow = {}, {}
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            candidates = KERNELS
-            module.restore_weight()
-        elif isinstance(module, QuantHead):
-            candidates = HEAD_KERNELS
-        else:
-            continue
-        kernel, reason = (None, "policy 'reference'") if policy == "reference" else choose_kernel(
-            module, activations, candidates)
-        if kernel is not None:
-            kernel.prepare(module)
-        module.kernel = kernel
-        module.prefill_bf16 = policy == "auto" and bf16_matmul_is_fast() and module.weight.device.type == "cpu"
-        chosen[name] = kernel.name if kernel else "reference"
-        if kernel is None:
-            slow[name] = reason
-    if any(kernel != "reference" for kernel in chosen.values()):
-        release_free_memory()  # repacking freed about 4 bytes per weight of temporaries
-    if chosen:
-        counts = ", ".join(f"{k} x{n}" for k, n in Counter(chosen.values()).items())
-        logger.info(f"QuantLinear kernels: {counts} (bf16 packed kernels serve calls of <= {DECODE_MAX_TOKENS} "
-                    "tokens, longer inputs dequantize and use F.linear; int8-dynamic serves every call "
-                    "without autograd)")
-    if slow and policy == "auto":
-        first, why = next(iter(slow.items()))
-        logger.warning(f"{len(slow)} QuantLinear layers have no fast CPU kernel and dequantize on every call "
-                       f"(slow at decode), e.g. {first}: {why}")
-    return chosen
 
 
 def _kernel_serves(kernel, layer, x: torch.Tensor) -> bool:

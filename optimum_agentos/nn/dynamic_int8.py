@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from . import rtn
+from . import qmath
 from .memory import keep_only_kernel_copy
 
 # inputs whose magnitude exceeds this in some token are computed in float32 (LLM.int8()'s threshold)
@@ -113,7 +113,7 @@ def per_row_int8_unsupported(layer) -> str | None:
     """Why an int8 kernel with one scale per output row cannot serve `layer` (None when it can)."""
     if layer.bits != 8:
         return f"{layer.bits}-bit"
-    if rtn.num_groups(layer.in_features, layer.group_size) != 1:
+    if qmath.num_groups(layer.in_features, layer.group_size) != 1:
         return f"group size {layer.group_size} (the kernel takes one scale per output row)"
     if layer.weight.device.type != "cpu":
         return f"device {layer.weight.device.type}"

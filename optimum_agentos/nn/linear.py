@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import kernels, packing, rtn
+from . import kernels, packing, qmath
 
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -44,7 +44,7 @@ class QuantLinear(nn.Module):
         self.out_features = out_features
         self.bits = bits
         self.group_size = group_size
-        groups = rtn.num_groups(in_features, group_size)
+        groups = qmath.num_groups(in_features, group_size)
         nbytes = out_features * packing.packed_row_bytes(in_features, bits)
         self.weight = nn.Parameter(torch.empty(nbytes, dtype=torch.uint8, device=device), requires_grad=False)
         self.weight_scale = nn.Parameter(
@@ -73,7 +73,7 @@ class QuantLinear(nn.Module):
         mse_grid: int = 0,
     ) -> "QuantLinear":
         """Round-to-nearest quantize a float weight `[out, in]` into a new layer."""
-        codes, scales, zeros = rtn.quantize_rtn(weight.detach(), bits, group_size, sym, scale_dtype, mse_grid)
+        codes, scales, zeros = qmath.quantize_rtn(weight.detach(), bits, group_size, sym, scale_dtype, mse_grid)
         return cls.from_codes(codes, scales, zeros, bias, bits, group_size)
 
     @classmethod
@@ -122,7 +122,7 @@ class QuantLinear(nn.Module):
         """The float weight `[out, in]` this layer computes with."""
         if dtype is None:
             dtype = self.bias.dtype if self.bias is not None else torch.float32
-        return rtn.dequantize_codes(self.codes(), self.weight_scale, self.weight_zero, self.group_size, dtype)
+        return qmath.dequantize_codes(self.codes(), self.weight_scale, self.weight_zero, self.group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.forward(self, x)

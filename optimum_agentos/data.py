@@ -89,7 +89,7 @@ def data_dir() -> Path | None:
     env = os.environ.get(DATA_DIR_ENV)
     if env:
         return Path(env).expanduser()
-    beside_repo = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data").resolve()
+    beside_repo = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
     return beside_repo if beside_repo.is_dir() else None
 
 

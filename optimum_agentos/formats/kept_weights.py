@@ -9,15 +9,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .linear import SCALE_DTYPES, QuantLinear
-from .targets import is_supported_layer
+from ..nn.linear import SCALE_DTYPES, QuantLinear
+from ..nn.sparse_linear import SparseLinear
+from ..nn.targets import is_supported_layer
 
 
 def kept_float_weights(model: nn.Module) -> list[nn.Parameter]:
     """Weights of embeddings, of linear layers left unquantized and the values of float sparse layers (tied
     weights appear once)."""
-    from ..pruning.sparse_linear import SparseLinear
-
     seen, weights = set(), []
     for module in model.modules():
         if isinstance(module, QuantLinear):

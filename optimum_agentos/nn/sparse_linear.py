@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quantization import packing, rtn
+from . import packing, qmath
 
 
 _BIT_WEIGHTS = 1 << torch.arange(8, dtype=torch.int64)
@@ -75,7 +75,7 @@ class SparseLinear(nn.Module):
         if bits is None:
             self.weight = nn.Parameter(torch.empty(nnz, dtype=dtype, device=device), requires_grad=False)
         else:
-            groups = rtn.num_groups(in_features, group_size)
+            groups = qmath.num_groups(in_features, group_size)
             self.weight = nn.Parameter(
                 torch.empty(packing.packed_row_bytes(nnz, bits), dtype=torch.uint8, device=device), requires_grad=False
             )
@@ -148,9 +148,9 @@ class SparseLinear(nn.Module):
         if self.bits is None:
             dense = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.weight.device)
             return dense.masked_scatter_(kept, self.weight.to(dtype))
-        codes = rtn.expand_groups(self.weight_zero, self.in_features, self.group_size).clone()
+        codes = qmath.expand_groups(self.weight_zero, self.in_features, self.group_size).clone()
         codes.masked_scatter_(kept, packing.unpack(self.weight, self.bits, 1, self.nnz)[0])
-        return rtn.dequantize_codes(codes, self.weight_scale, self.weight_zero, self.group_size, dtype)
+        return qmath.dequantize_codes(codes, self.weight_scale, self.weight_zero, self.group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.dequantize(x.dtype), self.bias)

@@ -1,0 +1,9 @@
+"""Calibration machinery shared by every calibrated algorithm (GPTQ, SmoothQuant, Wanda, SparseGPT): the
+block-by-block runner, per-input statistic accumulators and calibration token windows."""
+
+from .data import calibration_ids
+from .hessian import HessianAccumulator
+from .runner import find_blocks, run_blockwise
+
+
+__all__ = ["HessianAccumulator", "calibration_ids", "find_blocks", "run_blockwise"]
