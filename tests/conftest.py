@@ -16,6 +16,18 @@ import transformers
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def _fbgemm_reason() -> str | None:
+    from optimum_agentos.nn.dynamic_int8 import engine_check
+
+    return engine_check("fbgemm")[1]
+
+
+# The W8A8 kernel (activations="int8-dynamic") runs on fbgemm, which x86 builds of torch have and ARM ones lack:
+# tests that assert it is chosen skip on CPUs without it, saying why, instead of failing.
+FBGEMM_MISSING = _fbgemm_reason()
+needs_fbgemm = pytest.mark.skipif(FBGEMM_MISSING is not None, reason=f"the W8A8 kernel needs fbgemm: {FBGEMM_MISSING}")
+
 # name -> (config class, model class, config kwargs); each has Linear (or Conv1D) layers with 96/160 widths, so
 # group_size=64 leaves a shorter last group (96 = 64 + 32) on every layer.
 TINY_MODELS = {
@@ -36,11 +48,13 @@ TINY_MODELS = {
 }
 
 
-def build_tiny(kind: str, seed: int = 0):
-    """A tiny randomly initialised model of the given family, in eval mode."""
+def build_tiny(kind: str, seed: int = 0, **overrides):
+    """A tiny randomly initialised model of the given family, in eval mode; `overrides` change config fields.
+
+    Every test's tiny model is built here (one place to see what the tests run on)."""
     config_cls, model_cls, kwargs = TINY_MODELS[kind]
     torch.manual_seed(seed)
-    config = getattr(transformers, config_cls)(**kwargs)
+    config = getattr(transformers, config_cls)(**{**kwargs, **overrides})
     return getattr(transformers, model_cls)(config).eval()
 
 

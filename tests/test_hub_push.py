@@ -1,7 +1,6 @@
 """push_to_hub / push_folder with the real huggingface_hub client against a local Hub endpoint, then load back by
 repo id in a fresh process with an empty cache."""
 
-import os
 
 import pytest
 import torch

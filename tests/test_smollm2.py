@@ -82,7 +82,7 @@ def test_cli_quantize_writes_checkpoint_card_and_summary(tmp_path):
     out = tmp_path / "cli-int4"
     proc = subprocess.run(
         [sys.executable, "-m", "optimum_agentos.cli", "quantize", "--model", "smollm2-135m", "--bits", "4",
-         "--method", "gptq", "--num-samples", "4", "--seq-len", "128", "--eval", "wikitext2", "--eval-windows", "2",
+         "--method", "gptq", "--num-samples", "12", "--seq-len", "128", "--eval", "wikitext2", "--eval-windows", "2",
          "--output", str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=900,
     )

@@ -52,6 +52,20 @@ def _check_layer_map(layer_map: dict[int, int], student_max: int, teacher_max: i
         )
 
 
+def saved_tokenizer(model: nn.Module):
+    """The tokenizer saved beside a model loaded from a folder or the Hub cache (never downloaded, never remote
+    code), or None."""
+    from transformers import AutoTokenizer
+
+    path = getattr(getattr(_base_model(model), "config", None), "_name_or_path", None)
+    if not path:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def check_teacher_student(student: nn.Module, teacher: nn.Module, processing_class=None, teacher_processing_class=None):
     """Fail before training when the teacher cannot teach this student: task, vocabulary, tokenizer, label count."""
     if _is_classifier(student) != _is_classifier(teacher):
@@ -71,6 +85,11 @@ def check_teacher_student(student: nn.Module, teacher: nn.Module, processing_cla
                 f"Vocabulary mismatch: the student predicts {s} tokens, the teacher {t}. Logit distillation needs the "
                 "same tokenizer and vocabulary; pick a student from the teacher's family (e.g. make_student)."
             )
+    processing_class = processing_class or saved_tokenizer(student)
+    teacher_processing_class = teacher_processing_class or saved_tokenizer(teacher)
+    if processing_class is None or teacher_processing_class is None:
+        logger.info("Teacher and student tokenizers not compared: one of them is neither passed nor saved with its "
+                    "model (pass processing_class= and teacher_processing_class=).")
     if processing_class is not None and teacher_processing_class is not None:
         s_vocab = getattr(processing_class, "get_vocab", dict)()
         t_vocab = getattr(teacher_processing_class, "get_vocab", dict)()

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .glue import glue_metrics, glue_task, load_glue, metric_formula
+from .glue import glue_scores, glue_task, load_glue, metric_formula
 from .perplexity import _model_device
 
 
@@ -44,8 +44,8 @@ def evaluate_classifier(model, tokenizer, task: str, split: str = "validation", 
             predictions += logits[:, 0].tolist() if spec.num_labels == 1 else logits.argmax(-1).tolist()
     finally:
         model.train(was_training)
-    scores = glue_metrics(task, predictions, list(data["label"]))
-    return {**scores, "n": len(data)}
+    scores, source = glue_scores(task, predictions, list(data["label"]))
+    return {**scores, "n": len(data), "metric_source": source}
 
 
 def mean_pooled(model, batch) -> torch.Tensor:
@@ -79,4 +79,4 @@ def evaluate_sts(model, tokenizer, split: str = "validation", limit: int | None 
         model.train(was_training)
     gold = list(data["label"])
     scores = {metric: metric_formula(metric, similarities, gold) for metric in ("spearmanr", "pearson")}
-    return {**scores, "n": len(data)}
+    return {**scores, "n": len(data), "metric_source": "optimum-agentos formulas (scipy spearmanr/pearsonr)"}

@@ -126,14 +126,24 @@ def metric_formula(metric: str, predictions, references) -> float:
 
 
 def glue_metrics(name: str, predictions, references) -> dict[str, float]:
-    """`evaluate.load("glue", name)` when it can be loaded (online, or in the evaluate cache); offline without it,
-    the same formulas computed directly, logged as such."""
+    """The task's GLUE metrics (see `glue_scores`, which also says which implementation computed them)."""
+    return glue_scores(name, predictions, references)[0]
+
+
+def glue_scores(name: str, predictions, references) -> tuple[dict[str, float], str]:
+    """`(scores, source)`: `evaluate.load("glue", name)` when the metric can be loaded (online, or in the evaluate
+    cache), else, when only *loading* it fails (offline: evaluate fetches metric scripts from the Hub), the same
+    scikit-learn / scipy formulas computed directly. An error while computing the metric is raised, never hidden.
+    `source` names the path taken, for the report."""
     task = glue_task(name)
     try:
         import evaluate
 
-        scores = evaluate.load("glue", name).compute(predictions=predictions, references=references)
-        return {m: float(scores[m]) for m in task.metrics}
-    except Exception as exc:  # offline: evaluate fetches metric scripts from the Hub
-        logger.info(f"evaluate's glue metric is unavailable ({type(exc).__name__}); computing {task.metrics} directly")
-    return {m: metric_formula(m, predictions, references) for m in task.metrics}
+        metric = evaluate.load("glue", name)
+    except (ImportError, OSError, ConnectionError, ValueError) as exc:  # missing package, offline, not in cache
+        logger.warning(f"evaluate's glue metric for {name} cannot be loaded ({type(exc).__name__}: {exc}); computing "
+                       f"{', '.join(task.metrics)} with the same scikit-learn/scipy formulas directly")
+        source = f"optimum-agentos formulas (evaluate's glue metric unavailable: {type(exc).__name__})"
+        return {m: metric_formula(m, predictions, references) for m in task.metrics}, source
+    scores = metric.compute(predictions=predictions, references=references)
+    return {m: float(scores[m]) for m in task.metrics}, f"evaluate glue/{name}"

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from ..calibration.data import check_calibration_size
 from ..calibration.runner import run_blockwise
 from ..compressor import ModelCompressor
 from ..config import AgentOSConfig
@@ -82,8 +83,8 @@ class Pruner(ModelCompressor):
             self._prune_structured(config, ids, batch_size)
         self.masks = {}
         names = resolve_targets(self.model, config.target, config.ignore) if config.method else []
-        if names:
-            self._check_calibration(ids, names, config)
+        if names and config.needs_calibration:
+            check_calibration_size(ids, self.model, names, config.method)
             if config.n_m:
                 modules = dict(self.model.named_modules())
                 for name in names:
@@ -92,6 +93,8 @@ class Pruner(ModelCompressor):
         if quantization is not None:
             quantized = resolve_targets(self.model, quantization.target, quantization.ignore)
             check_group_size(self.model, quantized, quantization)
+            if wants_gptq:
+                check_calibration_size(ids, self.model, quantized, "GPTQ")
         if config.method == "magnitude":
             self._prune_magnitude(names, config)
         if config.needs_calibration or wants_gptq:
@@ -112,17 +115,6 @@ class Pruner(ModelCompressor):
         self._quantization = quantization
         return self.model
 
-    def _check_calibration(self, ids, names: list[str], config: PruningConfig) -> None:
-        if not config.needs_calibration:
-            return
-        modules = dict(self.model.named_modules())
-        widest = max(linear_shape(modules[n])[0] for n in names)
-        tokens = 0 if ids is None else ids.numel()
-        if tokens < widest:
-            raise ValueError(
-                f"The calibration set has {tokens} tokens; {config.method} needs at least {widest} (the widest target "
-                "layer's inputs) for a usable input statistic. Pass more samples (num_samples) or longer windows (seq_len)."
-            )
 
     def _prune_structured(self, config: PruningConfig, ids, batch_size: int) -> None:
         from . import structured

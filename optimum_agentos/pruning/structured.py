@@ -7,23 +7,12 @@ non-uniform pruning leaves the config alone and `formats.shapes` carries the per
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..nn.modeling import (
-    ATTENTION,
-    LAYERS_PREFIX,
-    MLP,
-    SUPPORTED,
-    attention_heads,
-    decoder_layers,
-    keep_layers,
-    set_head_counts,
-)
+from ..nn.modeling import LAYERS_PREFIX, attention_heads, decoder_layers, keep_layers, set_head_counts
 from .masks import check_sparsity
 
 

@@ -7,6 +7,7 @@ import time
 from optimum.quantization_base import OptimumQuantizer
 from transformers.utils import logging
 
+from ..calibration.data import check_calibration_size
 from ..calibration.runner import run_blockwise
 from ..compressor import ModelCompressor
 from ..config import AgentOSConfig
@@ -55,6 +56,8 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
             raise ValueError(f"{' and '.join(uses_data)} needs calibration data: pass calibration_dataset='wikitext2' "
                              "or texts.")
         ids = self.calibration_ids(calibration_dataset, num_samples, seq_len) if uses_data else None
+        if config.method == "gptq":
+            check_calibration_size(ids, self.model, names, "GPTQ")
         if config.smoothquant_alpha is not None:
             smooth_model(self.model, names, ids, config.smoothquant_alpha, batch_size)
         if config.method == "rtn":

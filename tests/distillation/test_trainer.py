@@ -16,21 +16,12 @@ from ..conftest import build_tiny
 
 
 def tiny_bert(layers=4, seed=0, num_labels=2):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        max_position_embeddings=64, num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return transformers.BertForSequenceClassification(config).eval()
+    return build_tiny("bert", seed, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def tiny_llama(layers=2, seed=0, vocab=128, sharpness=1.0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = build_tiny("llama", seed, vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers)
     model.lm_head.weight.data *= sharpness  # > 1: confident predictions, as a trained teacher makes
     return model
 
@@ -306,3 +297,18 @@ def test_gpt2_student_from_make_student_generates(tmp_path):
                         args=args(tmp_path, max_steps=2)).train()
     out = student.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)
+
+
+def test_tokenizers_saved_with_the_models_are_compared(tmp_path):
+    """Neither tokenizer passed: the ones saved beside teacher and student are loaded (local files only) and
+    compared; the same tokenizer passes."""
+    for name, model, words in (("teacher", tiny_llama(2), ["a", "b"]), ("student", tiny_llama(1), ["a", "c"]),
+                               ("twin", tiny_llama(1), ["a", "b"])):
+        model.save_pretrained(tmp_path / name)
+        word_tokenizer(words).save_pretrained(tmp_path / name)
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")
+    student = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    with pytest.raises(ValueError, match="Tokenizer mismatch"):
+        DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp_path), train_dataset=lm_data())
+    twin = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "twin")
+    DistillationTrainer(model=twin, teacher_model=teacher, args=args(tmp_path), train_dataset=lm_data())

@@ -6,21 +6,19 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from optimum_agentos.evaluation import load_text, perplexity, perplexity_from_ids, tokenize_text
+
+from ..conftest import build_tiny
 
 
 VOCAB = 1000
 
 
 def tiny_llama(vocab_size: int = VOCAB) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+    return build_tiny("llama", vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                      max_position_embeddings=256)
 
 
 def synthetic_ids(n: int = 5 * 32 + 7) -> torch.Tensor:

@@ -3,22 +3,21 @@
 import json
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from optimum_agentos import AgentOSConfig
 from optimum_agentos.evaluation import CompressionReport, compare
 from optimum_agentos.evaluation.measure import count_parameters
 from optimum_agentos.models import resolve_model
 
+from ..conftest import build_tiny
+
 
 def tiny_lm_folder(folder, seed=0):
     """A tiny Llama that shares SmolLM2's tokenizer (so real text can be evaluated), saved with it."""
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=256, tie_word_embeddings=False))
+    model = build_tiny("llama", seed, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                       max_position_embeddings=256)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from optimum_agentos.evaluation import DatasetUnavailableError, evaluate_model
 from optimum_agentos.evaluation.classification import evaluate_classifier, mean_pooled
 from optimum_agentos.data import DATA_DIR_ENV
-from optimum_agentos.evaluation.glue import glue_metrics, load_glue
+from optimum_agentos.evaluation.glue import glue_metrics, glue_scores, load_glue
 from optimum_agentos.evaluation.harness import HARNESS_TASKS, build_task, local_rows, run_harness
 from optimum_agentos.evaluation.tasks import check_tasks
 from optimum_agentos.models import resolve_model
@@ -84,6 +84,15 @@ def test_glue_metrics_match_their_definitions():
     assert scores["pearson"] == pytest.approx(np.corrcoef(x, y)[0, 1])
 
 
+def test_glue_scores_name_their_source_and_never_hide_a_metric_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # evaluate cannot fetch its metric script: the formulas serve
+    scores, source = glue_scores("mrpc", [1, 0, 1], [1, 0, 0])
+    assert scores == pytest.approx({"f1": 2 / 3, "accuracy": 2 / 3})
+    assert source.startswith("optimum-agentos formulas (evaluate's glue metric unavailable")
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):  # a real failure is raised
+        glue_scores("mrpc", [1, 0, 1], [1, 0])
+
+
 @pytest.fixture(scope="module")
 def minilm():
     path = resolve_model("minilm-l6")
@@ -92,10 +101,7 @@ def minilm():
 
 def test_classifier_batched_equals_one_by_one(minilm):
     _, tokenizer = minilm
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_labels=2)).eval()
+    model = build_tiny("bert", vocab_size=tokenizer.vocab_size, hidden_size=64, max_position_embeddings=512)
     scores = evaluate_classifier(model, tokenizer, "sst2", limit=40, batch_size=16)
     data = load_glue("sst2", "validation").select(range(40))
     with torch.no_grad():
@@ -106,9 +112,8 @@ def test_classifier_batched_equals_one_by_one(minilm):
 
 def test_classifier_label_count_mismatch_is_named(minilm):
     _, tokenizer = minilm
-    model = BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32,
-                                                     intermediate_size=32, num_hidden_layers=1,
-                                                     num_attention_heads=2, num_labels=3))
+    model = build_tiny("bert", vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=32,
+                       num_hidden_layers=1, num_attention_heads=2, num_labels=3, max_position_embeddings=512)
     with pytest.raises(ValueError, match="2 label.*head has 3"):
         evaluate_classifier(model, tokenizer, "sst2", limit=4)
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import transformers
 from transformers import AutoModelForCausalLM
 
 from optimum_agentos.formats.shapes import apply_module_shapes, module_shapes
@@ -43,12 +42,8 @@ def _zero_kv_group(model, layer: int, group: int) -> None:
 
 def _wide_gqa_llama(num_layers: int = 3):
     """Tiny Llama with 8 query heads over 4 KV heads (head_dim 12), so layers can lose different numbers of groups."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=96, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=8,
-        num_key_value_heads=4, tie_word_embeddings=False,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return build_tiny("llama", intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=8,
+                      num_key_value_heads=4)
 
 
 # ------------------------------------------------------------------------------------------------------------ scores

@@ -17,7 +17,10 @@ from optimum_agentos.nn.dynamic_int8 import (
 )
 from optimum_agentos.nn.prepare import prepare_kernels
 
-from ..conftest import save_llama_with_short_groups
+from ..conftest import needs_fbgemm, save_llama_with_short_groups
+
+
+pytestmark = needs_fbgemm  # every test here runs the fbgemm / oneDNN int8 kernel
 
 
 def layer(in_features=576, out_features=192, bias=True, seed=0):

@@ -17,7 +17,7 @@ from optimum_agentos.nn.kernels import (
 )
 from optimum_agentos.nn.prepare import prepare_kernels
 
-from ..conftest import save_llama_with_short_groups
+from ..conftest import needs_fbgemm, save_llama_with_short_groups
 
 # bf16 activations (and int4 scales) against the fp32 reference: relative to the output's magnitude
 TOLERANCE = 1e-2
@@ -61,6 +61,7 @@ def test_int4_kernel_group_covers_the_short_last_group():
     assert int4_kernel_group(100, 128) is None and int4_kernel_group(256, 48) is None
 
 
+@needs_fbgemm
 def test_dispatch_int8_weight_only_by_default_w8a8_when_asked_and_the_int4_kernel_for_int4():
     kernel, _ = choose_kernel(layer(8, -1))
     assert kernel is Int8PackKernel  # weight-only checkpoints keep float activations

@@ -11,7 +11,7 @@ from optimum_agentos.nn.dynamic_int8 import Int8DynamicKernel
 from optimum_agentos.quantization.smoothquant import smooth_model, smoothing_scales
 from optimum_agentos.nn.targets import resolve_targets
 
-from ..conftest import build_tiny, model_output, read_quant_config, run_python, sample_ids
+from ..conftest import build_tiny, model_output, needs_fbgemm, read_quant_config, run_python, sample_ids
 
 W8A8 = dict(bits=8, group_size=-1, activations="int8-dynamic")
 
@@ -19,10 +19,7 @@ W8A8 = dict(bits=8, group_size=-1, activations="int8-dynamic")
 def tiny_llama(kv_heads=4, outliers=False):
     """Tiny Llama (4 heads; `kv_heads=4`: no grouped-query attention, so v_proj -> o_proj is smoothed too). With
     `outliers`, one channel of each norm's output is 30x larger, as in real LLMs."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=kv_heads, tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = build_tiny("llama", num_key_value_heads=kv_heads)
     if outliers:
         with torch.no_grad():
             for layer in model.model.layers:
@@ -104,6 +101,7 @@ def test_quantize_on_load_cannot_smooth(tiny_folder):
             tiny_folder("llama"), quantization_config=AgentOSConfig(**W8A8, smoothquant_alpha=0.5))
 
 
+@needs_fbgemm
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_smoothed_w8a8_checkpoint_reloads_in_a_fresh_process(method, tmp_path):
     ids, test = sample_ids(8, 32), sample_ids(2, 32, seed=7)
@@ -128,6 +126,7 @@ def test_smoothed_w8a8_checkpoint_reloads_in_a_fresh_process(method, tmp_path):
     assert "EQUAL True" in stdout, stdout
 
 
+@needs_fbgemm
 @pytest.mark.parametrize("threshold", [float("inf"), dynamic_int8.OUTLIER_THRESHOLD])  # pure int8, LLM.int8() split
 def test_smoothing_lowers_the_w8a8_error_on_outlier_channels(threshold, monkeypatch):
     monkeypatch.setattr(dynamic_int8, "OUTLIER_THRESHOLD", threshold)
