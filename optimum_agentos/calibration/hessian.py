@@ -1,27 +1,12 @@
-"""Calibration Hessians `H = 2/n * sum(x x^T)` of a linear layer's inputs, shared by GPTQ and SparseGPT."""
+"""The Hessian math GPTQ and SparseGPT share: damped inverse Cholesky factors and dead input columns.
+
+The Hessian itself is accumulated by `accumulators.HessianAccumulator` (re-exported here)."""
 
 from __future__ import annotations
 
 import torch
 
-
-class HessianAccumulator:
-    """Accumulates `X^T X` over calibration tokens in float32; `hessian()` returns the averaged `2/n X^T X`."""
-
-    def __init__(self, in_features: int, device=None):
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-        self.tokens = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        """Add a batch of inputs of any leading shape `[..., in_features]`."""
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        self.sum.addmm_(x.t(), x)
-        self.tokens += x.shape[0]
-
-    def hessian(self) -> torch.Tensor:
-        if self.tokens == 0:
-            raise ValueError("No calibration tokens reached this layer; the calibration set is empty.")
-        return self.sum * (2.0 / self.tokens)
+from .accumulators import HessianAccumulator  # noqa: F401  (its home before accumulators.py)
 
 
 def inverse_cholesky(hessian: torch.Tensor, damp_percent: float) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .hessian import HessianAccumulator
+from .accumulators import HessianAccumulator
 
 
 logger = logging.get_logger(__name__)
@@ -143,3 +143,27 @@ def run_blockwise(
                 inputs[i] = ((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs)
     model.train(was_training)
     return [n for n in layer_names if n not in covered]
+
+
+@torch.no_grad()
+def run_with_hooks(model: nn.Module, calibration_ids: torch.Tensor, batch_size: int, hooks: list, desc: str) -> None:
+    """Run the decoder stack (not the LM head: no vocabulary-sized logits) over the calibration set with `hooks`
+    registered as `(module, pre_hook_fn)` or `(module, fn, "forward")`."""
+    if calibration_ids is None or calibration_ids.numel() == 0:
+        raise ValueError("The calibration set is empty; pass at least one window of token ids.")
+    device = next(model.parameters()).device
+    handles = []
+    for module, fn, *kind in hooks:
+        if kind and kind[0] == "forward":
+            handles.append(module.register_forward_hook(fn, with_kwargs=True))
+        else:
+            handles.append(module.register_forward_pre_hook(fn))
+    was_training = model.training
+    model.eval()
+    try:
+        for ids in tqdm(torch.split(calibration_ids, batch_size), desc=desc, unit="batch"):
+            model.model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)

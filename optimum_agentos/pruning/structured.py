@@ -9,54 +9,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..calibration.accumulators import InputMeanSquare
+from ..calibration.runner import run_with_hooks
 from ..nn.modeling import LAYERS_PREFIX, attention_heads, decoder_layers, keep_layers, set_head_counts
 from .masks import check_sparsity
 
 
 logger = logging.get_logger(__name__)
-
-
-@torch.no_grad()
-def _run_base_model(model: nn.Module, calibration_ids: torch.Tensor, batch_size: int, hooks: list, desc: str) -> None:
-    """Run the decoder stack (not the LM head: no vocabulary-sized logits) over the calibration set with `hooks`
-    registered as `(module, pre_hook_fn)` or `(module, fn, "forward")`."""
-    if calibration_ids is None or calibration_ids.numel() == 0:
-        raise ValueError("The calibration set is empty; pass at least one window of token ids.")
-    device = next(model.parameters()).device
-    handles = []
-    for module, fn, *kind in hooks:
-        if kind and kind[0] == "forward":
-            handles.append(module.register_forward_hook(fn, with_kwargs=True))
-        else:
-            handles.append(module.register_forward_pre_hook(fn))
-    was_training = model.training
-    model.eval()
-    try:
-        for ids in tqdm(torch.split(calibration_ids, batch_size), desc=desc, unit="batch"):
-            model.model(input_ids=ids.to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-
-
-class _InputMeanSquare:
-    """Pre-hook accumulating per-feature sum of x^2 over tokens of a layer's input: `mean()` is E[x_j^2]."""
-
-    def __init__(self):
-        self.total, self.tokens = None, 0
-
-    def __call__(self, module, args):
-        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-        sq = x.pow(2).sum(0)
-        self.total = sq if self.total is None else self.total + sq
-        self.tokens += x.shape[0]
-
-    def mean(self) -> torch.Tensor:
-        return self.total / max(self.tokens, 1)
 
 
 def _norms(linear: nn.Linear, dim: int) -> torch.Tensor:
@@ -76,9 +37,9 @@ def mlp_neuron_scores(
     mlps = [layer.mlp for layer in decoder_layers(model)]
     if calibration_ids is None:
         return [_norms(m.gate_proj, 1) * _norms(m.up_proj, 1) * _norms(m.down_proj, 0) for m in mlps]
-    stats = [_InputMeanSquare() for _ in mlps]
+    stats = [InputMeanSquare() for _ in mlps]
     hooks = [(m.down_proj, st) for m, st in zip(mlps, stats)]
-    _run_base_model(model, calibration_ids, batch_size, hooks, "Scoring neurons")
+    run_with_hooks(model, calibration_ids, batch_size, hooks, "Scoring neurons")
     return [s.mean().sqrt() * _norms(m.down_proj, 0) for m, s in zip(mlps, stats)]
 
 
@@ -93,9 +54,9 @@ def attention_group_scores(
     """
     layers = decoder_layers(model)
     if calibration_ids is not None:
-        stats = [_InputMeanSquare() for _ in layers]
+        stats = [InputMeanSquare() for _ in layers]
         hooks = [(l.self_attn.o_proj, s) for l, s in zip(layers, stats)]
-        _run_base_model(model, calibration_ids, batch_size, hooks, "Scoring heads")
+        run_with_hooks(model, calibration_ids, batch_size, hooks, "Scoring heads")
     scores = []
     for i, layer in enumerate(layers):
         attn = layer.self_attn
@@ -128,7 +89,7 @@ def block_influence(model: nn.Module, calibration_ids: torch.Tensor, batch_size:
 
         return fn
 
-    _run_base_model(model, calibration_ids, batch_size, [(l, hook(i), "forward") for i, l in enumerate(layers)],
+    run_with_hooks(model, calibration_ids, batch_size, [(l, hook(i), "forward") for i, l in enumerate(layers)],
                     "Block influence")
     return (totals / counts.clamp(min=1)).float()
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from ..calibration.accumulators import AbsMaxAccumulator
 from ..calibration.runner import find_blocks, run_blockwise
 
 
@@ -31,17 +32,6 @@ LLAMA_GROUPS = (
 # smoothing changes the float outputs by rounding only (relative, or 8 epsilons of a 16-bit dtype): more means the
 # mapping does not fit the model
 MAX_RELATIVE_CHANGE = 1e-3
-
-
-class AbsMaxAccumulator:
-    """Per-input-channel max |x| over the calibration tokens (the `accumulator` of `run_blockwise`)."""
-
-    def __init__(self, in_features: int, device=None):
-        self.max = torch.zeros(in_features, dtype=torch.float32, device=device)
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])
-        torch.maximum(self.max, x.abs().amax(dim=0).float(), out=self.max)
 
 
 def smoothing_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
