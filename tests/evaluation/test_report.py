@@ -33,6 +33,8 @@ def quantized(folder, bits=4):
     return model
 
 
+@pytest.mark.data
+@pytest.mark.model("smollm2-135m")
 def test_compare_report(lm_folder, tmp_path):
     report = compare(str(lm_folder), {"int4": quantized(lm_folder)}, tasks=["wikitext2"], ppl_windows=2, seq_len=64,
                      baseline_name="fp32")
@@ -55,6 +57,7 @@ def test_compare_report(lm_folder, tmp_path):
     assert report.failures(row["recovery"] - 1e-9) == [] and report.failures(row["recovery"] + 1e-6) == [row]
 
 
+@pytest.mark.model("smollm2-135m")
 def test_count_parameters_sees_through_packing(lm_folder):
     dense = LlamaForCausalLM.from_pretrained(lm_folder)
     total, nonzero = count_parameters(dense)
@@ -63,6 +66,8 @@ def test_count_parameters_sees_through_packing(lm_folder):
     assert count_parameters(q)[0] == total
 
 
+@pytest.mark.data
+@pytest.mark.model("smollm2-135m")
 def test_zero_shot_report_rows_are_accuracy_ratios(lm_folder):
     report = compare(str(lm_folder), [quantized(lm_folder, bits=8)], tasks=["arc_easy"], limit=8, speed=False)
     (row,) = report.rows()

@@ -25,6 +25,7 @@ GLUE_ROWS = {"sst2": (872, {0, 1}), "mrpc": (408, {0, 1}), "rte": (277, {0, 1}),
              "stsb": (1500, None)}
 
 
+@pytest.mark.data
 @pytest.mark.parametrize("name", sorted(HARNESS_TASKS))
 def test_local_rows_have_the_hub_format(name):
     rows = local_rows(name)
@@ -41,6 +42,7 @@ def test_local_rows_have_the_hub_format(name):
         assert {r["answer"] for r in rows} == {"1", "2"}
 
 
+@pytest.mark.data
 def test_harness_task_uses_lm_evals_own_prompt():
     task = build_task("arc_easy")
     doc = next(iter(task.test_docs()))
@@ -56,6 +58,7 @@ def test_missing_dataset_offline_names_the_file_and_variable(name, tmp_path, mon
         build_task(name)
 
 
+@pytest.mark.data
 @pytest.mark.parametrize("task", sorted(GLUE_ROWS))
 def test_glue_rows(task):
     data = load_glue(task, "validation")
@@ -99,6 +102,8 @@ def minilm():
     return path, AutoTokenizer.from_pretrained(path)
 
 
+@pytest.mark.data
+@pytest.mark.model("minilm-l6")
 def test_classifier_batched_equals_one_by_one(minilm):
     _, tokenizer = minilm
     model = build_tiny("bert", vocab_size=tokenizer.vocab_size, hidden_size=64, max_position_embeddings=512)
@@ -110,6 +115,8 @@ def test_classifier_batched_equals_one_by_one(minilm):
     assert scores["accuracy"] == sum(p == r for p, r in zip(preds, data["label"])) / 40
 
 
+@pytest.mark.data
+@pytest.mark.model("minilm-l6")
 def test_classifier_label_count_mismatch_is_named(minilm):
     _, tokenizer = minilm
     model = build_tiny("bert", vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=32,
