@@ -83,8 +83,63 @@ def _check_output(args) -> Path:
     try:
         check_save_dir(output, args.overwrite)
     except FileExistsError as err:  # also UnsafeOverwriteError: the user's files are named
-        raise SystemExit(f"error: {err}".replace("overwrite=True (CLI: --overwrite)", "--overwrite")) from None
+        raise FileExistsError(str(err).replace("overwrite=True (CLI: --overwrite)", "--overwrite")) from None
     return output
+
+
+def _load(compressor_cls, model: str):
+    """`Quantizer`/`Pruner.from_pretrained(model)`, a missing model named as such before transformers is called."""
+    from .models import ModelNotFoundError, check_model_source, how_to_name_a_model
+
+    check_model_source(model)
+    try:
+        return compressor_cls.from_pretrained(model)
+    except OSError as err:  # transformers' "not a valid model identifier", a failed download, a gated repo, ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelNotFoundError(f"Model {model!r} could not be loaded: {reason} {how_to_name_a_model()}") from err
+
+
+def quantize_config(args):
+    """The `AgentOSConfig` of parsed `quantize` arguments (a bad value raises `ValueError`)."""
+    from .config import AgentOSConfig
+
+    return AgentOSConfig(
+        bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method, act_order=args.act_order,
+        observer=args.observer, activations=args.activations, embedding_bits=args.embedding_bits,
+        smoothquant_alpha=args.smoothquant_alpha,
+        damp_percent=args.damp_percent, target=args.target, ignore=args.ignore,
+    )
+
+
+def prune_configs(args):
+    """The `PruningConfig` and the optional `AgentOSConfig` of parsed `prune` arguments."""
+    from .config import AgentOSConfig
+    from .pruning.config import PruningConfig
+
+    config = PruningConfig(
+        method=None if args.method == "none" else args.method, sparsity=args.sparsity, pattern=args.pattern,
+        target=args.target, ignore=args.ignore, mlp_neurons=args.mlp_neurons, attention_groups=args.attention_groups,
+        layers=args.layers, uniform=not args.non_uniform,
+    )
+    quantization = None
+    if args.bits:
+        quantization = AgentOSConfig(bits=args.bits, group_size=args.group_size, method=args.quant_method)
+    return config, quantization
+
+
+def check_arguments(command: str, args) -> None:
+    """Validate parsed `quantize`/`prune` arguments without loading anything: the configs they imply and the
+    counts; raises `ValueError` naming the bad value (recipes call it before any step runs)."""
+    if command not in ("quantize", "prune"):
+        return
+    if command == "quantize":
+        quantize_config(args)
+    else:
+        prune_configs(args)
+    for name, least in (("num_samples", 1), ("seq_len", 1), ("eval_windows", 0)):
+        value = getattr(args, name)
+        if value < least:
+            raise ValueError(f"--{name.replace('_', '-')} {value} must be at least {least}.")
 
 
 def _evaluator(args, tokenizer):
@@ -130,17 +185,12 @@ def _save_with_card(args, model, tokenizer, info: dict, baseline, evaluate, file
 
 
 def run_quantize(args) -> dict:
-    from .config import AgentOSConfig
     from .quantization.quantizer import Quantizer
 
+    check_arguments("quantize", args)
     output = _check_output(args)
-    config = AgentOSConfig(
-        bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method, act_order=args.act_order,
-        observer=args.observer, activations=args.activations, embedding_bits=args.embedding_bits,
-        smoothquant_alpha=args.smoothquant_alpha,
-        damp_percent=args.damp_percent, target=args.target, ignore=args.ignore,
-    )
-    quantizer = Quantizer.from_pretrained(args.model)
+    config = quantize_config(args)
+    quantizer = _load(Quantizer, args.model)
     evaluate = _evaluator(args, quantizer.tokenizer)
     baseline = evaluate(quantizer.model) if evaluate else None
     info = {"base_model": args.model, "sizes": {"baseline": _source_size(quantizer.model)}}
@@ -156,21 +206,13 @@ def run_quantize(args) -> dict:
 
 
 def run_prune(args) -> dict:
-    from .config import AgentOSConfig
-    from .pruning.config import PruningConfig
     from .pruning.pruner import Pruner
     from .pruning.report import sparsity_report
 
+    check_arguments("prune", args)
     output = _check_output(args)
-    config = PruningConfig(
-        method=None if args.method == "none" else args.method, sparsity=args.sparsity, pattern=args.pattern,
-        target=args.target, ignore=args.ignore, mlp_neurons=args.mlp_neurons, attention_groups=args.attention_groups,
-        layers=args.layers, uniform=not args.non_uniform,
-    )
-    quantization = None
-    if args.bits:
-        quantization = AgentOSConfig(bits=args.bits, group_size=args.group_size, method=args.quant_method)
-    pruner = Pruner.from_pretrained(args.model)
+    config, quantization = prune_configs(args)
+    pruner = _load(Pruner, args.model)
     evaluate = _evaluator(args, pruner.tokenizer)
     baseline = evaluate(pruner.model) if evaluate else None
     info = {"base_model": args.model, "sizes": {"baseline": _source_size(pruner.model)}, "pruning": config.to_dict()}
@@ -243,19 +285,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# User mistakes, reported as one `error:` line and exit code 2: bad values named by the library (ValueError: unknown
+# task, recipe typo, bad config, model not found, newer checkpoint format, missing token) and paths the user named
+# that are missing, occupied or not writable. Any other exception is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
 def run_command(args) -> int:
-    """Run parsed arguments, print the summary table; returns the exit code."""
+    """Run parsed arguments, print the summary table; returns the exit code (2 for a user mistake, 130 when
+    interrupted)."""
     start = time.perf_counter()
     try:
+        if args.command == "eval":  # a missing model or baseline is named before the evaluation starts
+            from .models import check_model_source
+
+            for source in (args.model, args.baseline):
+                if source:
+                    check_model_source(source)
         if args.command == "distill":  # TrainingArguments-based: HfArgumentParser owns its options
             from .distillation.command import run_distill
 
             summary = run_distill(args.distill_args)
         else:
             summary = SUBCOMMANDS[args.command][1](args)
-    except ValueError as exc:  # bad input named by the library (unknown task, recipe typo, missing token, ...)
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     exit_code = int(summary.pop("exit_code", 0))
     summary.setdefault("total_seconds", round(time.perf_counter() - start, 1))
     print_table(summary)

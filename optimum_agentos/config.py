@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -28,6 +30,14 @@ VERSION_3_KEYS = ("embedding_bits",)
 # Added by format version 4 (provenance only: the smoothing is folded into the weights); likewise omitted when unset.
 VERSION_4_KEYS = ("smoothquant_alpha",)
 OPTIONAL_KEYS_SINCE = {2: PRUNING_KEYS, 3: VERSION_3_KEYS, 4: VERSION_4_KEYS}
+# The JSON type of every field (see `check_field_types`); `?` allows None.
+FIELD_TYPES = {
+    "bits": "int?", "group_size": "int", "sym": "bool", "method": "str", "damp_percent": "number", "act_order": "bool",
+    "observer": "str?", "activations": "str?", "embedding_bits": "int?", "smoothquant_alpha": "number?",
+    "block_size": "int", "target": "patterns?", "ignore": "patterns?", "scale_dtype": "str", "float_dtype": "str?",
+    "sparse_layers": "mapping?", "sparsity_pattern": "str?", "module_shapes": "mapping?", "pruning": "mapping?",
+    "format_version": "int", "library_version": "str", "quant_method": "str",
+}
 
 
 class CheckpointVersionError(ValueError):
@@ -39,6 +49,9 @@ def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
     """`"2:4"` -> `(2, 4)`: keep N of every M consecutive input weights. `None`/`"unstructured"` -> None."""
     if pattern in (None, "unstructured"):
         return None
+    if not isinstance(pattern, str):
+        raise ValueError(f"pattern={pattern!r} ({type(pattern).__name__}) must be a string like '2:4' or "
+                         "'unstructured'.")
     try:
         n, m = (int(p) for p in pattern.split(":"))
     except ValueError as err:
@@ -46,6 +59,60 @@ def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
     if not 0 < n < m:
         raise ValueError(f"pattern={pattern!r} needs 0 < N < M.")
     return n, m
+
+
+# What a field of a config must hold, checked before its value is used: JSON has no int/float/bool guard of its own
+# (`"sym": "false"` is a truthy string, `"bits": 4.0` a float, `true` an int to Python).
+FIELD_KINDS = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer (not a float, string or boolean)"),
+    "bool": (lambda v: isinstance(v, bool), "a boolean (true or false, not a string or number)"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+               "a finite number (not a string or boolean)"),
+    "patterns": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(p, str) and p for p in v),
+                 "a list of non-empty strings (module names or 're:<regex>')"),
+    "mapping": (lambda v: isinstance(v, Mapping) and all(isinstance(k, str) and k for k in v),
+                "a mapping with non-empty string keys"),
+}
+
+
+def check_field_types(obj, kinds: dict[str, str], owner: str) -> None:
+    """Raise a `ValueError` naming the first field of `obj` whose value is not of its kind in `kinds`
+    (`{"bits": "int?"}`: a trailing `?` also allows None)."""
+    for name, kind in kinds.items():
+        value = getattr(obj, name)
+        optional = kind.endswith("?")
+        if value is None and optional:
+            continue
+        accepts, expected = FIELD_KINDS[kind.rstrip("?")]
+        if not accepts(value):
+            raise ValueError(f"{owner} {name}={value!r} ({type(value).__name__}) must be {expected}"
+                             + (" or None (null in JSON)." if optional else "."))
+
+
+def check_patterns(name: str, patterns: list[str] | None) -> None:
+    """Every `re:` pattern of a target/ignore list must compile."""
+    for pattern in patterns or []:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except (re.error, RecursionError, OverflowError) as err:
+                raise ValueError(f"{name} pattern {pattern!r} is not a valid regex: {err}") from None
+
+
+def check_format_version(version, library_version=None) -> None:
+    """A format version is an int >= 1; one newer than this library's raises `CheckpointVersionError`."""
+    if not FIELD_KINDS["int"][0](version) or version < 1:
+        raise ValueError(f"format_version={version!r} ({type(version).__name__}) must be an integer from 1 to "
+                         f"{FORMAT_VERSION} (the agentos checkpoint format the file was written in).")
+    if version > FORMAT_VERSION:
+        raise CheckpointVersionError(
+            f"This checkpoint uses agentos format version {version}, written by "
+            f"{f'optimum-agentos {library_version}' if library_version else 'a newer optimum-agentos'}; the installed "
+            f"optimum-agentos {__version__} reads up to version "
+            f"{FORMAT_VERSION}. Upgrade optimum-agentos with `pip install -U optimum-agentos`."
+        )
+
 
 @dataclass
 class AgentOSConfig(QuantizationConfigMixin):
@@ -140,12 +207,19 @@ class AgentOSConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         if self.ignore is None:
             self.ignore = list(DEFAULT_IGNORE)
+        check_field_types(self, FIELD_TYPES, "AgentOSConfig")  # before list(): a string target is not a list
         self.target = list(self.target) if self.target is not None else None
         self.ignore = list(self.ignore)
+        if self.module_shapes is not None:
+            self.module_shapes = {k: list(v) if isinstance(v, tuple) else v for k, v in self.module_shapes.items()}
         self.validate()
 
     def validate(self) -> None:
-        """Raise a `ValueError` naming the bad field and the accepted values."""
+        """Raise a `ValueError` naming the bad field, its value and the accepted values."""
+        check_field_types(self, FIELD_TYPES, "AgentOSConfig")
+        check_format_version(self.format_version, self.library_version)
+        if not self.library_version:
+            raise ValueError("library_version='' must name the optimum-agentos release that wrote the checkpoint.")
         if self.bits is None:
             if not (self.sparse_layers or self.module_shapes):
                 raise ValueError(
@@ -187,37 +261,39 @@ class AgentOSConfig(QuantizationConfigMixin):
         if self.float_dtype is not None and self.float_dtype not in SCALE_DTYPES:
             raise ValueError(f"float_dtype={self.float_dtype!r} must be one of {SCALE_DTYPES} or None.")
         for name in ("target", "ignore"):
-            for pattern in getattr(self, name) or []:
-                if not isinstance(pattern, str) or not pattern:
-                    raise ValueError(f"{name} entries must be non-empty strings, got {pattern!r}.")
-                if pattern.startswith("re:"):
-                    try:
-                        re.compile(pattern[3:])
-                    except re.error as err:
-                        raise ValueError(f"{name} pattern {pattern!r} is not a valid regex: {err}") from err
+            check_patterns(name, getattr(self, name))
         for name, kept in (self.sparse_layers or {}).items():
-            if not isinstance(kept, int) or isinstance(kept, bool) or kept < 0:
+            if not FIELD_KINDS["int"][0](kept) or kept < 0:
                 raise ValueError(f"sparse_layers[{name!r}]={kept!r} must be a count of kept weights (int >= 0).")
         for name, shape in (self.module_shapes or {}).items():
-            if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
-                raise ValueError(f"module_shapes[{name!r}]={shape!r} must be [out_features, in_features].")
+            if not (isinstance(shape, (list, tuple)) and len(shape) == 2
+                    and all(FIELD_KINDS["int"][0](d) and d > 0 for d in shape)):
+                raise ValueError(f"module_shapes[{name!r}]={shape!r} must be [out_features, in_features] "
+                                 "(two ints > 0).")
         if self.sparsity_pattern is not None:
             parse_pattern(self.sparsity_pattern)
-        if self.format_version > FORMAT_VERSION:
-            raise CheckpointVersionError(
-                f"This checkpoint uses agentos format version {self.format_version}, written by optimum-agentos "
-                f"{self.library_version}; the installed optimum-agentos {__version__} reads up to version "
-                f"{FORMAT_VERSION}. Upgrade with `pip install -U optimum-agentos`."
-            )
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
-        """Build from a `quantization_config` dict, rejecting unknown keys (a typo must not pass silently)."""
-        config_dict = dict(config_dict)
+        """Build from a `quantization_config` dict (what transformers calls when loading a checkpoint).
+
+        The format version is checked first, so a checkpoint from a newer release asks for an upgrade rather than
+        reporting its new keys as unknown. Unknown keys are then rejected: a typo (`grup_size`) must not load a
+        model with a default in its place. transformers writes this dict with our `to_dict` and adds no key of its
+        own, and the keys it reads back (`quant_method`) are fields, so nothing legitimate is refused.
+        """
+        if not isinstance(config_dict, Mapping):
+            raise ValueError("quantization_config must be a mapping (a JSON object), got "
+                             f"{type(config_dict).__name__}.")
+        config_dict = copy.deepcopy(dict(config_dict))
+        check_format_version(config_dict.get("format_version", FORMAT_VERSION), config_dict.get("library_version"))
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(config_dict) - known)
+        unknown = sorted(set(config_dict) - known, key=str)
         if unknown:
             raise ValueError(f"Unknown agentos quantization_config keys {unknown}; known keys are {sorted(known)}.")
+        if config_dict.get("quant_method", QUANT_METHOD) != QUANT_METHOD:
+            raise ValueError(f"quant_method={config_dict['quant_method']!r}: this config class reads "
+                             f"quant_method={QUANT_METHOD!r} only.")
         config = cls(**config_dict)
         unused = {}
         for key, value in kwargs.items():

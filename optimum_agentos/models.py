@@ -158,6 +158,55 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
+class ModelNotFoundError(ValueError):
+    """A model name that is no local model folder, no alias and no Hub id found in the cache (or on the Hub)."""
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(name, "").upper() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or any(flag in ("1", "ON", "YES", "TRUE") for flag in flags)
+
+
+def how_to_name_a_model() -> str:
+    return (f"Name a local folder holding config.json, a Hub id such as {KNOWN_MODELS['smollm2-135m']['hub_id']!r}, "
+            f"or an alias ({', '.join(sorted(KNOWN_MODELS))}).")
+
+
+def check_model_source(name_or_path: str | os.PathLike) -> None:
+    """Raise `ModelNotFoundError` early, before minutes of work or a transformers traceback, when a model cannot be
+    found: a folder without `config.json`, a path that does not exist, or a Hub id that is not in the Hub cache while
+    offline. An alias or a Hub id that may still be downloaded passes (a failed download is reported when loading).
+
+    Args:
+        name_or_path (`str` or `os.PathLike`): local folder, alias such as `"smollm2-135m"`, or Hub id.
+    """
+    text = str(name_or_path)
+    if os.path.isdir(text):
+        if not os.path.isfile(os.path.join(text, "config.json")):
+            raise ModelNotFoundError(f"{text} is a folder without config.json, not a transformers model folder. "
+                                     + how_to_name_a_model())
+        return
+    if text.lower() in KNOWN_MODELS:
+        return
+    if os.path.exists(text):
+        raise ModelNotFoundError(f"{text} is a file, not a model folder. " + how_to_name_a_model())
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        raise ModelNotFoundError(f"Model {text!r} not found: no such folder, and not a Hub id. "
+                                 + how_to_name_a_model()) from None
+    if isinstance(try_to_load_from_cache(text, "config.json"), str):
+        return
+    if _offline():
+        raise ModelNotFoundError(f"Model {text!r} not found locally or in the Hub cache (offline: HF_HUB_OFFLINE is "
+                                 "set, nothing is downloaded). " + how_to_name_a_model())
+
+
 def hub_id_of(name_or_path: str | os.PathLike | None) -> str | None:
     """The Hub id a source stands for: an alias, the local copy of an alias, or a Hub id itself; None for any other
     local path (model cards record lineage by Hub id and never a local path)."""

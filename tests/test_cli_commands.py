@@ -103,3 +103,41 @@ def test_push_without_token_fails_before_anything(folders, tmp_path):
         proc = cli("push", str(int4), "--repo-id", "me/nothing", env=env)
         assert proc.returncode == 2 and "No Hugging Face token" in proc.stderr
         assert hub.requests == [] and hub.repos == {}
+
+
+def _one_error_line(proc) -> str:
+    """The user mistake is one `error:` line on stderr, exit code 2, and no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_a_missing_model_is_one_clear_line(tmp_path):
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub-cache")}
+    line = _one_error_line(cli("quantize", "--model", "no-such-model", "--output", str(tmp_path / "out"),
+                               "--bits", "4", env=offline))
+    assert "'no-such-model' not found locally or in the Hub cache" in line
+    assert "local folder holding config.json" in line and "smollm2-135m" in line and "Hub id" in line
+    assert not (tmp_path / "out").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = _one_error_line(cli("prune", "--model", str(empty), "--output", str(tmp_path / "out"), env=offline))
+    assert f"{empty} is a folder without config.json" in line
+    line = _one_error_line(cli("eval", "--model", str(tmp_path / "nowhere" / "int4"), "--no-speed", env=offline))
+    assert "no such folder, and not a Hub id" in line
+
+
+def test_bad_values_and_refused_folders_are_one_clear_line(tmp_path):
+    occupied = tmp_path / "mine"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("keep me")
+    line = _one_error_line(cli("quantize", "--model", "m", "--output", str(occupied), "--overwrite"))
+    assert "notes.txt" in line and (occupied / "notes.txt").read_text() == "keep me"
+    line = _one_error_line(cli("quantize", "--model", "m", "--output", str(tmp_path / "o"), "--group-size", "100"))
+    assert "group_size=100 must be -1" in line
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: m\nsteps:\n  - quantize: {sym: 'yes'}\n")
+    line = _one_error_line(cli("run", str(recipe)))
+    assert "recipe.yaml:3: sym='yes' of step 'quantize' is an on/off option" in line

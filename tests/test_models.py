@@ -11,6 +11,8 @@ import torch
 from optimum_agentos.models import (
     COMPLETE_MARKER,
     KNOWN_MODELS,
+    ModelNotFoundError,
+    check_model_source,
     convert_gguf,
     local_source,
     package_folder,
@@ -96,3 +98,21 @@ def test_smollm2_conversion(tmp_path, monkeypatch):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def test_check_model_source_names_what_is_missing(tmp_path, monkeypatch):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    check_model_source(tmp_path / "model")  # a model folder passes
+    check_model_source("SmolLM2-135M")  # so does an alias, installed or not
+    with pytest.raises(ModelNotFoundError, match="is a folder without config.json"):
+        check_model_source(tmp_path)
+    with pytest.raises(ModelNotFoundError, match="is a file, not a model folder"):
+        check_model_source(tmp_path / "model" / "config.json")
+    with pytest.raises(ModelNotFoundError, match="no such folder, and not a Hub id.*minilm-l6, smollm2-135m"):
+        check_model_source(tmp_path / "nowhere" / "model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelNotFoundError, match="'some-org/some-model' not found locally or in the Hub cache"):
+        check_model_source("some-org/some-model")
+    assert isinstance(ModelNotFoundError("x"), ValueError)  # the CLI reports it as a user mistake

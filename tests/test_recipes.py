@@ -29,11 +29,40 @@ def write(tmp_path, text, name="recipe.yaml"):
     ("model: m\nsteps: []\n", r"`steps:` must be a non-empty list"),
     ("model: m\nsteps:\n  - quantize: {bits: 4}\n    eval: {}\n", r":3: each step is a mapping with one key"),
     ("steps:\n  - quantize: {bits: 4}\n", r"`model:` .* is required"),
+    ("model: m\nsteps:\n  - quantize: {group_size: 100}\n", r":3: step 'quantize': group_size=100 must be -1"),
+    ("model: m\nsteps:\n  - quantize: {bits: 5}\n", r":3: step 'quantize': argument --bits: invalid choice: 5"),
+    ("model: m\nsteps:\n  - quantize:\n      sym: 'yes'\n", r":4: sym='yes' of step 'quantize' is an on/off option"),
+    ("model: m\nsteps:\n  - prune: {pattern: '5:4'}\n", r":3: step 'prune': pattern='5:4' needs 0 < N < M"),
+    ("model: m\nsteps:\n  - push: {}\n", r"step 'push': the following arguments are required: --repo-id"),
+    ("model: m\nsteps:\n  - quantize: {4: 8}\n", r":3: option names are text; got 4"),
+    ("model: m\nsteps:\n  - card: {repo_id: 2024-01-01}\n", r"repo_id=datetime.date\(2024, 1, 1\) .*quote dates"),
+    ("model: m\nsteps:\n  - quantize: {bits: !!int x}\n", r"not valid YAML: a tagged value cannot be read"),
+    ("model: m\nsteps:\n  - quantize: {bits: !!python/tuple [4]}\n", r"not valid YAML: could not determine"),
+    ("model: [a, b]\nsteps:\n  - quantize: {}\n", r":1: `model:` must be a text value"),
 ])
 def test_bad_recipes_are_rejected_before_running(tmp_path, body, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(write(tmp_path, body))
     assert not (tmp_path / "out").exists()
+
+
+def test_boolean_options_reach_the_command_both_ways(tmp_path):
+    from optimum_agentos.recipes import step_parser, to_argv
+
+    recipe = load_recipe(write(tmp_path, "model: m\nsteps:\n  - quantize: {act_order: false, sym: true}\n"))
+    argv = to_argv("quantize", recipe.steps[0].options)
+    assert argv == ["--no-act-order", "--sym"]
+    args = step_parser("quantize").parse_args([*argv, "--model", "m", "--output", "o"])
+    assert args.act_order is False and args.sym is True
+
+
+def test_a_recipe_that_is_not_utf8_or_is_a_folder_is_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model: caf\xe9\nsteps:\n  - card: {}\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match="not UTF-8 text"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match="does not exist \\(it is a folder\\)"):
+        load_recipe(tmp_path)
 
 
 def test_distill_keys_are_checked_too(tmp_path):

@@ -7,6 +7,8 @@ import os
 import struct
 from pathlib import Path
 
+import torch
+
 
 class CorruptCheckpointError(ValueError):
     """A safetensors file that is truncated or whose header cannot be parsed."""
@@ -56,32 +58,46 @@ def check_safetensors(path: str | os.PathLike) -> dict:
 
 
 def check_layer_tensors(model, headers: dict, tied: dict | None = None) -> None:
-    """Before loading: every tensor of every compressed layer is in the checkpoint, with the shape the config implies.
+    """Before loading an agentos checkpoint: every tensor the model will hold is in the files. The compressed layers'
+    tensors must also have the shape and dtype the config implies.
 
-    A missing `weight_scale` (or any other) tensor would otherwise load silently with whatever memory held;
-    `tied` maps keys saved once under another name (a tied int8 head) to that name."""
+    A missing `weight_scale` would otherwise load with whatever memory held, and a missing float tensor (an
+    embedding, a norm) at its random initialization with only a warning. `tied` maps keys that are saved once under
+    another name (a tied head) to that name."""
     from ..nn import QuantEmbedding, QuantHead, QuantLinear, SparseLinear
 
     if not headers:
         return
     tied = tied or {}
+    compressed = {name for name, module in model.named_modules()
+                  if isinstance(module, (QuantLinear, SparseLinear, QuantEmbedding, QuantHead))}
     missing, wrong = [], []
-    for name, module in model.named_modules():
-        if not isinstance(module, (QuantLinear, SparseLinear, QuantEmbedding, QuantHead)):
-            continue
-        for key, tensor in module.state_dict(prefix=f"{name}.", keep_vars=True).items():
-            entry = headers.get(key) or headers.get(tied.get(key, ""))
-            if entry is None:
-                missing.append(key)
-            elif tuple(entry["shape"]) != tuple(tensor.shape):
-                wrong.append(f"{key} {entry['shape']} (expected {list(tensor.shape)})")
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        entry = headers.get(key) or headers.get(tied.get(key, ""))
+        if entry is None:
+            missing.append(key)
+        elif tuple(entry["shape"]) != tuple(tensor.shape):
+            wrong.append(f"{key} {entry['shape']} (expected {list(tensor.shape)})")
+        elif (key.rpartition(".")[0] in compressed and _fixed_dtype(key, tensor)
+              and _DTYPES.get(tensor.dtype, entry["dtype"]) != entry["dtype"]):
+            wrong.append(f"{key} stored as {entry['dtype']} (config.json implies {_DTYPES[tensor.dtype]})")
     if missing or wrong:
         found = (f"missing {missing[:5]}" if missing else "") + ("; " if missing and wrong else "") + (
-            f"wrong shapes {wrong[:5]}" if wrong else "")
+            f"wrong shapes or dtypes {wrong[:5]}" if wrong else "")
         raise CorruptCheckpointError(
             f"The checkpoint's safetensors files do not hold the tensors its config.json describes: {found}. The "
             f"files are damaged or belong to another save. {_FIX}"
         )
+
+
+def _fixed_dtype(key: str, tensor) -> bool:
+    """Codes, bitmasks and quantization parameters are stored in exactly the dtype the config implies; kept float
+    values may be stored in a 16-bit `float_dtype` and cast on load."""
+    return not tensor.dtype.is_floating_point or key.endswith(("_scale", "_zero"))
+
+
+_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.uint8: "U8", torch.int8: "I8",
+           torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
 
 
 def check_sparse_layers(model, config) -> None:

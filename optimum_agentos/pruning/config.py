@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..config import DEFAULT_IGNORE
+from ..config import DEFAULT_IGNORE, FIELD_KINDS, check_field_types, check_patterns
 from .masks import check_sparsity, parse_pattern
 
 
 PRUNING_METHODS = ("magnitude", "wanda", "sparsegpt")
 CALIBRATED_METHODS = ("wanda", "sparsegpt")
+# The JSON type of every field (see `optimum_agentos.config.check_field_types`); `?` allows None.
+FIELD_TYPES = {
+    "method": "str?", "sparsity": "number?", "pattern": "str?", "layer_sparsity": "mapping?", "scope": "str",
+    "target": "patterns?", "ignore": "patterns?", "damp_percent": "number", "block_size": "int",
+    "mlp_neurons": "number", "attention_groups": "int", "layers": "int", "uniform": "bool",
+}
 
 
 @dataclass
@@ -71,6 +78,9 @@ class PruningConfig:
     def __post_init__(self):
         if self.ignore is None:
             self.ignore = list(DEFAULT_IGNORE)
+        check_field_types(self, FIELD_TYPES, "PruningConfig")  # before the values are used
+        self.target = list(self.target) if self.target is not None else None
+        self.ignore = list(self.ignore)
         n_m = parse_pattern(self.pattern)
         if n_m is not None:
             implied = 1 - n_m[0] / n_m[1]
@@ -97,7 +107,8 @@ class PruningConfig:
         return self.method in CALIBRATED_METHODS
 
     def validate(self) -> None:
-        """Raise a `ValueError` naming the bad field and what is accepted."""
+        """Raise a `ValueError` naming the bad field, its value and what is accepted."""
+        check_field_types(self, FIELD_TYPES, "PruningConfig")
         if self.method is not None and self.method not in PRUNING_METHODS:
             raise ValueError(f"method={self.method!r} is not supported; use one of {PRUNING_METHODS} or None.")
         if self.method is None and not self.is_structured:
@@ -107,6 +118,9 @@ class PruningConfig:
             )
         check_sparsity(self.sparsity)
         for pattern, value in (self.layer_sparsity or {}).items():
+            if not FIELD_KINDS["number"][0](value):
+                raise ValueError(f"layer_sparsity[{pattern!r}]={value!r} ({type(value).__name__}) must be a number "
+                                 "in [0, 1), e.g. 0.5.")
             try:
                 check_sparsity(value)
             except ValueError as err:
@@ -121,6 +135,9 @@ class PruningConfig:
             raise ValueError(f"damp_percent={self.damp_percent!r} must be in [0, 1), typically 0.01.")
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size!r} must be a positive number of columns.")
+        for name in ("target", "ignore"):
+            check_patterns(name, getattr(self, name))
+        check_patterns("layer_sparsity", list(self.layer_sparsity or {}))
         if not 0 <= self.mlp_neurons < 1:
             raise ValueError(f"mlp_neurons={self.mlp_neurons!r} is a fraction of neurons to remove, in [0, 1).")
         for name in ("attention_groups", "layers"):
@@ -144,9 +161,14 @@ class PruningConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PruningConfig":
-        """Build from a dict, rejecting unknown keys (a typo must not pass silently)."""
+        """Build from a dict (e.g. the `pruning` provenance of a checkpoint's `quantization_config`), rejecting
+        unknown keys: a typo (`sparsty`) must not prune with a default in its place. Nothing but this class writes
+        these dicts, so there is no foreign key to tolerate."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"A PruningConfig must be a mapping (a JSON object), got {type(data).__name__}.")
+        data = copy.deepcopy(dict(data))
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise ValueError(f"Unknown PruningConfig keys {unknown}; known keys are {sorted(known)}.")
         return cls(**data)

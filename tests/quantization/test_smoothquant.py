@@ -84,7 +84,7 @@ def test_smoothing_needs_calibration_data_and_w8a8():
     with pytest.raises(ValueError, match="needs activations='int8-dynamic'"):
         AgentOSConfig(bits=8, group_size=-1, smoothquant_alpha=0.5)
     for alpha in (0, 1, 1.5, -0.5, True, "0.5"):
-        with pytest.raises(ValueError, match="must be a number in \\(0, 1\\)"):
+        with pytest.raises(ValueError, match="smoothquant_alpha=.* must be a (finite )?number"):
             AgentOSConfig(**W8A8, smoothquant_alpha=alpha)
 
 
