@@ -33,7 +33,7 @@ test-fast: install
 
 benchmark: install
 	$(PY) benchmarks/quantization.py
-	$(PY) benchmarks/pruning.py
+	$(PY) benchmarks/pruning.py --llmcompressor
 	$(PY) benchmarks/distillation.py
 	$(PY) benchmarks/evaluation.py
 

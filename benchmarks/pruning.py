@@ -7,7 +7,9 @@ issue's): WikiText-2 raw test, first 64 windows of 512 tokens, no BOS; calibrati
 bfloat16; every pruned row is saved, reloaded with `AutoModelForCausalLM.from_pretrained`, then evaluated.
 
     python benchmarks/pruning.py                       # all rows (about 40 minutes on 2 cores)
+    python benchmarks/pruning.py --llmcompressor       # and llm-compressor's rows (its venv is made when missing)
     python benchmarks/pruning.py --rows dense sparsegpt-50 --eval-windows 8
+    python benchmarks/pruning.py --rows --llmcompressor --merge   # only llm-compressor's rows, into the saved table
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import merge_with_saved, peak_rss_mb, publish, run_rows
+from common import REPO, merge_with_saved, peak_rss_mb, publish, run_rows
 
 MARK_BEGIN, MARK_END = "<!-- pruning:begin -->", "<!-- pruning:end -->"
 
@@ -37,18 +41,40 @@ ROWS = {
 }
 
 
-# llm-compressor side by side: row -> (modifier, mask_structure); run only with --llmcompressor-python
+# llm-compressor side by side: row -> (modifier, mask_structure); run only with --llmcompressor(-python)
 LLMC_ROWS = {
     "llm-compressor-sparsegpt-50": ("sparsegpt", "0:0"),
     "llm-compressor-wanda-50": ("wanda", "0:0"),
     "llm-compressor-sparsegpt-2:4": ("sparsegpt", "2:4"),
 }
+# Its own venv (it pins its own transformers); torch pinned to the local CPU wheel so pip pulls no CUDA build.
+LLMC_VERSION = "0.14.0.1"
+LLMC_REQUIREMENTS = ["torch==2.13.0", f"llmcompressor=={LLMC_VERSION}"]
+LLMC_VENV = REPO / "benchmarks" / "work" / f"llmcompressor-{LLMC_VERSION}"
+LLMC_EARLIER = (
+    "Rows published before 2026-11-30 (SparseGPT 68.07, Wanda 85.31, SparseGPT 2:4 129.24) passed `ignore=['lm_head']`, "
+    "which matches nothing in llm-compressor 0.14 (with `targets=['Linear']` it names the head `lm_head.`), so the "
+    "output head, tied to the input embedding in SmolLM2, was pruned to 50% as well."
+)
+
+
+def ensure_llmcompressor_venv(venv: Path = LLMC_VENV) -> str:
+    """The python of a venv holding `LLMC_REQUIREMENTS`, created (or remade, if a stamp says otherwise) when missing."""
+    python, stamp = venv / "bin" / "python", venv / ".benchmark-requirements"
+    wanted = "\n".join(LLMC_REQUIREMENTS)
+    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
+        return str(python)
+    print(f"== creating {venv} with {' '.join(LLMC_REQUIREMENTS)}", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, LLMC_REQUIREMENTS[0]], check=True)  # torch first: the CPU wheel, not a CUDA build
+    subprocess.run([*pip, *LLMC_REQUIREMENTS], check=True)
+    stamp.write_text(wanted)
+    return str(python)
 
 
 def run_llmcompressor(python: str, rows: list[str], args) -> list[dict]:
     """The same calibration and eval token ids, written once, then each llm-compressor row in its own venv."""
-    import subprocess
-
     import torch
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
@@ -71,8 +97,7 @@ def run_llmcompressor(python: str, rows: list[str], args) -> list[dict]:
             subprocess.run([python, str(Path(__file__).with_name("llmcompressor_side_by_side.py")), "--model",
                             str(source), "--ids", f"{tmp}/ids.safetensors", "--method", method, "--pattern", pattern,
                             "--out", f"{tmp}/{method}.json"], check=True)
-            result = json.loads(Path(f"{tmp}/{method}.json").read_text())
-            result.update(row=row, params_after=None)
+            result = {"row": row, **json.loads(Path(f"{tmp}/{method}.json").read_text())}
             results.append(result)
             print(json.dumps(result), flush=True)
     del torch
@@ -223,6 +248,9 @@ def write_markdown(results: list[dict], args) -> str:
             f"| {r['row']} | {r['ppl']:.2f} | {rel_ppl} | {r['prune_s']:.0f} | {r['peak_rss_mb']:.0f} | "
             f"{r['size_mb']:.1f} | {rel_size} | {fp32} | {sparsity} | {error} | {params} |"
         )
+    peer = [r for r in results if "llmcompressor" in r]
+    if peer:
+        lines += ["", llmcompressor_note(peer)]
     structured = [r for r in results if "forward_latency_ratio" in r]
     if structured:
         lines += [
@@ -243,14 +271,43 @@ def write_markdown(results: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+def llmcompressor_note(rows: list[dict]) -> str:
+    """The paragraph under the table: how llm-compressor's rows were run (from their recorded configuration)."""
+    runs = {r["llmcompressor"]["modifier"]: r["llmcompressor"] for r in rows}
+    cfg = next(iter(runs.values()))
+    versions = ", ".join(f"{p} {v}" for p, v in cfg["versions"].items())
+    args = {k: v for k, v in cfg["modifier_args"].items() if k not in ("mask_structure", "block_size", "dampening_frac")}
+    sgpt = runs.get("SparseGPTModifier", {}).get("modifier_args", {})
+    extra = (f"; SparseGPT with its defaults block_size={sgpt['block_size']}, dampening_frac={sgpt['dampening_frac']}"
+             if sgpt else "")
+    once = cfg["oneshot"]
+    dates = sorted({r["measured_on"] for r in rows if "measured_on" in r})
+    return (
+        f"llm-compressor rows{' (measured ' + ', '.join(dates) + ')' if dates else ''}: {versions}, in its own venv "
+        f"(`{LLMC_VENV.relative_to(REPO)}`, made by `--llmcompressor`), on the same calibration and eval token ids as "
+        f"our rows. {' / '.join(f'`{m}`' for m in runs)} with "
+        + ", ".join(f"{k}={v!r}" for k, v in args.items())
+        + f", mask_structure `0:0` (unstructured) or `2:4`{extra}; as in llm-compressor's own recipes. `oneshot` with "
+        f"its default pipeline (`{once['pipeline'].split()[0]}`, which runs these modifiers in the "
+        f"`{cfg['pipeline']}` over `{', '.join(cfg['sequential_targets'])}`), {once['num_calibration_samples']} "
+        f"calibration samples of {once['max_seq_length']} tokens, batch {once['batch_size']}, model in "
+        f"{once['model_dtype']}. The result is saved with its `save_pretrained` (dense {once['model_dtype']}: this "
+        "version writes no sparse format), reloaded with `from_pretrained` and evaluated like our rows. "
+        f"{LLMC_EARLIER}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--calib-windows", type=int, default=64)
     parser.add_argument("--recovery-steps", type=int, default=40)
+    parser.add_argument("--llmcompressor", action="store_true",
+                        help=f"adds llm-compressor's rows side by side, in its own venv ({LLMC_VENV.relative_to(REPO)}, "
+                        "created when missing)")
     parser.add_argument("--llmcompressor-python", default=None,
-                        help="python of a venv with llmcompressor (and torch==2.13.0): adds its rows side by side")
+                        help="python of an existing venv with llmcompressor (and torch==2.13.0), instead of ours")
     parser.add_argument("--llmcompressor-rows", nargs="*", default=list(LLMC_ROWS), choices=list(LLMC_ROWS))
     parser.add_argument("--merge", action="store_true",
                         help="keep the other rows of benchmarks/results/pruning.json, replacing only the rows run now")
@@ -263,8 +320,9 @@ def main() -> None:
     passthrough = ["--eval-windows", str(args.eval_windows), "--calib-windows", str(args.calib_windows),
                    "--recovery-steps", str(args.recovery_steps)]
     results = run_rows(__file__, args.rows, passthrough)
-    if args.llmcompressor_python:
-        results += run_llmcompressor(args.llmcompressor_python, args.llmcompressor_rows, args)
+    if args.llmcompressor or args.llmcompressor_python:
+        python = args.llmcompressor_python or ensure_llmcompressor_venv()
+        results += run_llmcompressor(python, args.llmcompressor_rows, args)
     if args.merge:
         results = merge_with_saved("pruning", results)
     publish("pruning", results, write_markdown(results, args), MARK_BEGIN, MARK_END)
