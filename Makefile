@@ -6,7 +6,7 @@ STAMP := $(VENV)/.agentos-installed
 DEMO_DIR ?= demo-output/smollm2-int4-gptq
 DEMO_RECIPE ?= examples/recipes/smollm2-int4-gptq.yaml
 
-.PHONY: install demo test test-fast benchmark clean
+.PHONY: install demo test test-fast benchmark model-cards reliability clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,18 @@ benchmark: install
 	$(PY) benchmarks/quantization.py
 	$(PY) benchmarks/pruning.py --llmcompressor
 	$(PY) benchmarks/distillation.py
+	$(PY) benchmarks/speed.py --threads 2
+	$(PY) benchmarks/smoothquant.py --threads 2
+	$(PY) benchmarks/gptq_ablation.py --threads 2 --calib-windows 16
+	OMP_NUM_THREADS=2 $(PY) benchmarks/kernel_layers.py --threads 2 --copies 40 --repeats 7
+	# also renders model_cards/<recipe>/ from the recipe checkpoints and the report
 	$(PY) benchmarks/evaluation.py
+
+model-cards: install
+	$(PY) benchmarks/evaluation.py --cards-only
+
+reliability: install
+	$(PY) benchmarks/reliability.py
 
 clean:
 	rm -rf $(VENV) demo-output

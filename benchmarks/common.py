@@ -1,8 +1,13 @@
-"""Shared by the benchmark scripts: fresh-process rows, peak RSS, decode speed, and BENCHMARKS.md sections."""
+"""Shared by the benchmark scripts: fresh-process rows, peak RSS, decode speed, and BENCHMARKS.md sections.
+
+Units: memory (RSS) is in MiB (2^20 bytes: Linux reports KiB, divided by 1024); sizes on disk are in MB (10^6
+bytes). Every script saves its rows to benchmarks/results/NAME.json and the run's date, core count and options to
+benchmarks/results/NAME.meta.json, so `--render-only` rewrites its BENCHMARKS.md section without running again."""
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -14,9 +19,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+peak_rss_mb = peak_rss_mib  # old name (benchmarks/pruning.py): the value is, and always was, in MiB
 
 
 def decode_tokens_per_s(model, tokenizer, new_tokens=64, repeats=3) -> float:
@@ -63,6 +71,22 @@ def update_benchmarks_md(section: str, begin: str, end: str) -> None:
     path.write_text(text)
 
 
+def drop_unmarked_section(heading: str, begin: str) -> None:
+    """Remove a section of BENCHMARKS.md written before its script used markers: from `heading` up to the next
+    marker or `## ` heading (or the end), unless the `begin` marker is already there."""
+    path = REPO / "BENCHMARKS.md"
+    if not path.exists():
+        return
+    text = path.read_text()
+    if begin in text or heading not in text:
+        return
+    head, rest = text.split(heading, 1)
+    ends = [i for i in (rest.find("\n<!-- "), rest.find("\n## ")) if i >= 0]
+    tail = rest[min(ends):] if ends else ""
+    path.write_text(head.rstrip() + "\n" + (tail if tail.startswith("\n\n") else "\n" + tail.lstrip("\n")
+                                            if tail else ""))
+
+
 def merge_with_saved(name: str, results: list[dict]) -> list[dict]:
     """The saved rows of benchmarks/results/NAME.json with `results` replacing the rows of the same name (rows
     rerun alone, e.g. for a timing measured on an idle machine, keep the others' place and values)."""
@@ -73,8 +97,27 @@ def merge_with_saved(name: str, results: list[dict]) -> list[dict]:
     return merged + list(fresh.values())
 
 
-def publish(name: str, results: list[dict], section: str, begin: str, end: str) -> None:
-    """Raw results to benchmarks/results/NAME.json, the markdown section into BENCHMARKS.md, and to stdout."""
+def run_meta(args, options: list[str]) -> dict:
+    """What a section's text needs besides the rows: the run's date, core count and the named options."""
+    return {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(),
+            "args": {name: getattr(args, name) for name in options}}
+
+
+def load_for_render(name: str) -> tuple[list[dict], dict]:
+    """The saved rows and run metadata of benchmarks/results/NAME(.meta).json, for `--render-only`."""
+    folder = REPO / "benchmarks" / "results"
+    results = json.loads((folder / f"{name}.json").read_text())
+    meta_path = folder / f"{name}.meta.json"
+    if not meta_path.exists():
+        raise SystemExit(f"{meta_path} is missing: run the benchmark once (without --render-only) to record it.")
+    return results, json.loads(meta_path.read_text())
+
+
+def publish(name: str, results: list[dict], section: str, begin: str, end: str, meta: dict | None = None) -> None:
+    """Raw results to benchmarks/results/NAME.json (and the run's metadata to NAME.meta.json), the markdown section
+    into BENCHMARKS.md, and to stdout."""
     save_results(name, results)
+    if meta is not None:
+        (REPO / "benchmarks" / "results" / f"{name}.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     update_benchmarks_md(section, begin, end)
     print(section)

@@ -6,18 +6,19 @@ a work folder); the tables go to BENCHMARKS.md.
 
     python benchmarks/distillation.py                  # all rows (about 40 minutes on 2 cores)
     python benchmarks/distillation.py --sst2-steps 200 --lm-steps 10 --eval-windows 4     # a quick smoke run
+    python benchmarks/distillation.py --render-only    # BENCHMARKS.md section from benchmarks/results/distillation.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import tempfile
 import time
 from pathlib import Path
 
-from common import peak_rss_mb, publish, run_rows
+from common import load_for_render, peak_rss_mib, publish, run_meta, run_rows
 
 MARK_BEGIN, MARK_END = "<!-- distillation:begin -->", "<!-- distillation:end -->"
 ROWS = ["sst2-teacher", "sst2-student-plain", "sst2-student-kd", "lm-student", "lm-student-kd", "lm-student-plain",
@@ -78,7 +79,8 @@ def worker(row: str, args) -> dict:
                 )
         out = trainer.train()
         result.update(steps=out.global_step, train_s=out.metrics["train_runtime"], params=model.num_parameters(),
-                      accuracy=accuracy(model, dev, collator), peak_rss_mb=peak_rss_mb())
+                      accuracy=accuracy(model, dev, collator), dev_examples=len(dev),
+                      peak_rss_mib=peak_rss_mib())
         if row == "sst2-teacher":
             model.save_pretrained(work / "sst2-teacher")
         return result
@@ -130,24 +132,29 @@ def worker(row: str, args) -> dict:
         trainer = Trainer(model=student, train_dataset=train, args=training)
     out = trainer.train()
     result.update(steps=out.global_step, train_s=out.metrics["train_runtime"], ppl=ppl(student),
-                  peak_rss_mb=peak_rss_mb(), tokens=windows * args.lm_seq_len)
+                  peak_rss_mib=peak_rss_mib(), tokens=windows * args.lm_seq_len)
     return result
 
 
-def write_markdown(results: list[dict], args) -> str:
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of an accuracy p measured on n examples: sqrt(p (1 - p) / n)."""
+    return math.sqrt(p * (1 - p) / n)
+
+
+def write_markdown(results: list[dict], args, meta: dict) -> str:
     by = {r["row"]: r for r in results}
     lines = [
         MARK_BEGIN,
         "## Distillation",
         "",
-        f"Written by `python benchmarks/distillation.py` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores. "
+        f"Written by `python benchmarks/distillation.py` on {meta['date']}, {meta['cpu_count']} CPU cores. "
         "Each row is a fresh process.",
         "",
     ]
     if "sst2-teacher" in by:
         t = by["sst2-teacher"]
         lines += [
-            "### GLUE SST-2 (dev, 872 sentences)",
+            f"### GLUE SST-2 (dev, {t['dev_examples']} sentences)",
             "",
             f"Teacher: all-MiniLM-L6-v2 (6 layers) with a classification head, fine-tuned {args.sst2_steps} steps of "
             f"batch 32 (AdamW, lr {args.sst2_lr}, linear decay, max 64 tokens). Students: 3 layers made by "
@@ -156,14 +163,31 @@ def write_markdown(results: list[dict], args) -> str:
             f"{args.sst2_alpha_kd}, hard labels x {1 - args.sst2_alpha_kd:g}, cosine hidden-state loss x "
             f"{args.sst2_hidden_weight:g} on student layers 1-3 to teacher layers 2, 4, 6).",
             "",
-            "| model | layers | params | dev accuracy | vs teacher (points) | train time (s) |",
+            "| model | layers | params | dev accuracy ± se | vs teacher (points) | train time (s) |",
             "|---|---:|---:|---:|---:|---:|",
         ]
+        se = {}
         for row, layers in (("sst2-teacher", 6), ("sst2-student-plain", 3), ("sst2-student-kd", 3)):
             if row in by:
                 r = by[row]
-                lines.append(f"| {row} | {layers} | {r['params'] / 1e6:.1f}M | {100 * r['accuracy']:.2f} | "
-                             f"{100 * (r['accuracy'] - t['accuracy']):+.2f} | {r['train_s']:.0f} |")
+                se[row] = binomial_se(r["accuracy"], r["dev_examples"])
+                lines.append(f"| {row} | {layers} | {r['params'] / 1e6:.1f}M | {100 * r['accuracy']:.2f} ± "
+                             f"{100 * se[row]:.2f} | {100 * (r['accuracy'] - t['accuracy']):+.2f} | {r['train_s']:.0f} |")
+        gaps = [(a, b) for a, b in (("sst2-student-kd", "sst2-student-plain"), ("sst2-student-plain", "sst2-teacher"),
+                                    ("sst2-student-kd", "sst2-teacher")) if a in by and b in by]
+        notes = []
+        for a, b in gaps:
+            gap = 100 * (by[a]["accuracy"] - by[b]["accuracy"])
+            two_se = 200 * math.sqrt(se[a] ** 2 + se[b] ** 2)
+            notes.append(f"{a} - {b}: {gap:+.2f} points, " + ("noise" if abs(gap) < two_se else "beyond noise")
+                         + f" (2 se of the difference: {two_se:.2f})")
+        lines += [
+            "",
+            "se: the binomial standard error of an accuracy p on n examples, sqrt(p (1 - p) / n), in points. A gap "
+            "is called noise when it is within 2 standard errors of the difference, 2 sqrt(se_a^2 + se_b^2) "
+            "(the two models' errors treated as independent; one training run per row, so seed-to-seed variation "
+            "comes on top). " + "; ".join(notes) + ".",
+        ]
     if "lm-student" in by:
         s = by["lm-student"]
         gap = s["ppl"] - s["teacher_ppl"]
@@ -179,7 +203,7 @@ def write_markdown(results: list[dict], args) -> str:
             f"{args.eval_windows} windows of 512 tokens (the core protocol uses 64; the teacher is measured the same "
             f"way here). Gap recovered = (student - after) / (student - teacher).",
             "",
-            "| model | params | WikiText-2 ppl | gap recovered | train time (s) | peak RSS (MB) |",
+            "| model | params | WikiText-2 ppl | gap recovered | train time (s) | peak RSS (MiB) |",
             "|---|---:|---:|---:|---:|---:|",
             f"| teacher (dense) | - | {s['teacher_ppl']:.2f} | - | - | - |",
             f"| student before training | {s['params'] / 1e6:.1f}M | {s['ppl']:.2f} | 0 | - | - |",
@@ -188,7 +212,7 @@ def write_markdown(results: list[dict], args) -> str:
             if row in by:
                 r = by[row]
                 lines.append(f"| {row} | {s['params'] / 1e6:.1f}M | {r['ppl']:.2f} | {(s['ppl'] - r['ppl']) / gap:.3f} | "
-                             f"{r['train_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+                             f"{r['train_s']:.0f} | {r['peak_rss_mib']:.0f} |")
     if "throughput" in by:
         r = by["throughput"]
         lines += [
@@ -221,6 +245,8 @@ def main() -> None:
     parser.add_argument("--lm-seq-len", type=int, default=256)
     parser.add_argument("--lm-lr", type=float, default=1e-4)
     parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--render-only", action="store_true",
+                        help="Rewrite the BENCHMARKS.md section from benchmarks/results/distillation.json.")
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -230,12 +256,18 @@ def main() -> None:
         return
     options = ["sst2_steps", "sst2_lr", "sst2_temperature", "sst2_alpha_kd", "sst2_hidden_weight", "lm_drop_layers",
                "lm_steps", "lm_batch", "lm_seq_len", "lm_lr", "eval_windows"]
+    if args.render_only:
+        results, meta = load_for_render("distillation")
+        args = argparse.Namespace(**meta["args"])
+        publish("distillation", results, write_markdown(results, args, meta), MARK_BEGIN, MARK_END, meta)
+        return
     with tempfile.TemporaryDirectory() as work:
         passthrough = ["--work", work]
         for name in options:
             passthrough += ["--" + name.replace("_", "-"), str(getattr(args, name))]
         results = run_rows(__file__, args.rows, passthrough)
-    publish("distillation", results, write_markdown(results, args), MARK_BEGIN, MARK_END)
+    meta = run_meta(args, options)
+    publish("distillation", results, write_markdown(results, args, meta), MARK_BEGIN, MARK_END, meta)
 
 
 if __name__ == "__main__":

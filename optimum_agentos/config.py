@@ -132,16 +132,19 @@ class AgentOSConfig(QuantizationConfigMixin):
             GPTQ: fraction of the mean Hessian diagonal added to the diagonal before inversion.
         act_order (`bool`, *optional*, defaults to `True`):
             GPTQ: quantize columns by decreasing Hessian diagonal. Group parameters are fixed before the pass so the
-            stored format (contiguous groups) does not change. On SmolLM2-135M int4 g128 it lowers WikiText-2
-            perplexity from 41.4 to 37.3 (8 windows of 512, fp32 30.4).
+            stored format (contiguous groups) does not change. On SmolLM2-135M int4 g128 (minmax observer) it lowers
+            WikiText-2 perplexity from 41.27 to 38.49 (8 windows of 512, fp32 30.64, 16 calibration windows;
+            `benchmarks/gptq_ablation.py`).
         observer (`str`, *optional*):
             How a group's range is chosen: `"minmax"` or `"mse"` (shrink the range up to 20% when that lowers the
-            group's squared rounding error). `None` picks `"mse"` for GPTQ (37.3 -> 35.6 above) and `"minmax"` for
-            RTN, where the weight-space error is a poor guide (41.5 -> 45.9 above).
+            group's squared rounding error). `None` picks `"mse"` for GPTQ (38.49 -> 36.69 above) and `"minmax"` for
+            RTN, where the weight-space error is a poor guide (42.06 -> 45.94 above).
         activations (`str`, *optional*):
             `None` (weight-only: activations stay in float) or `"int8-dynamic"` (W8A8: int8 x int8 matmuls with each
             token's activations rounded onto its own 256-level grid at run time; int8 with one scale per row only).
-            Faster on CPU, at the cost of the activation rounding (SmolLM2 WikiText-2 ppl +0.9% to +1.2%).
+            Faster prefill on CPU (see BENCHMARKS.md's speed table), at the cost of the activation rounding
+            (SmolLM2 WikiText-2 ppl +0.8% to +0.9%, +1.3% with `embedding_bits=8`; `benchmarks/smoothquant.py`,
+            `benchmarks/speed.py`).
         embedding_bits (`int`, *optional*):
             `8`: the input token embedding and the output head (one int8 matrix when they are tied) get one int8
             code per weight and a float32 scale per row; `None` (default): kept in `float_dtype`. For small models
@@ -152,7 +155,9 @@ class AgentOSConfig(QuantizationConfigMixin):
             input is divided by `max|X_j|^alpha / max|W_j|^(1-alpha)` in the norm before them and multiplied into
             their weight columns, so the float model is unchanged. Needs calibration data (the activations'
             maxima). Recorded for provenance only: the checkpoint loads like any W8A8 one. SmolLM2-135M W8A8 RTN
-            WikiText-2 ppl (16 windows of 512, fp32 36.63): 36.95 -> 36.91 with alpha 0.5, 37.06 with 0.8.
+            WikiText-2 ppl (16 windows of 512, fp32 36.63; `benchmarks/smoothquant.py`): 36.94 -> 36.95 with alpha
+            0.5, 37.09 with 0.8 (the float32 outlier split already handles the outliers); with the split off
+            37.69 -> 37.09 (0.5), 37.06 (0.8).
         block_size (`int`, *optional*, defaults to `128`):
             GPTQ: columns updated together (lazy batch updates).
         target (`list[str]`, *optional*):

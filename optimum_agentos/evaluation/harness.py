@@ -166,7 +166,8 @@ def run_harness(model, tokenizer, names: list[str], limit: int | None = None, ba
         tasks = {name: build_task(name) for name in names}
         output = simple_evaluate(
             model=lm_eval_wrapper(model, tokenizer, batch_size), tasks=list(tasks.values()), limit=limit,
-            log_samples=False, bootstrap_iters=0, verbosity="ERROR",
+            # stderr: closed form for accuracies; a 100-draw bootstrap for LAMBADA's perplexity
+            log_samples=False, bootstrap_iters=100, verbosity="ERROR",
         )
     finally:
         lm_eval_logger.setLevel(level)
@@ -174,7 +175,8 @@ def run_harness(model, tokenizer, names: list[str], limit: int | None = None, ba
     for name, task in tasks.items():
         task_name = task.config.task
         raw = output["results"][task_name]
-        metrics = {key.split(",")[0]: value for key, value in raw.items() if "," in key and "stderr" not in key}
+        metrics = {key.split(",")[0]: value for key, value in raw.items()
+                   if "," in key and isinstance(value, (int, float)) and not isinstance(value, bool)}
         metrics["n"] = output["n-samples"][task_name]["effective"]
         results[name] = metrics
     return results

@@ -43,7 +43,7 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def status_mb(field: str = "VmRSS") -> float:
-    """A memory field of /proc/self/status in MB (VmRSS: resident now; VmHWM: peak resident of this process image).
+    """A memory field of /proc/self/status in MiB (KiB / 1024; VmRSS: resident now; VmHWM: peak resident of this process image).
 
     VmHWM, not `ru_maxrss`: Linux carries ru_maxrss over `exec`, so a child would report its parent's peak."""
     with open("/proc/self/status") as f:

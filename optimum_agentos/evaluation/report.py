@@ -140,7 +140,7 @@ class CompressionReport:
 STAT_COLUMNS = (("params", "parameters", "{:,}"), ("nonzero_params", "non-zero", "{:,}"),
                 ("size_mb", "size MB", "{:.1f}"),
                 ("load_seconds", "load s", "{:.2f}"), ("prefill_tokens_per_s", "prefill tok/s", "{:.0f}"),
-                ("decode_tokens_per_s", "decode tok/s", "{:.1f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"))
+                ("decode_tokens_per_s", "decode tok/s", "{:.1f}"), ("peak_rss_mb", "peak RSS MiB", "{:.0f}"))
 
 
 def _stats_table(entries: list[ModelEntry]) -> str:

@@ -4,7 +4,7 @@ Our int8 codes are asymmetric per output row: `w = (q - z) s` with `q, z` in [0,
 
 - fbgemm's `quantized::linear_dynamic` (VNNI; the fastest at a few tokens) takes per-channel affine int8: `q - 128`
   with zero point `z - 128` and the same scale is the same weight, exactly (it unpacks to our codes bit for bit);
-- oneDNN's `onednn::qlinear_pointwise` (AMX int8 tiles: 4-10x faster than fp32 at hundreds of tokens) takes uint8
+- oneDNN's `onednn::qlinear_pointwise` (AMX int8 tiles where the CPU has them) takes uint8
   activations we quantize ourselves and symmetric weights only: it gets `s (q - 128)`, and the zero points' share
   `-s (z - 128) sum_k x_k` is added back in float32.
 
@@ -32,7 +32,7 @@ from .memory import keep_only_kernel_copy
 OUTLIER_THRESHOLD = 6.0
 # float32 weight columns of at most this many outlier channels stay cached per layer (cleared by `prepare`)
 MAX_CACHED_OUTLIERS = 16
-# calls of at least this many tokens use oneDNN where it works (measured crossover with fbgemm: 8 to 64 tokens)
+# calls of at least this many tokens use oneDNN where it works
 ONEDNN_MIN_TOKENS = 32
 
 
@@ -125,7 +125,7 @@ class Int8DynamicKernel:
     `ONEDNN_MIN_TOKENS` tokens, oneDNN's `qlinear_pointwise` from there (where it works on this CPU)."""
 
     name = "int8-dynamic"
-    max_tokens = None  # faster than fp32 and the bf16 packed kernel from 1 to 512 tokens (see README)
+    max_tokens = None  # serves every inference call: it rounds the activations, so numerics must not depend on length
     quantizes_activations = True  # so only used without autograd at all (inference), see kernels.forward
 
     @staticmethod

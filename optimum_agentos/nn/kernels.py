@@ -5,11 +5,11 @@
   `dynamic_int8.Int8DynamicKernel`, int8 x int8 with the activations quantized per call and per token (fbgemm up
   to 31 tokens, oneDNN from 32) for every inference call, since it rounds the activations.
 - int4 whose group size and `in_features` share a factor 32/64/128/256: `_weight_int4pack_mm_for_cpu` with bf16
-  activations, for calls of at most `DECODE_MAX_TOKENS` tokens without autograd; it loses to fp32 at prefill.
+  activations, for calls of at most `DECODE_MAX_TOKENS` tokens without autograd (longer calls dequantize).
 - the int8 output head (`embedding.QuantHead`): `Int8RowsKernel`, `_weight_int8pack_mm` on its symmetric rows, for
   calls of at most `DECODE_MAX_TOKENS` tokens without autograd.
 - longer inference calls of the other layers: on CPUs with AMX, the weight dequantized to bf16 times bf16
-  activations (`bf16_matmul_is_fast`): 1.5-2x faster than the reference at 512 tokens (benchmarks/kernel_layers.py);
+  activations (`bf16_matmul_is_fast`; no committed run on an AMX CPU measures its gain);
 - training and `policy="reference"`: the reference path (dequantize, then `F.linear` in the activation dtype),
   which is always exact.
 
@@ -32,9 +32,10 @@ from .memory import keep_only_kernel_copy
 
 
 KERNELS_ENV = "OPTIMUM_AGENTOS_KERNELS"  # "auto" (default) or "reference" (always dequantize)
-# Calls of up to this many tokens go to the bf16 packed kernels: with the weights streamed from memory (as in a
-# model), int8 beats dequantizing to bf16 up to 32 tokens and ties at 64, int4 still wins at 64, on a 2-core AMX CPU
-# (`benchmarks/kernel_layers.py --threads 2 --copies 40`); so a chat prompt's prefill does not dequantize every layer.
+# Calls of up to this many tokens go to the bf16 packed kernels, so a chat prompt's prefill does not dequantize every
+# layer. With the weights streamed from memory (as in a model), on a 2-core AMD EPYC without AMX, int8 and int4 both
+# beat dequantizing at every length measured up to 64 tokens (`benchmarks/kernel_layers.py --threads 2 --copies 40
+# --repeats 7`); the crossover on AMX CPUs is not measured by a committed run.
 DECODE_MAX_TOKENS = 32
 
 

@@ -51,7 +51,7 @@ def test_compare_report(lm_folder, tmp_path):
     png = (tmp_path / "report" / "size_vs_quality.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     markdown = (tmp_path / "report" / "report.md").read_text()
-    assert "| wikitext2 | perplexity | 2 |" in markdown and "int4" in markdown and "peak RSS MB" in markdown
+    assert "| wikitext2 | perplexity | 2 |" in markdown and "int4" in markdown and "peak RSS MiB" in markdown
     again = CompressionReport.load(tmp_path / "report")
     assert again.rows() == report.rows()
     assert report.failures(row["recovery"] - 1e-9) == [] and report.failures(row["recovery"] + 1e-6) == [row]
