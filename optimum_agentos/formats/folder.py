@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import glob
 import json
 import os
 import shutil
@@ -188,7 +189,8 @@ def _sibling(save_dir: Path, tag: str) -> Path:
 
 def _leftovers(save_dir: Path, tag: str) -> list[tuple[Path, int]]:
     found = []
-    for path in save_dir.parent.glob(f".{save_dir.name}.{tag}-*"):
+    # escaped: a name with glob characters ("run[1]", "ckpt*") must match only its own leftovers
+    for path in save_dir.parent.glob(f".{glob.escape(save_dir.name)}.{tag}-*"):
         try:
             found.append((path, int(path.name[len(f".{save_dir.name}.{tag}-"):].split("-")[0])))
         except ValueError:
@@ -202,22 +204,23 @@ def recover_interrupted_save(save_dir: str | os.PathLike) -> None:
     A missing `save_dir` with a backup beside it (the two-rename fallback killed between its renames) gets its
     backup back; temporary folders and backups of dead processes are removed (they hold only what this library
     wrote), with a warning naming them."""
-    save_dir = Path(save_dir).absolute()
+    save_dir = Path(save_dir).resolve()  # a symlinked save_dir: the folder it points to is the one replaced
     if not save_dir.parent.is_dir():
         return
-    for path, pid in _leftovers(save_dir, _OLD_TAG):
-        if _pid_alive(pid) and pid != os.getpid():
-            continue
-        if not save_dir.exists():
-            os.replace(path, save_dir)
-            logger.warning(f"Restored {save_dir} from {path.name}, left by a save that was interrupted.")
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-            logger.warning(f"Removed {path}, the previous checkpoint left by an interrupted save.")
-    for path, pid in _leftovers(save_dir, _TMP_TAG):
-        if not _pid_alive(pid):
-            shutil.rmtree(path, ignore_errors=True)
-            logger.warning(f"Removed {path}, the unfinished folder of a save that was interrupted.")
+    with _locked(save_dir.parent):  # not while another save switches folders: its rename and ours would collide
+        for path, pid in _leftovers(save_dir, _OLD_TAG):
+            if _pid_alive(pid) and pid != os.getpid():
+                continue
+            if not save_dir.exists():
+                os.replace(path, save_dir)
+                logger.warning(f"Restored {save_dir} from {path.name}, left by a save that was interrupted.")
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+                logger.warning(f"Removed {path}, the previous checkpoint left by an interrupted save.")
+        for path, pid in _leftovers(save_dir, _TMP_TAG):
+            if not _pid_alive(pid):
+                shutil.rmtree(path, ignore_errors=True)
+                logger.warning(f"Removed {path}, the unfinished folder of a save that was interrupted.")
 
 
 @contextlib.contextmanager
@@ -271,7 +274,7 @@ def atomic_directory(save_dir: str | os.PathLike, overwrite: bool = True,
     Refuses (before anything is written) a `save_dir` holding files the library did not write. A failure inside
     the block removes the temporary folder and leaves any existing `save_dir` untouched. `carry_over(name)` names
     top-level entries of the old folder to keep in the new one (e.g. a Trainer's `checkpoint-*` folders)."""
-    save_dir = Path(save_dir).absolute()
+    save_dir = Path(save_dir).resolve()  # a symlink stays: the switch happens beside the folder it points to
     save_dir.parent.mkdir(parents=True, exist_ok=True)
     recover_interrupted_save(save_dir)
     check_save_dir(save_dir, overwrite, carry_over)
