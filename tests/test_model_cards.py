@@ -98,8 +98,14 @@ def test_the_report_renders_into_a_card_with_its_numbers(tmp_path):
 
 
 @pytest.mark.skipif(not card_folders(), reason="model_cards/ holds no cards yet (benchmarks/evaluation.py writes them)")
-def test_every_recipe_has_its_card():
-    assert {p.name for p in card_folders()} == set(RECIPES)
+def test_every_recipe_has_its_card_or_is_named_missing():
+    """A recipe without a card in model_cards/ must be named as such in BENCHMARKS.md's evaluation section."""
+    present = {p.name for p in card_folders()}
+    assert present <= set(RECIPES)
+    missing = sorted(set(RECIPES) - present)
+    if missing:
+        text = (REPO / "BENCHMARKS.md").read_text()
+        assert f"Model cards not rendered for {', '.join(missing)}:" in text
 
 
 @pytest.mark.parametrize("folder", card_folders(), ids=lambda p: p.name)
