@@ -319,6 +319,9 @@ def run_command(args) -> int:
     print_table(summary)
     if args.command in ("quantize", "prune"):
         Path(args.output, "agentos_summary.json").write_text(json.dumps(summary, indent=2))
+        from .formats.folder import record_written
+
+        record_written(Path(args.output, "agentos_summary.json"))
     return exit_code
 
 

@@ -45,6 +45,9 @@ def _execute(step, index: int, current: str, recipe, output: Path) -> tuple[dict
         args.argv = [step.name, *argv, "--model", current, "--output", folder.name]
         summary = cli.SUBCOMMANDS[step.name][1](args)
         Path(folder, "agentos_summary.json").write_text(json.dumps(summary, indent=2))
+        from ..formats.folder import record_written
+
+        record_written(Path(folder, "agentos_summary.json"))
         return summary, str(folder)
     if step.name == "distill":
         from ..distillation.command import run_distill

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
+from ..formats.folder import record_written
 from .tasks import check_tasks, evaluate_model, model_kind
 
 
@@ -128,6 +129,7 @@ class CompressionReport:
         (folder / "report.json").write_text(json.dumps(self.to_dict(), indent=2, default=str))
         (folder / "report.md").write_text("# Compression report\n\n" + self.to_markdown() + "\n")
         self.plot(folder / "size_vs_quality.png")
+        record_written(*(folder / name for name in REPORT_FILES))
         return folder
 
     @classmethod

@@ -23,7 +23,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 from transformers.utils import logging
 
@@ -33,7 +33,9 @@ from ..version import __version__
 logger = logging.get_logger(__name__)
 
 MANIFEST = "agentos_manifest.json"
-# Files the library adds to a checkpoint folder after saving it (card refresh, evaluation report, recipe summary).
+# Files the library adds to a checkpoint folder after saving it (card refresh, evaluation report, recipe summary);
+# they are recorded in the manifest as they are written (`record_written`). The names recognise checkpoints of
+# versions without a manifest.
 LIBRARY_FILES = frozenset({"README.md", "agentos_card.json", "report.json", "report.md", "size_vs_quality.png",
                            "agentos_summary.json"})
 # What `save_pretrained` of a model and tokenizer writes: recognizes checkpoints of versions without a manifest.
@@ -86,7 +88,7 @@ def foreign_files(save_dir: str | os.PathLike, carry_over: Callable[[str], bool]
         written = set(manifest["files"])
     except (OSError, ValueError, KeyError, TypeError):
         return [] if _is_legacy_checkpoint(folder, names) else names
-    return [n for n in names if n not in written and n != MANIFEST and n not in LIBRARY_FILES]
+    return [n for n in names if n not in written and n != MANIFEST]
 
 
 def check_save_dir(save_dir: str | os.PathLike, overwrite: bool = True,
@@ -135,18 +137,20 @@ def _write_manifest(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def record_files(folder: str | os.PathLike, names: Iterable[str]) -> None:
-    """Add files the library wrote into an existing checkpoint folder to its manifest (so a later save may
-    replace them)."""
-    path = Path(folder, MANIFEST)
-    if not path.is_file():
-        return
-    manifest = json.loads(path.read_text())
-    for name in names:
-        manifest["files"][name] = os.path.getsize(Path(folder, name))
-    tmp = path.with_name(f".{MANIFEST}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
+def record_written(*paths: str | os.PathLike) -> None:
+    """Add files the library wrote into an already saved checkpoint (a refreshed card, a report, a summary) to the
+    manifest of the checkpoint holding them (the file's folder or the one above it), so a later save may replace
+    them; a file outside any checkpoint is left alone."""
+    for path in map(Path, paths):
+        for root in (path.parent, path.parent.parent):
+            manifest_path = root / MANIFEST
+            if manifest_path.is_file():
+                manifest = json.loads(manifest_path.read_text())
+                manifest["files"][str(path.relative_to(root))] = path.stat().st_size
+                tmp = manifest_path.with_name(f".{MANIFEST}.{uuid.uuid4().hex[:8]}")
+                tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+                os.replace(tmp, manifest_path)
+                break
 
 
 def _renameat2_exchange() -> Callable[[Path, Path], bool] | None:

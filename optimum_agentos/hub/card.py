@@ -8,6 +8,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData, EvalResult
 
+from ..formats.folder import record_written
+
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "model_cards"
 
@@ -161,6 +163,7 @@ def write_card(folder, info: dict) -> Path:
     Path(folder, CARD_INFO).write_text(json.dumps(info, indent=2, default=str))
     path = Path(folder) / "README.md"
     card.save(path)
+    record_written(folder / CARD_INFO, path)
     return path
 
 
@@ -191,6 +194,7 @@ def refresh_card(folder, report_dir=None, model_name: str | None = None, repo_id
             for name in REPORT_FILES:
                 if Path(report_dir, name).is_file():
                     shutil.copy(Path(report_dir, name), folder / name)
+                    record_written(folder / name)
         if (folder / "size_vs_quality.png").is_file():
             info["plot"] = "size_vs_quality.png"
     if repo_id:

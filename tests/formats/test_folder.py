@@ -178,3 +178,21 @@ def test_concurrent_saves_leave_one_complete_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert foreign_files(tmp_path / "ckpt") == []
     AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+
+
+def test_files_added_to_a_checkpoint_later_are_recorded_and_other_files_still_block(tmp_path):
+    """A report written inside a saved checkpoint is recorded in its manifest, so the checkpoint stays replaceable;
+    a file of the same name that the library did not record blocks the save (nothing is exempt by name)."""
+    from optimum_agentos.formats.folder import record_written
+
+    folder = tmp_path / "ckpt"
+    Quantizer(build_tiny("llama")).quantize(folder, AgentOSConfig(bits=4))
+    (folder / "report").mkdir()
+    (folder / "report" / "report.json").write_text("{}")
+    record_written(folder / "report" / "report.json")
+    assert foreign_files(folder) == []
+    (folder / "report.md").write_text("my own notes")  # a name the library also uses, but not written by it
+    assert foreign_files(folder) == ["report.md"]
+    with pytest.raises(UnsafeOverwriteError, match="report.md"):
+        Quantizer(build_tiny("llama", seed=1)).quantize(folder, AgentOSConfig(bits=4))
+    assert (folder / "report.md").read_text() == "my own notes"
