@@ -38,6 +38,11 @@ ROWS = {
     "sparsegpt-2:4": (dict(method="sparsegpt", pattern="2:4"), None),
     "sparsegpt-50+int4-g128": (dict(method="sparsegpt"), dict(bits=4, group_size=128, method="gptq")),
     "mlp-neurons-25": (dict(method=None, mlp_neurons=0.25), None),
+    # The original design's criterion, `|W|.sum(dim=0) < threshold` on down_proj inputs (= MLP neurons), one absolute
+    # threshold for all layers, no calibration; thresholds are the 10/25/50% quantiles of SmolLM2-135M's down_proj
+    # column sums (float32), rounded to 0.1.
+    **{f"columns-{pct}": (dict(method="column_magnitude", threshold=threshold, scope="global", target=["down_proj"]), None)
+       for pct, threshold in ((10, 75.7), (25, 81.8), (50, 86.2))},
 }
 
 
@@ -199,12 +204,16 @@ def worker(row: str, args) -> dict:
         result["size_mb"] = folder_size(Path(tmp) / "p") / 1e6
         result["sparsity"] = pruner.report["sparsity"]
         result["params_after"] = pruner.report["params_after"]
+        report = pruner.report
         del pruner
         model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "p", dtype=torch.float32).eval()
-        if config.method:
+        if config.method in ("magnitude", "wanda", "sparsegpt") and config.threshold is None:
             result["worst_sparsity_error_per_group"] = worst_sparsity_error(model, config)
+        if "input_features" in report:
+            result["input_features_removed"] = report["input_features"]["fraction"]
+            result["threshold"] = config.threshold
         result["ppl"] = ppl(model)
-        if config.is_structured:
+        if config.is_structured or config.method == "column_magnitude":
             dense = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
             ids = torch.randint(100, 10000, (1, 512), generator=torch.Generator().manual_seed(0))
             result["forward_latency_ratio"] = forward_latency_ratio(model, dense, ids)
@@ -218,6 +227,8 @@ def worker(row: str, args) -> dict:
 
 
 def write_markdown(results: list[dict], args) -> str:
+    order = [*ROWS, *LLMC_ROWS]
+    results = sorted(results, key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
     dense = next((r for r in results if r["row"] == "dense"), None)
     lines = [
         MARK_BEGIN,
@@ -257,15 +268,23 @@ def write_markdown(results: list[dict], args) -> str:
             "",
             "Structured rows: parameters and forward latency (one 512-token window, median of 7, timed alternately "
             "with the dense model in the same process), then a short recovery fine-tune (AdamW, lr 5e-5, batch "
-            "2 x 512 on WikiText-2 validation windows; the test split stays unseen).",
+            "2 x 512 on WikiText-2 validation windows; the test split stays unseen). `columns-N` rows: "
+            "`PruningConfig(method='column_magnitude', threshold=T, scope='global', target=['down_proj'])`, the "
+            "original design's criterion (importance of input j = sum over outputs of |W[:, j]|, no calibration) "
+            "with one absolute threshold T for all layers, chosen as the N% quantile of the model's down_proj column "
+            "sums; the inputs below it are removed with their gate/up rows, so layers end up with different widths "
+            "(`module_shapes`). `MLP inputs removed` is the measured fraction.",
             "",
-            "| row | params / dense | forward latency / dense | ppl | recovery steps | recovery time (s) | ppl after recovery |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| row | threshold | MLP inputs removed | params / dense | forward latency / dense | ppl | recovery steps | "
+            "recovery time (s) | ppl after recovery |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in structured:
+            removed = f"{r['input_features_removed']:.4f}" if "input_features_removed" in r else "-"
             lines.append(
-                f"| {r['row']} | {r['params_after'] / r['params_before']:.3f} | {r['forward_latency_ratio']:.3f} | "
-                f"{r['ppl']:.2f} | {r['recovery_steps']} | {r['recovery_s']:.0f} | {r['ppl_after_recovery']:.2f} |"
+                f"| {r['row']} | {r.get('threshold') or '-'} | {removed} | {r['params_after'] / r['params_before']:.3f} | "
+                f"{r['forward_latency_ratio']:.3f} | {r['ppl']:.2f} | {r['recovery_steps']} | {r['recovery_s']:.0f} | "
+                f"{r['ppl_after_recovery']:.2f} |"
             )
     lines += ["", "Raw results: `benchmarks/results/pruning.json`.", MARK_END]
     return "\n".join(lines)

@@ -57,9 +57,19 @@ def _prune_parser(sub) -> None:
     )
     p.add_argument("--model", default="smollm2-135m", help="Local folder, Hub id or alias (smollm2-135m).")
     p.add_argument("--output", required=True, help="Checkpoint folder to write.")
-    p.add_argument("--method", default="sparsegpt", choices=["magnitude", "wanda", "sparsegpt", "none"],
-                   help="Weight pruning inside layers; 'none' for structured removal only.")
-    p.add_argument("--sparsity", type=float, default=None, help="Fraction of weights removed (default 0.5).")
+    p.add_argument("--method", default="sparsegpt",
+                   choices=["magnitude", "wanda", "sparsegpt", "column_magnitude", "none"],
+                   help="Weight pruning inside layers ('column_magnitude': whole input features by sum |W[:, j]|); "
+                        "'none' for structured removal only.")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="Fraction of weights (column_magnitude: input features) removed (default 0.5).")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="Instead of --sparsity (magnitude, wanda, column_magnitude): remove what scores below it; "
+                        "relative to each layer's mean score with --scope layer, absolute with --scope global.")
+    p.add_argument("--scope", default="layer", choices=["layer", "global"],
+                   help="Per layer, or one ranking / absolute threshold across all target layers.")
+    p.add_argument("--calibrated", action="store_true",
+                   help="column_magnitude: multiply each input's importance by its calibration RMS (as Wanda).")
     p.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4.")
     p.add_argument("--target", nargs="*", default=None, help="Modules to prune (names or re:regex).")
     p.add_argument("--ignore", nargs="*", default=None, help="Modules left dense.")
@@ -119,7 +129,8 @@ def prune_configs(args):
     config = PruningConfig(
         method=None if args.method == "none" else args.method, sparsity=args.sparsity, pattern=args.pattern,
         target=args.target, ignore=args.ignore, mlp_neurons=args.mlp_neurons, attention_groups=args.attention_groups,
-        layers=args.layers, uniform=not args.non_uniform,
+        layers=args.layers, uniform=not args.non_uniform, threshold=args.threshold, scope=args.scope,
+        calibrated=args.calibrated,
     )
     quantization = None
     if args.bits:
@@ -220,7 +231,7 @@ def run_prune(args) -> dict:
     calibration = args.calibration_dataset if needs_data or config.is_structured else None
     pruner.prune_in_place(config, calibration, args.num_samples, args.seq_len, quantization=quantization)
     model = pruner.compress(config, args.float_dtype)
-    report = sparsity_report(model, pruner.stats["params_before"])
+    report = sparsity_report(model, pruner.stats["params_before"], input_features=pruner.stats["input_features"])
     stored = getattr(model.config, "quantization_config", None)
     info.update(config=stored.to_dict() if stored is not None else {}, report=report)
     summary = {
@@ -229,6 +240,8 @@ def run_prune(args) -> dict:
         "params_after": report["params_after"], "nonzero_params": report["nonzero_params"],
         "prune_seconds": round(pruner.stats["seconds"], 1),
     }
+    if report.get("input_features"):
+        summary["input_features_removed"] = round(report["input_features"]["fraction"], 4)
     files = {"agentos_sparsity.json": json.dumps(report, indent=2)}
     summary.update(_save_with_card(args, model, pruner.tokenizer, info, baseline, evaluate, files))
     return summary

@@ -162,7 +162,7 @@ def run_with_hooks(model: nn.Module, calibration_ids: torch.Tensor, batch_size: 
     model.eval()
     try:
         for ids in tqdm(torch.split(calibration_ids, batch_size), desc=desc, unit="batch"):
-            model.model(input_ids=ids.to(device), use_cache=False)
+            model.base_model(input_ids=ids.to(device), use_cache=False)  # model.model, model.transformer, ...
     finally:
         for handle in handles:
             handle.remove()

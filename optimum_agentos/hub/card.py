@@ -114,8 +114,12 @@ def build_card(info: dict) -> ModelCard:
 def pruning_title_and_summary(base: str | None, pruning: dict, bits, group_size) -> tuple[str, str]:
     what = []
     if pruning.get("method"):
-        shape = pruning.get("pattern") or f"{pruning['sparsity']:.0%} unstructured"
-        what.append(f"{pruning['method']} {shape}")
+        if pruning.get("threshold") is not None:
+            shape = f"threshold {pruning['threshold']:g}, {pruning.get('scope', 'layer')} scope"
+        else:
+            shape = pruning.get("pattern") or f"{pruning['sparsity']:.0%} " + (
+                "of input features" if pruning["method"] == "column_magnitude" else "unstructured")
+        what.append(f"{pruning['method']}{' (calibrated)' if pruning.get('calibrated') else ''} {shape}")
     for key, label in (("mlp_neurons", "{:.0%} of MLP neurons"), ("attention_groups", "{} KV head groups per layer"),
                        ("layers", "{} decoder layers")):
         if pruning.get(key):
@@ -143,7 +147,20 @@ def pruning_markdown(pruning: dict, report: dict | None) -> str:
                       "|---|---|---:|"]
             lines += [f"| {n} | {'x'.join(map(str, v['shape']))} | {v['sparsity']:.4f} |" for n, v in layers.items()]
             lines += ["", "</details>"]
+        lines += input_features_markdown(report.get("input_features"))
     return "\n".join(lines)
+
+
+def input_features_markdown(features: dict | None) -> list[str]:
+    """Lines of the card's table of input features a column prune removed (shapes shrank) or zeroed, per layer."""
+    if not features:
+        return []
+    lines = ["", f"Input features removed by the column criterion: {features['removed']:,} of {features['of']:,} "
+             f"({features['fraction']:.4f}).", "", "<details><summary>Per-layer input features</summary>", "",
+             "| layer | removed | of | fraction | how |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {n} | {v['removed']} | {v['of']} | {v['removed'] / v['of']:.4f} | {v['how']} |"
+              for n, v in features["layers"].items()]
+    return lines + ["", "</details>"]
 
 
 def scrub(text: str) -> str:

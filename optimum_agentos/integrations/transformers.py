@@ -129,6 +129,13 @@ class AgentOSHfQuantizer(HfQuantizer):
         return True
 
     @property
+    def is_qat_trainable(self) -> bool:
+        """Full fine-tuning (no adapters) of a checkpoint that holds only float weights: a prune that only changed
+        layer shapes (`module_shapes`, e.g. a non-uniform structured or column prune) trains like a plain model."""
+        config = self.quantization_config
+        return config.bits is None and not config.sparse_layers and config.embedding_bits is None
+
+    @property
     def is_compileable(self) -> bool:
         return True
 

@@ -12,13 +12,16 @@ from ..config import DEFAULT_IGNORE, FIELD_KINDS, check_field_types, check_patte
 from .masks import check_sparsity, parse_pattern
 
 
-PRUNING_METHODS = ("magnitude", "wanda", "sparsegpt")
-CALIBRATED_METHODS = ("wanda", "sparsegpt")
+PRUNING_METHODS = ("magnitude", "wanda", "sparsegpt", "column_magnitude")
+CALIBRATED_METHODS = ("wanda", "sparsegpt")  # run block by block over the calibration set
+THRESHOLD_METHODS = ("magnitude", "wanda", "column_magnitude")
+GLOBAL_METHODS = ("magnitude", "column_magnitude")  # that rank by sparsity across layers
 # The JSON type of every field (see `optimum_agentos.config.check_field_types`); `?` allows None.
 FIELD_TYPES = {
     "method": "str?", "sparsity": "number?", "pattern": "str?", "layer_sparsity": "mapping?", "scope": "str",
     "target": "patterns?", "ignore": "patterns?", "damp_percent": "number", "block_size": "int",
     "mlp_neurons": "number", "attention_groups": "int", "layers": "int", "uniform": "bool",
+    "threshold": "number?", "calibrated": "bool",
 }
 
 
@@ -28,18 +31,30 @@ class PruningConfig:
 
     Args:
         method (`str`, *optional*, defaults to `"sparsegpt"`):
-            Weight pruning inside the layers: `"magnitude"` (|W|, no data), `"wanda"` (|W| x input norm, Sun et al.
-            2023) or `"sparsegpt"` (OBS reconstruction, Frantar & Alistarh 2023). `None` for structured removal only.
+            Weight pruning inside the layers: `"magnitude"` (|W|, no data), `"wanda"` (|W_ij| x RMS of input j over
+            the calibration tokens, Sun et al. 2023), `"sparsegpt"` (OBS reconstruction, Frantar & Alistarh 2023) or
+            `"column_magnitude"` (whole input features: importance of input j = sum over outputs of |W[:, j]|, see
+            `pruning.columns`). `None` for structured removal only.
         sparsity (`float`, *optional*):
-            Fraction of each target layer's weights removed, in [0, 1). Defaults to 0.5, or to `1 - N/M` with a
-            pattern.
+            Fraction of each target layer's weights (input features for `column_magnitude`) removed, in [0, 1).
+            Defaults to 0.5 (unless `threshold` is set), or to `1 - N/M` with a pattern.
+        threshold (`float`, *optional*):
+            Instead of `sparsity` (magnitude, wanda, column_magnitude): remove what scores below it, `w' = 0 if
+            I(w) < threshold`. With `scope="global"` the threshold is in the score's own units for every layer; with
+            `scope="layer"` it is relative to each layer's mean score (0.5 removes what scores under half the layer's
+            average). A threshold that removes nothing, or every weight of a layer, is an error.
+        calibrated (`bool`, *optional*, defaults to `False`):
+            `column_magnitude` only: multiply each input's importance by its RMS over the calibration tokens, as
+            Wanda does (needs calibration data).
         pattern (`str`, *optional*):
             `"N:M"` (e.g. `"2:4"`): keep N of every M consecutive input weights. `None` is unstructured.
         layer_sparsity (`dict[str, float]`, *optional*):
             Per-layer sparsity by target pattern (`{"mlp": 0.6, "re:.*self_attn.*": 0.4}`); the first pattern that
             matches a layer wins, the others use `sparsity`.
         scope (`str`, *optional*, defaults to `"layer"`):
-            Magnitude only: `"layer"` removes `sparsity` of every layer, `"global"` ranks all target weights at once.
+            `"layer"` removes `sparsity` of every layer (a `threshold` is relative to each layer's mean score);
+            `"global"` ranks all target weights at once (a `threshold` is absolute). Global applies to magnitude,
+            column_magnitude and thresholds, not to sparsity-based Wanda/SparseGPT.
         target (`list[str]`, *optional*):
             Layers to prune, same syntax as `AgentOSConfig.target` (`"q_proj"`, `"re:<regex>"`). `None` = every
             linear layer not ignored.
@@ -74,6 +89,8 @@ class PruningConfig:
     attention_groups: int = 0
     layers: int = 0
     uniform: bool = True
+    threshold: float | None = None
+    calibrated: bool = False
 
     def __post_init__(self):
         if self.ignore is None:
@@ -90,7 +107,7 @@ class PruningConfig:
                     "drop sparsity (the pattern sets it) or pick a matching pattern."
                 )
             self.sparsity = implied
-        elif self.sparsity is None:
+        elif self.sparsity is None and self.threshold is None:
             self.sparsity = 0.5
         self.validate()
 
@@ -104,7 +121,7 @@ class PruningConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method in CALIBRATED_METHODS
+        return self.method in CALIBRATED_METHODS or (self.method == "column_magnitude" and self.calibrated)
 
     def validate(self) -> None:
         """Raise a `ValueError` naming the bad field, its value and what is accepted."""
@@ -116,7 +133,9 @@ class PruningConfig:
                 "Nothing to prune: set method (e.g. 'sparsegpt') or a structured removal (mlp_neurons, "
                 "attention_groups, layers)."
             )
-        check_sparsity(self.sparsity)
+        self._check_threshold()
+        if self.sparsity is not None:
+            check_sparsity(self.sparsity)
         for pattern, value in (self.layer_sparsity or {}).items():
             if not FIELD_KINDS["number"][0](value):
                 raise ValueError(f"layer_sparsity[{pattern!r}]={value!r} ({type(value).__name__}) must be a number "
@@ -129,8 +148,9 @@ class PruningConfig:
             raise ValueError("layer_sparsity applies to unstructured pruning; an N:M pattern fixes every layer's sparsity.")
         if self.scope not in ("layer", "global"):
             raise ValueError(f"scope={self.scope!r} must be 'layer' or 'global'.")
-        if self.scope == "global" and (self.method != "magnitude" or self.pattern):
-            raise ValueError("scope='global' ranks weights across layers and applies to unstructured magnitude pruning only.")
+        if self.scope == "global" and (self.pattern or (self.threshold is None and self.method not in GLOBAL_METHODS)):
+            raise ValueError(f"scope='global' ranks weights across layers and applies to unstructured {GLOBAL_METHODS} "
+                             "pruning, or to a threshold; use scope='layer'.")
         if not 0 <= self.damp_percent < 1:
             raise ValueError(f"damp_percent={self.damp_percent!r} must be in [0, 1), typically 0.01.")
         if self.block_size < 1:
@@ -144,6 +164,25 @@ class PruningConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}={value!r} must be a count >= 0.")
+
+    def _check_threshold(self) -> None:
+        if self.calibrated and self.method != "column_magnitude":
+            raise ValueError(f"calibrated=True applies to method='column_magnitude' (got {self.method!r}); Wanda and "
+                             "SparseGPT are calibrated already.")
+        if self.method == "column_magnitude" and self.pattern:
+            raise ValueError("method='column_magnitude' removes whole input features; an N:M pattern does not apply.")
+        if self.threshold is None:
+            return
+        if self.method not in THRESHOLD_METHODS:
+            raise ValueError(f"threshold applies to methods {THRESHOLD_METHODS}, not method={self.method!r}.")
+        if self.sparsity is not None or self.pattern or self.layer_sparsity:
+            raise ValueError(
+                f"threshold={self.threshold} and sparsity={self.sparsity}"
+                f"{', pattern' if self.pattern else ''}{', layer_sparsity' if self.layer_sparsity else ''} both set "
+                "how much to prune; give exactly one of threshold and sparsity."
+            )
+        if self.threshold <= 0:
+            raise ValueError(f"threshold={self.threshold!r} must be > 0 (scores are >= 0: nothing scores below it).")
 
     def layer_sparsity_of(self, name: str) -> float:
         from ..nn.targets import matches

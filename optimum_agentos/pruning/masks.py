@@ -67,3 +67,41 @@ def global_magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float) ->
         return {name: torch.zeros_like(w, dtype=torch.bool) for name, w in weights.items()}
     threshold = torch.kthvalue(flat, k).values
     return {name: w.detach().float().abs() <= threshold for name, w in weights.items()}
+
+
+def column_scores(weight: torch.Tensor, input_mean_square: torch.Tensor | None = None) -> torch.Tensor:
+    """Importance of each input feature j, `[in]`: sum over outputs of |W[:, j]| (`|W|.sum(dim=0)`), times the
+    RMS of input j over the calibration tokens (`input_mean_square[j]` = E[x_j^2]) when given, as Wanda does."""
+    scores = weight.detach().float().abs().sum(0)
+    if input_mean_square is not None:
+        scores = scores * input_mean_square.float().clamp(min=0).sqrt()
+    return scores
+
+
+def threshold_limit(scores: torch.Tensor, threshold: float, scope: str) -> float:
+    """The score below which entries go: `threshold` itself (`scope="global"`, absolute) or `threshold` times the
+    mean score (`scope="layer"`, relative to this layer)."""
+    return threshold * float(scores.float().mean()) if scope == "layer" else threshold
+
+
+def threshold_mask(scores: torch.Tensor, threshold: float, scope: str = "layer", name: str = "layer") -> torch.Tensor:
+    """`scores < limit` (see `threshold_limit`); a threshold that would remove all of `name` raises `ValueError`."""
+    mask = scores < threshold_limit(scores, threshold, scope)
+    if bool(mask.all()):
+        raise ValueError(threshold_error(threshold, scope, f"removes all of {name}", score_range(scores, scope)))
+    return mask
+
+
+def score_range(scores: torch.Tensor, scope: str) -> tuple[float, float]:
+    """Smallest and largest score in the threshold's units (divided by the mean with `scope="layer"`)."""
+    scores = scores.float()
+    if scope == "layer":
+        scores = scores / scores.mean().clamp(min=torch.finfo(torch.float32).tiny)
+    return float(scores.min()), float(scores.max())
+
+
+def threshold_error(threshold: float, scope: str, what: str, lo_hi: tuple[float, float]) -> str:
+    """The message of a threshold that removes nothing or everything, with the range of scores to choose from."""
+    unit = "relative to each layer's mean (scope='layer')" if scope == "layer" else "absolute (scope='global')"
+    return (f"threshold={threshold:g} {what}: the scores, {unit}, range from {lo_hi[0]:.4g} to {lo_hi[1]:.4g}; "
+            "pick a threshold inside that range. Nothing was written.")

@@ -21,8 +21,11 @@ from ..nn.modeling import set_module
 from ..nn.sparse_linear import SparseLinear
 from ..nn.targets import resolve_targets
 from ..quantization import gptq_quantize, quantize_model_rtn  # the one entry point for sparse + quantized
-from .config import PruningConfig
-from .masks import check_n_m, global_magnitude_masks, magnitude_scores, mask_from_scores, wanda_scores
+from .config import CALIBRATED_METHODS, PruningConfig
+from .masks import (
+    check_n_m, global_magnitude_masks, magnitude_scores, mask_from_scores, score_range, threshold_error, threshold_mask,
+    wanda_scores,
+)
 from .report import sparsity_report
 from .sparsegpt import sparsegpt_prune
 
@@ -81,7 +84,7 @@ class Pruner(ModelCompressor):
             )
         if config.is_structured:
             self._prune_structured(config, ids, batch_size)
-        self.masks = {}
+        self.masks, self._score_ranges, self._input_features, self._reshaped = {}, [], None, config.is_structured
         names = resolve_targets(self.model, config.target, config.ignore) if config.method else []
         if names and config.needs_calibration:
             check_calibration_size(ids, self.model, names, config.method)
@@ -97,8 +100,11 @@ class Pruner(ModelCompressor):
                 check_calibration_size(ids, self.model, quantized, "GPTQ")
         if config.method == "magnitude":
             self._prune_magnitude(names, config)
-        if config.needs_calibration or wants_gptq:
-            todo = list(dict.fromkeys([*(names if config.needs_calibration else []), *(quantized if wants_gptq else [])]))
+        elif config.method == "column_magnitude":
+            self._prune_columns(names, config, ids, batch_size)
+        blockwise = config.method in CALIBRATED_METHODS
+        if blockwise or wants_gptq:
+            todo = list(dict.fromkeys([*(names if blockwise else []), *(quantized if wants_gptq else [])]))
             leftover = run_blockwise(
                 self.model, todo, ids, lambda layers, h: self._process_block(layers, h, config, names, quantization),
                 batch_size, "SparseGPT" if config.method == "sparsegpt" else "Calibrating",
@@ -106,11 +112,13 @@ class Pruner(ModelCompressor):
             if leftover:
                 logger.warning(f"{len(leftover)} target layers sit outside the repeated blocks; pruned by magnitude: {leftover}")
                 self._prune_magnitude([n for n in leftover if n in names and n not in self.masks], config)
+        self._check_threshold_removed(names, config)
         if quantization is not None:
             self._quantize_rest(quantized, quantization)
         self.stats = {
             "seconds": time.perf_counter() - start, "params_before": params_before,
             "params_after": self.model.num_parameters(), "pruned_layers": len(self.masks),
+            "input_features": self._input_features,
         }
         self._quantization = quantization
         return self.model
@@ -134,7 +142,10 @@ class Pruner(ModelCompressor):
     def _prune_magnitude(self, names: list[str], config: PruningConfig) -> None:
         modules = dict(self.model.named_modules())
         weights = {n: float_weight(modules[n]) for n in names}
-        if config.scope == "global":
+        if config.threshold is not None:  # all masks first: a bad threshold raises before any weight changes
+            masks = {n: threshold_mask(magnitude_scores(w), config.threshold, config.scope, n) for n, w in weights.items()}
+            self._score_ranges += [score_range(magnitude_scores(w), config.scope) for w in weights.values()]
+        elif config.scope == "global":
             masks = global_magnitude_masks(weights, config.sparsity)
         else:
             masks = {
@@ -145,6 +156,34 @@ class Pruner(ModelCompressor):
             set_float_weight(modules[name], weights[name].masked_fill(mask, 0))
             self.masks[name] = mask
 
+    def _prune_columns(self, names: list[str], config: PruningConfig, ids, batch_size: int) -> None:
+        """`column_magnitude`: zero the chosen input columns, or remove them for real where their producer is known
+        (see `pruning.columns`); every choice is made, and checked, before the model changes."""
+        from . import columns
+
+        mean_squares = columns.input_mean_squares(self.model, names, ids, batch_size) if config.calibrated else None
+        plan = columns.plan_columns(self.model, names, config, mean_squares)
+        modules = dict(self.model.named_modules())
+        for name, mask in plan.zero_masks(self.model).items():
+            set_float_weight(modules[name], float_weight(modules[name]).masked_fill(mask, 0))
+            self.masks[name] = mask
+        sliced = columns.remove_planned(self.model, plan)
+        self._reshaped = self._reshaped or bool(sliced)
+        for name, (dim, keep) in sliced.items():
+            if name in self.masks:  # e.g. gate_proj with zeroed columns loses the rows of removed neurons
+                self.masks[name] = self.masks[name].index_select(dim, keep.to(self.masks[name].device))
+        self._input_features = plan.report()
+
+    def _check_threshold_removed(self, names: list[str], config: PruningConfig) -> None:
+        """A weight threshold that removed nothing from any layer is an error (the caller asked for a prune)."""
+        if config.threshold is None or config.method == "column_magnitude" or not self._score_ranges:
+            return
+        if any(bool(self.masks[n].any()) for n in names if n in self.masks):
+            return
+        lo_hi = (min(r[0] for r in self._score_ranges), max(r[1] for r in self._score_ranges))
+        raise ValueError(threshold_error(config.threshold, config.scope, f"removes nothing from the {len(names)} "
+                                         "target layers", lo_hi))
+
     def _process_block(self, layers: dict, hessians: dict, config: PruningConfig, names, quantization) -> None:
         for name, module in layers.items():
             weight = float_weight(module).detach().float().contiguous()
@@ -154,8 +193,12 @@ class Pruner(ModelCompressor):
                     weight, hessian, config.layer_sparsity_of(name), config.n_m, config.block_size, config.damp_percent
                 )
             elif name in names and config.method == "wanda":
-                scores = wanda_scores(weight, torch.diag(hessian))
-                mask = mask_from_scores(scores, config.layer_sparsity_of(name), per_row=True, n_m=config.n_m)
+                scores = wanda_scores(weight, torch.diag(hessian) / 2)  # the Hessian is 2 E[x x^T]: |W_ij| RMS(x_j)
+                if config.threshold is not None:
+                    mask = threshold_mask(scores, config.threshold, config.scope, name)
+                    self._score_ranges.append(score_range(scores, config.scope))
+                else:
+                    mask = mask_from_scores(scores, config.layer_sparsity_of(name), per_row=True, n_m=config.n_m)
                 weight = weight.masked_fill(mask, 0)
             else:
                 mask = self.masks.get(name)  # magnitude pruned before, or not pruned at all
@@ -198,7 +241,7 @@ class Pruner(ModelCompressor):
         modules = dict(self.model.named_modules())
         sparse = {n: m.nnz for n, m in modules.items() if isinstance(m, SparseLinear)}
         shapes = {}
-        if config.is_structured:
+        if getattr(self, "_reshaped", config.is_structured):
             from ..formats.shapes import module_shapes
 
             shapes = module_shapes(self.model)
@@ -239,7 +282,8 @@ class Pruner(ModelCompressor):
         config = config or PruningConfig()
         self.prune_in_place(config, calibration_dataset, num_samples, seq_len, batch_size, quantization)
         model = self.compress(config, float_dtype)
-        self.report = sparsity_report(model, self.stats.get("params_before"))
+        self.report = sparsity_report(model, self.stats.get("params_before"),
+                                      input_features=self.stats.get("input_features"))
         stored = getattr(model.config, "quantization_config", None)
         card_info = {
             "base_model": self.source, "config": stored.to_dict() if stored is not None else {},

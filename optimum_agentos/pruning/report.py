@@ -37,11 +37,14 @@ def logical_parameters(model: nn.Module) -> int:
     return total
 
 
-def sparsity_report(model: nn.Module, params_before: int | None = None, names: list[str] | None = None) -> dict:
+def sparsity_report(
+    model: nn.Module, params_before: int | None = None, names: list[str] | None = None, input_features: dict | None = None
+) -> dict:
     """`{"layers": {name: {"shape", "sparsity"}}, "sparsity", "params_before", "params_after", "nonzero_params"}`.
 
     `layers` are `names` (default: the `SparseLinear` layers, i.e. what a prune stored sparse); `sparsity` is the
-    true fraction of zeros over them, `nonzero_params` counts the whole model.
+    true fraction of zeros over them, `nonzero_params` counts the whole model. `input_features` (a column prune's
+    `ColumnPlan.report()`: per layer the input features removed or zeroed) is passed through.
     """
     layers, zeros, total, all_zeros = {}, 0, 0, 0
     for name, module in model.named_modules():
@@ -60,4 +63,5 @@ def sparsity_report(model: nn.Module, params_before: int | None = None, names: l
         "params_before": params_before,
         "params_after": params_after,
         "nonzero_params": params_after - all_zeros,
+        **({"input_features": input_features} if input_features else {}),
     }

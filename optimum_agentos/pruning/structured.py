@@ -157,19 +157,7 @@ def prune_mlp_neurons(
         removed = _lowest_per_layer(scores, [min(round(n * fraction), n - 1) for n in sizes])
     else:
         removed = _lowest_global(scores, round(sum(sizes) * fraction))
-    for layer, size, drop in zip(layers, sizes, removed):
-        if not drop:
-            continue
-        keep = _kept(size, drop)
-        mlp = layer.mlp
-        _slice_linear(mlp.gate_proj, keep, 0)
-        _slice_linear(mlp.up_proj, keep, 0)
-        _slice_linear(mlp.down_proj, keep, 1)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = len(keep)
-    new_sizes = {l.mlp.down_proj.in_features for l in layers}
-    if uniform and len(new_sizes) == 1:
-        model.config.intermediate_size = new_sizes.pop()
+    remove_mlp_neurons(model, removed, update_config=uniform)
     logger.info(f"Removed {sum(map(len, removed))} of {sum(sizes)} MLP neurons ({'uniform' if uniform else 'global'})")
     return {f"{LAYERS_PREFIX}.{i}.mlp": drop for i, drop in enumerate(removed)}
 
@@ -200,25 +188,64 @@ def prune_attention_heads(
         removed = _lowest_per_layer(scores, [num_groups] * len(layers))
     else:
         removed = _lowest_global(scores, num_groups * len(layers))
-    for layer, (_, num_kv, groups, head_dim), drop in zip(layers, heads, removed):
+    remove_attention_groups(model, removed, update_config=uniform)
+    logger.info(f"Removed {sum(map(len, removed))} key/value head groups ({'uniform' if uniform else 'global'}).")
+    return {f"{LAYERS_PREFIX}.{i}.self_attn": drop for i, drop in enumerate(removed)}
+
+
+Sliced = dict[str, tuple[int, torch.Tensor]]  # linear name -> (0: rows kept, 1: columns kept; the kept indices)
+
+
+def remove_mlp_neurons(model: nn.Module, removed: list[list[int]], update_config: bool = True) -> Sliced:
+    """Remove the given intermediate neurons of each decoder layer (gate/up rows, down_proj columns) in place.
+
+    `update_config` sets `config.intermediate_size` when every layer ends up with the same width (the result is then
+    a plain checkpoint). Returns what was sliced, `{"model.layers.3.mlp.up_proj": (0, kept rows), ...}`."""
+    layers = decoder_layers(model)
+    sliced = {}
+    for i, (layer, drop) in enumerate(zip(layers, removed)):
+        if not drop:
+            continue
+        mlp = layer.mlp
+        keep = _kept(mlp.down_proj.in_features, drop)
+        for child, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+            _slice_linear(getattr(mlp, child), keep, dim)
+            sliced[f"{LAYERS_PREFIX}.{i}.mlp.{child}"] = (dim, keep)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = len(keep)
+    new_sizes = {l.mlp.down_proj.in_features for l in layers}
+    if update_config and len(new_sizes) == 1:
+        model.config.intermediate_size = new_sizes.pop()
+    return sliced
+
+
+def remove_attention_groups(model: nn.Module, removed: list[list[int]], update_config: bool = True) -> Sliced:
+    """Remove the given key/value head groups of each decoder layer (each kv head with its query heads: q/k/v rows,
+    o_proj columns) in place.
+
+    `update_config` sets the config's head counts (and pins `config.head_dim`) when every layer ends up alike.
+    Returns what was sliced, as `remove_mlp_neurons` does."""
+    layers = decoder_layers(model)
+    sliced = {}
+    for i, (layer, drop) in enumerate(zip(layers, removed)):
         if not drop:
             continue
         attn = layer.self_attn
+        _, num_kv, groups, head_dim = attention_heads(attn)
         kv_keep = _kept(num_kv * head_dim, [g * head_dim + d for g in drop for d in range(head_dim)])
         q_width = groups * head_dim  # the query heads of group g are g*groups ... (g+1)*groups-1 (head-major rows)
         q_keep = _kept(num_kv * q_width, [g * q_width + d for g in drop for d in range(q_width)])
-        _slice_linear(attn.q_proj, q_keep, 0)
-        _slice_linear(attn.k_proj, kv_keep, 0)
-        _slice_linear(attn.v_proj, kv_keep, 0)
-        _slice_linear(attn.o_proj, q_keep, 1)
+        for child, keep, dim in (("q_proj", q_keep, 0), ("k_proj", kv_keep, 0), ("v_proj", kv_keep, 0),
+                                 ("o_proj", q_keep, 1)):
+            _slice_linear(getattr(attn, child), keep, dim)
+            sliced[f"{LAYERS_PREFIX}.{i}.self_attn.{child}"] = (dim, keep)
         set_head_counts(attn)
     new_heads = {attention_heads(l.self_attn) for l in layers}
-    if uniform and len(new_heads) == 1:
+    if update_config and len(new_heads) == 1:
         num_heads, num_kv, _, head_dim = new_heads.pop()
         model.config.head_dim = head_dim  # else hidden_size // num_attention_heads would change it on reload
         model.config.num_attention_heads, model.config.num_key_value_heads = num_heads, num_kv
-    logger.info(f"Removed {sum(map(len, removed))} key/value head groups ({'uniform' if uniform else 'global'}).")
-    return {f"{LAYERS_PREFIX}.{i}.self_attn": drop for i, drop in enumerate(removed)}
+    return sliced
 
 
 def remove_layers(model: nn.Module, indices: list[int]) -> None:
