@@ -218,11 +218,12 @@ def worker(row: str, args) -> dict:
             ids = torch.randint(100, 10000, (1, 512), generator=torch.Generator().manual_seed(0))
             result["forward_latency_ratio"] = forward_latency_ratio(model, dense, ids)
             del dense
-            start = time.perf_counter()
-            recover(model, tokenizer, args.recovery_steps)
-            result["recovery_s"] = time.perf_counter() - start
-            result["recovery_steps"] = args.recovery_steps
-            result["ppl_after_recovery"] = ppl(model)
+            if args.recovery_steps:  # 0: the row without its recovery fine-tune (a quick first pass)
+                start = time.perf_counter()
+                recover(model, tokenizer, args.recovery_steps)
+                result["recovery_s"] = time.perf_counter() - start
+                result["recovery_steps"] = args.recovery_steps
+                result["ppl_after_recovery"] = ppl(model)
     return result
 
 
@@ -283,8 +284,8 @@ def write_markdown(results: list[dict], args) -> str:
             removed = f"{r['input_features_removed']:.4f}" if "input_features_removed" in r else "-"
             lines.append(
                 f"| {r['row']} | {r.get('threshold') or '-'} | {removed} | {r['params_after'] / r['params_before']:.3f} | "
-                f"{r['forward_latency_ratio']:.3f} | {r['ppl']:.2f} | {r['recovery_steps']} | {r['recovery_s']:.0f} | "
-                f"{r['ppl_after_recovery']:.2f} |"
+                f"{r['forward_latency_ratio']:.3f} | {r['ppl']:.2f} | {r.get('recovery_steps', 0)} | "
+                + (f"{r['recovery_s']:.0f} | {r['ppl_after_recovery']:.2f} |" if "recovery_s" in r else "- | not run |")
             )
     lines += ["", "Raw results: `benchmarks/results/pruning.json`.", MARK_END]
     return "\n".join(lines)
