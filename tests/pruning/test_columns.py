@@ -175,3 +175,19 @@ def test_cli_threshold_and_recipe_keys(tmp_path, capsys):
     recipe.write_text("model: m\nsteps:\n  - prune: {method: magnitude, threshold: 0.1, sparsity: 0.5}\n")
     with pytest.raises(ValueError, match=r":3: step 'prune': .*exactly one of threshold and sparsity"):
         load_recipe(recipe)
+
+
+def test_columns_then_gptq_in_one_pass(tmp_path):
+    from optimum_agentos import AgentOSConfig
+
+    pruner = Pruner(build_tiny("llama"))
+    pruner.prune(tmp_path / "out", PruningConfig(method="column_magnitude", threshold=1.0), CALIBRATION,
+                 quantization=AgentOSConfig(bits=4, group_size=32, method="gptq"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(model_output(reloaded, sample_ids()), model_output(pruner.model, sample_ids()))
+    features = pruner.report["input_features"]["layers"]
+    for i in range(2):  # the zeroed columns decode to exactly 0 (GPTQ keeps the mask); the removed ones are gone
+        gate = reloaded.model.layers[i].mlp.gate_proj
+        zeroed = (gate.dequantize(torch.float32) == 0).all(0)
+        assert int(zeroed.sum()) == features[f"model.layers.{i}.mlp.gate_proj"]["removed"] > 0
+        assert gate.out_features == 160 - features[f"model.layers.{i}.mlp.down_proj"]["removed"]
