@@ -191,3 +191,19 @@ def test_columns_then_gptq_in_one_pass(tmp_path):
         zeroed = (gate.dequantize(torch.float32) == 0).all(0)
         assert int(zeroed.sum()) == features[f"model.layers.{i}.mlp.gate_proj"]["removed"] > 0
         assert gate.out_features == 160 - features[f"model.layers.{i}.mlp.down_proj"]["removed"]
+
+
+def test_a_float_checkpoint_with_per_layer_widths_fine_tunes_without_adapters(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    config = PruningConfig(method="column_magnitude", threshold=0.95, target=["down_proj"])  # widths differ per layer
+    Pruner(build_tiny("llama")).prune(tmp_path / "out", config, float_dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.quantization_config.module_shapes and model.config.quantization_config.bits is None
+    before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    ids = sample_ids().tolist()
+    args = TrainingArguments(output_dir=str(tmp_path / "train"), max_steps=1, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no")
+    Trainer(model=model.train(), args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids})).train()
+    assert not torch.equal(model.model.layers[0].mlp.down_proj.weight, before)
