@@ -14,7 +14,7 @@ from ..calibration.runner import run_blockwise
 from ..compressor import ModelCompressor
 from ..config import AgentOSConfig
 from ..formats.mark import mark_compressed
-from ..formats.replace import check_group_size
+from ..formats.replace import check_group_size, check_layer_overrides
 from ..nn import qmath
 from ..nn.linear import SCALE_DTYPES, QuantLinear, float_weight, is_conv1d, linear_shape
 from ..nn.modeling import set_module
@@ -93,6 +93,7 @@ class Pruner(ModelCompressor):
         if quantization is not None:
             quantized = resolve_targets(self.model, quantization.target, quantization.ignore)
             check_group_size(self.model, quantized, quantization)
+            check_layer_overrides(quantization, quantized)
             if wants_gptq:
                 check_calibration_size(ids, self.model, quantized, "GPTQ")
         if config.method == "magnitude":
@@ -162,12 +163,13 @@ class Pruner(ModelCompressor):
             if mask is not None:
                 self.masks[name] = mask
             if quantization is not None and quantization.method == "gptq":
+                bits, group_size = quantization.layer_qparams(name)
                 codes, scales, zeros = gptq_quantize(
-                    weight, hessian, quantization.bits, quantization.group_size, quantization.sym,
+                    weight, hessian, bits, group_size, quantization.sym,
                     quantization.damp_percent, quantization.act_order, quantization.block_size,
                     SCALE_DTYPES[quantization.scale_dtype], quantization.mse_grid, pruned=mask,
                 )
-                set_module(self.model, name, _quantized_layer(codes, scales, zeros, mask, module.bias, quantization))
+                set_module(self.model, name, _quantized_layer(codes, scales, zeros, mask, module.bias, quantization, name))
             else:
                 set_float_weight(module, weight.to(module.weight.dtype))
 
@@ -181,11 +183,12 @@ class Pruner(ModelCompressor):
         for name in todo:
             if name in self.masks:
                 module = modules[name]
+                bits, group_size = quantization.layer_qparams(name)
                 codes, scales, zeros = qmath.quantize_rtn(
-                    float_weight(module).detach(), quantization.bits, quantization.group_size, quantization.sym,
+                    float_weight(module).detach(), bits, group_size, quantization.sym,
                     SCALE_DTYPES[quantization.scale_dtype], quantization.mse_grid,
                 )
-                layer = _quantized_layer(codes, scales, zeros, self.masks[name], module.bias, quantization)
+                layer = _quantized_layer(codes, scales, zeros, self.masks[name], module.bias, quantization, name)
                 set_module(self.model, name, layer)
 
     def compress(self, config: PruningConfig, float_dtype: str | None = "float16") -> nn.Module:
@@ -249,7 +252,8 @@ class Pruner(ModelCompressor):
         return model
 
 
-def _quantized_layer(codes, scales, zeros, mask, bias, quantization: AgentOSConfig) -> nn.Module:
+def _quantized_layer(codes, scales, zeros, mask, bias, quantization: AgentOSConfig, name: str) -> nn.Module:
+    bits, group_size = quantization.layer_qparams(name)
     if mask is None:
-        return QuantLinear.from_codes(codes, scales, zeros, bias, quantization.bits, quantization.group_size)
-    return SparseLinear.from_codes(codes, scales, zeros, ~mask, bias, quantization.bits, quantization.group_size)
+        return QuantLinear.from_codes(codes, scales, zeros, bias, bits, group_size)
+    return SparseLinear.from_codes(codes, scales, zeros, ~mask, bias, bits, group_size)

@@ -12,7 +12,7 @@ from ..calibration.runner import run_blockwise
 from ..compressor import ModelCompressor
 from ..config import AgentOSConfig
 from ..formats.mark import mark_compressed
-from ..formats.replace import check_group_size
+from ..formats.replace import check_group_size, check_layer_overrides
 from ..nn.linear import SCALE_DTYPES, QuantLinear, float_weight
 from ..nn.modeling import set_module
 from ..nn.targets import resolve_targets
@@ -47,6 +47,7 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
         start = time.perf_counter()
         names = resolve_targets(self.model, config.target, config.ignore)
         check_group_size(self.model, names, config)
+        check_layer_overrides(config, names)
         uses_data = []
         if config.method == "gptq":
             uses_data.append("method='gptq'")
@@ -77,12 +78,13 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
 
     def _gptq_block(self, layers: dict, hessians: dict, config: AgentOSConfig) -> None:
         for name, module in layers.items():
+            bits, group_size = config.layer_qparams(name)
             codes, scales, zeros = gptq_quantize(
-                float_weight(module), hessians[name].hessian(), config.bits, config.group_size, config.sym,
+                float_weight(module), hessians[name].hessian(), bits, group_size, config.sym,
                 config.damp_percent, config.act_order, config.block_size, SCALE_DTYPES[config.scale_dtype],
                 config.mse_grid,
             )
-            set_module(self.model, name, QuantLinear.from_codes(codes, scales, zeros, module.bias, config.bits, config.group_size))
+            set_module(self.model, name, QuantLinear.from_codes(codes, scales, zeros, module.bias, bits, group_size))
 
     def quantize(
         self,
