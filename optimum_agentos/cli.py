@@ -67,6 +67,8 @@ def _prune_parser(sub) -> None:
     p.add_argument("--attention-groups", type=int, default=0, help="Structured: KV head groups removed per layer.")
     p.add_argument("--layers", type=int, default=0, help="Structured: decoder layers removed.")
     p.add_argument("--non-uniform", action="store_true", help="Structured: rank neurons/heads across layers.")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "owl"],
+                   help="Wanda/SparseGPT: 'owl' gives blocks with more activation outliers a lower sparsity.")
     p.add_argument("--bits", type=int, default=None, choices=[2, 3, 4, 8], help="Also quantize to this many bits.")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--quant-method", default="gptq", choices=["rtn", "gptq"])
@@ -119,7 +121,7 @@ def prune_configs(args):
     config = PruningConfig(
         method=None if args.method == "none" else args.method, sparsity=args.sparsity, pattern=args.pattern,
         target=args.target, ignore=args.ignore, mlp_neurons=args.mlp_neurons, attention_groups=args.attention_groups,
-        layers=args.layers, uniform=not args.non_uniform,
+        layers=args.layers, uniform=not args.non_uniform, allocation=args.allocation,
     )
     quantization = None
     if args.bits:

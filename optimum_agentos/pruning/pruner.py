@@ -22,7 +22,7 @@ from ..nn.sparse_linear import SparseLinear
 from ..nn.targets import resolve_targets
 from ..quantization import gptq_quantize, quantize_model_rtn  # the one entry point for sparse + quantized
 from .config import PruningConfig
-from .masks import check_n_m, global_magnitude_masks, magnitude_scores, mask_from_scores, wanda_scores
+from .masks import check_n_m, global_magnitude_masks, magnitude_scores, mask_from_scores, mask_with_count, wanda_scores
 from .report import sparsity_report
 from .sparsegpt import sparsegpt_prune
 
@@ -96,6 +96,11 @@ class Pruner(ModelCompressor):
             check_layer_overrides(quantization, quantized)
             if wants_gptq:
                 check_calibration_size(ids, self.model, quantized, "GPTQ")
+        self.allocation = None
+        if config.allocation == "owl" and names:
+            from .owl import owl_allocation
+
+            self.allocation = owl_allocation(self.model, names, ids, config, batch_size)
         if config.method == "magnitude":
             self._prune_magnitude(names, config)
         if config.needs_calibration or wants_gptq:
@@ -150,13 +155,16 @@ class Pruner(ModelCompressor):
         for name, module in layers.items():
             weight = float_weight(module).detach().float().contiguous()
             hessian = hessians[name].hessian()
+            count = self.allocation["counts"].get(name) if self.allocation else None
             if name in names and config.method == "sparsegpt":
                 weight, mask = sparsegpt_prune(
-                    weight, hessian, config.layer_sparsity_of(name), config.n_m, config.block_size, config.damp_percent
+                    weight, hessian, config.layer_sparsity_of(name), config.n_m, config.block_size, config.damp_percent,
+                    count,
                 )
             elif name in names and config.method == "wanda":
                 scores = wanda_scores(weight, torch.diag(hessian))
-                mask = mask_from_scores(scores, config.layer_sparsity_of(name), per_row=True, n_m=config.n_m)
+                mask = (mask_with_count(scores, count) if count is not None
+                        else mask_from_scores(scores, config.layer_sparsity_of(name), per_row=True, n_m=config.n_m))
                 weight = weight.masked_fill(mask, 0)
             else:
                 mask = self.masks.get(name)  # magnitude pruned before, or not pruned at all
@@ -243,6 +251,8 @@ class Pruner(ModelCompressor):
         self.prune_in_place(config, calibration_dataset, num_samples, seq_len, batch_size, quantization)
         model = self.compress(config, float_dtype)
         self.report = sparsity_report(model, self.stats.get("params_before"))
+        if self.allocation:  # OWL: each block's outlier ratio and the sparsity it was given
+            self.report["owl_blocks"] = self.allocation["blocks"]
         stored = getattr(model.config, "quantization_config", None)
         card_info = {
             "base_model": self.source, "config": stored.to_dict() if stored is not None else {},
