@@ -94,6 +94,30 @@ def _bits_by_block(r: dict) -> str:
     return " ".join(f"{sum(b) / len(b):.1f}" for _, b in sorted(blocks.items()))
 
 
+def plot(results: list[dict]) -> str:
+    """Size against perplexity, uniform and automatic rows (PNG next to the raw results); returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for auto, marker, label in ((False, "o", "uniform GPTQ"), (True, "s", "automatic plan")):
+        rows = [r for r in results if ("formats" in r) == auto]
+        ax.scatter([r["size_mb"] for r in rows], [r["ppl"] for r in rows], marker=marker, label=label)
+        for r in rows:
+            ax.annotate(r["row"], (r["size_mb"], r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_title("SmolLM2-135M-Instruct: size vs perplexity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = REPO / "benchmarks" / "results" / "mixed_precision.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path.relative_to(REPO))
+
+
 def write_markdown(results: list[dict], meta: dict) -> str:
     args = meta["args"]
     rows = {r["row"]: r for r in results}
@@ -128,7 +152,8 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         lines += ["", f"Sensitivity pass: {autos[0]['sensitivity_s']:.0f} s (included in the first automatic row's "
                   "compress time). Mean bits per decoder block (blocks 0 to 29):", ""]
         lines += [f"- {r['row']}: {_bits_by_block(r)}" for r in autos]
-    lines += ["", "Raw results (with every layer's bits): `benchmarks/results/mixed_precision.json`.", MARK_END]
+    lines += ["", f"![size vs perplexity]({plot(results)})",
+              "", "Raw results (with every layer's bits): `benchmarks/results/mixed_precision.json`.", MARK_END]
     return "\n".join(lines)
 
 
