@@ -19,6 +19,7 @@ _DISTILLATION = {"DistillationConfig", "DistillationTrainer", "make_student", "p
 __all__ = [
     "AgentOSConfig", "DistillationConfig", "DistillationTrainer", "Pruner", "PruningConfig", "QuantLinear",
     "Quantizer", "SparseLinear", "FORMAT_VERSION", "__version__", "make_student", "precompute_teacher_topk",
+    "plan_mixed_precision",
 ]
 
 
@@ -28,6 +29,10 @@ def __getattr__(name):
         from .quantization.quantizer import Quantizer
 
         return Quantizer
+    if name == "plan_mixed_precision":
+        from .quantization.mixed import plan_mixed_precision
+
+        return plan_mixed_precision
     if name == "Pruner":
         from .pruning.pruner import Pruner
 

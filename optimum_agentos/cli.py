@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 
-def _quantize_parser(sub) -> None:
+def _quantize_parser(sub, name: str = "quantize") -> None:
     p = sub.add_parser(
-        "quantize",
-        help="Quantize a model into an agentos checkpoint folder.",
+        name,
+        help="Quantize a model into an agentos checkpoint folder." if name == "quantize" else
+        "Mixed precision: the per-layer bits that fit --max-size-mb with the least predicted error.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default="smollm2-135m", help="Local folder, Hub id or alias (smollm2-135m).")
@@ -36,6 +37,12 @@ def _quantize_parser(sub) -> None:
                         "in (0, 1), e.g. 0.5; uses --calibration-dataset, also with --method rtn.")
     p.add_argument("--target", nargs="*", default=None, help="Modules to quantize (names or re:regex).")
     p.add_argument("--ignore", nargs="*", default=None, help="Modules to keep in full precision.")
+    p.add_argument("--max-size-mb", type=float, default=None, required=name == "auto",
+                   help="Mixed precision: safetensors size budget in MB (10^6 bytes); --bits/--group-size are ignored.")
+    p.add_argument("--candidates", nargs="*", default=None,
+                   help="Mixed precision: BITS:GROUP choices per layer (default 8:-1 4:64 4:128 3:64 3:128 2:64).")
+    p.add_argument("--sensitivity-samples", type=int, default=8,
+                   help="Mixed precision: calibration windows on which each choice's block-output error is measured.")
     _common_arguments(p)
     return p
 
@@ -77,6 +84,8 @@ def _prune_parser(sub) -> None:
     p.add_argument("--attention-groups", type=int, default=0, help="Structured: KV head groups removed per layer.")
     p.add_argument("--layers", type=int, default=0, help="Structured: decoder layers removed.")
     p.add_argument("--non-uniform", action="store_true", help="Structured: rank neurons/heads across layers.")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "owl"],
+                   help="Wanda/SparseGPT: 'owl' gives blocks with more activation outliers a lower sparsity.")
     p.add_argument("--bits", type=int, default=None, choices=[2, 3, 4, 8], help="Also quantize to this many bits.")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--quant-method", default="gptq", choices=["rtn", "gptq"])
@@ -130,6 +139,7 @@ def prune_configs(args):
         method=None if args.method == "none" else args.method, sparsity=args.sparsity, pattern=args.pattern,
         target=args.target, ignore=args.ignore, mlp_neurons=args.mlp_neurons, attention_groups=args.attention_groups,
         layers=args.layers, uniform=not args.non_uniform, threshold=args.threshold, scope=args.scope,
+        allocation=args.allocation,
         calibrated=args.calibrated,
     )
     quantization = None
@@ -141,10 +151,14 @@ def prune_configs(args):
 def check_arguments(command: str, args) -> None:
     """Validate parsed `quantize`/`prune` arguments without loading anything: the configs they imply and the
     counts; raises `ValueError` naming the bad value (recipes call it before any step runs)."""
-    if command not in ("quantize", "prune"):
+    if command not in ("quantize", "prune", "auto"):
         return
-    if command == "quantize":
+    if command in ("quantize", "auto"):
         quantize_config(args)
+        if args.max_size_mb is not None:
+            from .commands.auto import parse_candidates
+
+            parse_candidates(args.candidates)
     else:
         prune_configs(args)
     for name, least in (("num_samples", 1), ("seq_len", 1), ("eval_windows", 0)):
@@ -198,6 +212,10 @@ def _save_with_card(args, model, tokenizer, info: dict, baseline, evaluate, file
 def run_quantize(args) -> dict:
     from .quantization.quantizer import Quantizer
 
+    if args.max_size_mb is not None:
+        from .commands.auto import run
+
+        return run(args)
     check_arguments("quantize", args)
     output = _check_output(args)
     config = quantize_config(args)
@@ -275,6 +293,7 @@ def _lazy(module: str, name: str):
 SUBCOMMANDS = {
     "quantize": (_quantize_parser, run_quantize),
     "prune": (_prune_parser, run_prune),
+    "auto": (lambda sub: _quantize_parser(sub, "auto"), run_quantize),
     "eval": (_lazy(".commands.evaluate", "add_parser"), _lazy(".commands.evaluate", "run")),
     "card": (_lazy(".commands.card", "add_parser"), _lazy(".commands.card", "run")),
     "push": (_lazy(".commands.push", "add_parser"), _lazy(".commands.push", "run")),
@@ -330,7 +349,7 @@ def run_command(args) -> int:
     exit_code = int(summary.pop("exit_code", 0))
     summary.setdefault("total_seconds", round(time.perf_counter() - start, 1))
     print_table(summary)
-    if args.command in ("quantize", "prune"):
+    if args.command in ("quantize", "prune", "auto"):
         Path(args.output, "agentos_summary.json").write_text(json.dumps(summary, indent=2))
         from .formats.folder import record_written
 

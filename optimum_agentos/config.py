@@ -29,13 +29,16 @@ PRUNING_KEYS = ("sparse_layers", "sparsity_pattern", "module_shapes", "pruning")
 VERSION_3_KEYS = ("embedding_bits",)
 # Added by format version 4 (provenance only: the smoothing is folded into the weights); likewise omitted when unset.
 VERSION_4_KEYS = ("smoothquant_alpha",)
-OPTIONAL_KEYS_SINCE = {2: PRUNING_KEYS, 3: VERSION_3_KEYS, 4: VERSION_4_KEYS}
+# Added by format version 5 (mixed precision: per-layer bits and group size); likewise omitted when unset.
+VERSION_5_KEYS = ("layer_overrides",)
+OPTIONAL_KEYS_SINCE = {2: PRUNING_KEYS, 3: VERSION_3_KEYS, 4: VERSION_4_KEYS, 5: VERSION_5_KEYS}
+LAYER_OVERRIDE_KEYS = ("bits", "group_size")
 # The JSON type of every field (see `check_field_types`); `?` allows None.
 FIELD_TYPES = {
     "bits": "int?", "group_size": "int", "sym": "bool", "method": "str", "damp_percent": "number", "act_order": "bool",
     "observer": "str?", "activations": "str?", "embedding_bits": "int?", "smoothquant_alpha": "number?",
     "block_size": "int", "target": "patterns?", "ignore": "patterns?", "scale_dtype": "str", "float_dtype": "str?",
-    "sparse_layers": "mapping?", "sparsity_pattern": "str?", "module_shapes": "mapping?", "pruning": "mapping?",
+    "sparse_layers": "mapping?", "layer_overrides": "mapping?", "sparsity_pattern": "str?", "module_shapes": "mapping?", "pruning": "mapping?",
     "format_version": "int", "library_version": "str", "quant_method": "str",
 }
 
@@ -114,6 +117,13 @@ def check_format_version(version, library_version=None) -> None:
         )
 
 
+def check_group_size_value(gs, what: str = "group_size") -> None:
+    """A group size is -1 (one group per output channel) or a power of two >= 2."""
+    if not FIELD_KINDS["int"][0](gs) or (gs != -1 and (gs < 2 or gs & (gs - 1))):
+        raise ValueError(f"{what}={gs!r} must be -1 (one group per output channel) or a power of two >= 2, e.g. 64 "
+                         "or 128.")
+
+
 @dataclass
 class AgentOSConfig(QuantizationConfigMixin):
     """Weight-only quantization settings, also the `quantization_config` stored in `config.json`.
@@ -179,6 +189,11 @@ class AgentOSConfig(QuantizationConfigMixin):
             (non-uniform per-layer widths); they are resized before the weights load.
         pruning (`dict`, *optional*):
             The `PruningConfig` that produced the checkpoint (provenance only).
+        layer_overrides (`dict[str, dict]`, *optional*):
+            Mixed precision: full module name -> `{"bits": b, "group_size": g}` (either key may be left out; the
+            top-level `bits`/`group_size` fill in). Each named layer must be one that `target`/`ignore` select.
+            Written by `plan_mixed_precision` / `Quantizer(max_size_mb=...)`; honoured on load, by the checks of
+            the stored tensors' shapes and by the kernels (chosen per layer).
         float_dtype (`str`, *optional*, defaults to `"float16"`):
             dtype in which the checkpoint stores the weights kept unquantized (embeddings, an untied output head):
             for SmolLM2 the fp32 embedding alone is 113 MB. The in-memory weights are rounded to it once, so a
@@ -201,6 +216,7 @@ class AgentOSConfig(QuantizationConfigMixin):
     scale_dtype: str = "float16"
     float_dtype: str | None = "float16"
     sparse_layers: dict[str, int] | None = None
+    layer_overrides: dict[str, dict[str, int]] | None = None
     sparsity_pattern: str | None = None
     module_shapes: dict[str, list[int]] | None = None
     pruning: dict[str, Any] | None = None
@@ -215,6 +231,8 @@ class AgentOSConfig(QuantizationConfigMixin):
         check_field_types(self, FIELD_TYPES, "AgentOSConfig")  # before list(): a string target is not a list
         self.target = list(self.target) if self.target is not None else None
         self.ignore = list(self.ignore)
+        if self.layer_overrides is not None:
+            self.layer_overrides = {k: dict(v) if isinstance(v, Mapping) else v for k, v in self.layer_overrides.items()}
         if self.module_shapes is not None:
             self.module_shapes = {k: list(v) if isinstance(v, tuple) else v for k, v in self.module_shapes.items()}
         self.validate()
@@ -233,11 +251,8 @@ class AgentOSConfig(QuantizationConfigMixin):
                 )
         elif self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={self.bits!r} is not supported; use one of {SUPPORTED_BITS}.")
-        gs = self.group_size
-        if not isinstance(gs, int) or isinstance(gs, bool) or (gs != -1 and (gs < 2 or gs & (gs - 1))):
-            raise ValueError(
-                f"group_size={gs!r} must be -1 (one group per output channel) or a power of two >= 2, e.g. 64 or 128."
-            )
+        check_group_size_value(self.group_size, "group_size")
+        self._validate_layer_overrides()
         if self.method not in SUPPORTED_METHODS:
             raise ValueError(f"method={self.method!r} is not supported; use one of {SUPPORTED_METHODS}.")
         if not 0 <= self.damp_percent < 1:
@@ -277,6 +292,29 @@ class AgentOSConfig(QuantizationConfigMixin):
                                  "(two ints > 0).")
         if self.sparsity_pattern is not None:
             parse_pattern(self.sparsity_pattern)
+
+    def _validate_layer_overrides(self) -> None:
+        if not self.layer_overrides:
+            return
+        if self.bits is None:
+            raise ValueError("layer_overrides sets per-layer bits of quantized layers; it needs bits (not None).")
+        if self.activations is not None:
+            raise ValueError(f"layer_overrides (mixed precision) is weight-only; activations={self.activations!r} "
+                             "needs one int8 per-row format for every layer. Drop one of the two.")
+        for name, override in self.layer_overrides.items():
+            if not isinstance(override, Mapping) or not override or set(override) - set(LAYER_OVERRIDE_KEYS):
+                raise ValueError(f"layer_overrides[{name!r}]={override!r} must be a non-empty mapping with keys from "
+                                 f"{LAYER_OVERRIDE_KEYS}, e.g. {{'bits': 8, 'group_size': -1}}.")
+            bits = override.get("bits", self.bits)
+            if not FIELD_KINDS["int"][0](bits) or bits not in SUPPORTED_BITS:
+                raise ValueError(f"layer_overrides[{name!r}] bits={bits!r} is not supported; use one of "
+                                 f"{SUPPORTED_BITS}.")
+            check_group_size_value(override.get("group_size", self.group_size), f"layer_overrides[{name!r}] group_size")
+
+    def layer_qparams(self, name: str) -> tuple[int, int]:
+        """`(bits, group_size)` of the quantized layer `name`: its `layer_overrides` entry, else the defaults."""
+        override = (self.layer_overrides or {}).get(name, {})
+        return override.get("bits", self.bits), override.get("group_size", self.group_size)
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):

@@ -27,6 +27,16 @@ def check_group_size(model: nn.Module, names: list[str], config: AgentOSConfig) 
         )
 
 
+def check_layer_overrides(config: AgentOSConfig, quantized: list[str]) -> None:
+    """Every `layer_overrides` entry names a layer the config quantizes (a typo must not silently use defaults)."""
+    stray = sorted(set(config.layer_overrides or {}) - set(quantized))
+    if stray:
+        raise ValueError(
+            f"layer_overrides names {stray[:3]}{' ...' if len(stray) > 3 else ''}, not among the layers this config "
+            f"quantizes (e.g. {quantized[:2]}); use full module names of target layers."
+        )
+
+
 def replace_with_quant_linear(model: nn.Module, config: AgentOSConfig, device="meta") -> list[str]:
     """Replace the modules an agentos checkpoint stores compressed by empty `QuantLinear`/`SparseLinear`s, to be
     filled by the weight loader; returns their names.
@@ -46,23 +56,25 @@ def replace_with_quant_linear(model: nn.Module, config: AgentOSConfig, device="m
     quantized = resolve_targets(model, config.target, config.ignore) if config.is_quantized else []
     if quantized:
         check_group_size(model, quantized, config)
+    check_layer_overrides(config, quantized)
     for name in list(dict.fromkeys([*quantized, *sparse])):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
         in_features, out_features = linear_shape(old)
         bias = getattr(old, "bias", None)
-        bits = config.bits if name in quantized else None
+        bits, group_size = config.layer_qparams(name)
+        bits = bits if name in quantized else None
         dtype = bias.dtype if bias is not None else old.weight.dtype
         with torch.device(device):
             if name in sparse:
                 new = SparseLinear(
                     in_features, out_features, sparse[name], bias=bias is not None, bits=bits,
-                    group_size=config.group_size, scale_dtype=SCALE_DTYPES[config.scale_dtype], dtype=dtype,
+                    group_size=group_size, scale_dtype=SCALE_DTYPES[config.scale_dtype], dtype=dtype,
                 )
             else:
                 new = QuantLinear(
-                    in_features, out_features, bias=bias is not None, bits=config.bits, group_size=config.group_size,
+                    in_features, out_features, bias=bias is not None, bits=bits, group_size=group_size,
                     scale_dtype=SCALE_DTYPES[config.scale_dtype], dtype=bias.dtype if bias is not None else None,
                 )
         new.transposed = is_conv1d(old)

@@ -40,11 +40,12 @@ class AgentOSQuantizeOp(ConversionOps):
             return {target_key: codes, f"{target_key}_scale": scale}
         weight = value.t() if getattr(module, "transposed", False) else value
         config = self.hf_quantizer.quantization_config
+        # the layer was built with its own bits and group size (layer_overrides): quantize to what it holds
         codes, scales, zeros = qmath.quantize_rtn(
-            weight, config.bits, config.group_size, config.sym, SCALE_DTYPES[config.scale_dtype], config.mse_grid
+            weight, module.bits, module.group_size, config.sym, SCALE_DTYPES[config.scale_dtype], config.mse_grid
         )
         return {
-            target_key: pack(codes, config.bits),
+            target_key: pack(codes, module.bits),
             f"{target_key}_scale": scales,
             f"{target_key}_zero": zeros,
         }

@@ -22,7 +22,9 @@ FIELD_TYPES = {
     "target": "patterns?", "ignore": "patterns?", "damp_percent": "number", "block_size": "int",
     "mlp_neurons": "number", "attention_groups": "int", "layers": "int", "uniform": "bool",
     "threshold": "number?", "calibrated": "bool",
+    "allocation": "str", "owl_threshold": "number", "owl_lambda": "number",
 }
+ALLOCATIONS = ("uniform", "owl")
 
 
 @dataclass
@@ -74,6 +76,14 @@ class PruningConfig:
         uniform (`bool`, *optional*, defaults to `True`):
             Structured: remove the same number of neurons/heads in every layer (the config is rewritten, the
             checkpoint loads anywhere) or rank them across layers (per-layer shapes go into `module_shapes`).
+        allocation (`str`, *optional*, defaults to `"uniform"`):
+            Wanda/SparseGPT, unstructured: `"uniform"` (every layer loses `sparsity`) or `"owl"` (OWL, Yin et al.
+            2024: decoder blocks whose Wanda scores hold more outliers keep more weights; the whole model still
+            removes exactly `sparsity` of the target weights). Needs one more pass over the calibration data.
+        owl_threshold (`float`, *optional*, defaults to `5.0`):
+            OWL's M: a score is an outlier above M times its block's mean score.
+        owl_lambda (`float`, *optional*, defaults to `0.08`):
+            OWL's lambda: block sparsities spread over `sparsity +- lambda` (2 lambda from least to most outliers).
     """
 
     method: str | None = "sparsegpt"
@@ -91,6 +101,9 @@ class PruningConfig:
     uniform: bool = True
     threshold: float | None = None
     calibrated: bool = False
+    allocation: str = "uniform"
+    owl_threshold: float = 5.0
+    owl_lambda: float = 0.08
 
     def __post_init__(self):
         if self.ignore is None:
@@ -146,6 +159,7 @@ class PruningConfig:
                 raise ValueError(f"layer_sparsity[{pattern!r}]: {err}") from None
         if self.layer_sparsity and self.pattern:
             raise ValueError("layer_sparsity applies to unstructured pruning; an N:M pattern fixes every layer's sparsity.")
+        self._validate_allocation()
         if self.scope not in ("layer", "global"):
             raise ValueError(f"scope={self.scope!r} must be 'layer' or 'global'.")
         if self.scope == "global" and (self.pattern or (self.threshold is None and self.method not in GLOBAL_METHODS)):
@@ -183,6 +197,24 @@ class PruningConfig:
             )
         if self.threshold <= 0:
             raise ValueError(f"threshold={self.threshold!r} must be > 0 (scores are >= 0: nothing scores below it).")
+
+    def _validate_allocation(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation={self.allocation!r} is not supported; use one of {ALLOCATIONS}.")
+        if self.allocation == "uniform":
+            return
+        if self.method not in CALIBRATED_METHODS or self.pattern or self.layer_sparsity or self.sparsity is None:
+            raise ValueError(
+                "allocation='owl' sets each block's sparsity from activation outliers: it needs method='wanda' or "
+                f"'sparsegpt', unstructured (no pattern), a sparsity (not a threshold) and no layer_sparsity; got "
+                f"method={self.method!r}, pattern={self.pattern!r}, sparsity={self.sparsity!r}, "
+                f"layer_sparsity={self.layer_sparsity!r}."
+            )
+        if self.owl_threshold <= 0:
+            raise ValueError(f"owl_threshold={self.owl_threshold!r} must be > 0 (OWL's M, typically 5).")
+        if not (0 <= self.owl_lambda <= self.sparsity and self.sparsity + self.owl_lambda < 1):
+            raise ValueError(f"owl_lambda={self.owl_lambda!r} must be in [0, {self.sparsity:g}] with sparsity + lambda "
+                             "< 1, so that every block's sparsity (sparsity +- lambda) stays in [0, 1); typically 0.08.")
 
     def layer_sparsity_of(self, name: str) -> float:
         from ..nn.targets import matches

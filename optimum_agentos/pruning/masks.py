@@ -58,6 +58,23 @@ def mask_from_scores(
     return mask
 
 
+def mask_with_count(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Prune exactly `count` weights, spread over the rows as evenly as possible (Wanda's per-row comparison): every
+    row loses `count // rows`, and the `count % rows` rows whose next-lowest score is smallest lose one more."""
+    rows, cols = scores.shape
+    if not 0 <= count <= scores.numel():
+        raise ValueError(f"count={count} weights to prune is outside [0, {scores.numel()}].")
+    base, extra = divmod(count, rows)
+    order = torch.argsort(scores, dim=1)
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    mask.scatter_(1, order[:, :base], True)
+    if extra:
+        nxt = scores.gather(1, order[:, base : base + 1]).squeeze(1)
+        chosen = torch.topk(nxt, extra, largest=False).indices
+        mask[chosen, order[chosen, base]] = True
+    return mask
+
+
 def global_magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
     """One magnitude threshold across all layers: layers with smaller weights lose more of them."""
     check_sparsity(sparsity)

@@ -14,7 +14,7 @@ from ..calibration.runner import run_blockwise
 from ..compressor import ModelCompressor
 from ..config import AgentOSConfig
 from ..formats.mark import mark_compressed
-from ..formats.replace import check_group_size
+from ..formats.replace import check_group_size, check_layer_overrides
 from ..nn import qmath
 from ..nn.linear import SCALE_DTYPES, QuantLinear, float_weight, is_conv1d, linear_shape
 from ..nn.modeling import set_module
@@ -23,8 +23,8 @@ from ..nn.targets import resolve_targets
 from ..quantization import gptq_quantize, quantize_model_rtn  # the one entry point for sparse + quantized
 from .config import CALIBRATED_METHODS, PruningConfig
 from .masks import (
-    check_n_m, global_magnitude_masks, magnitude_scores, mask_from_scores, score_range, threshold_error, threshold_mask,
-    wanda_scores,
+    check_n_m, global_magnitude_masks, magnitude_scores, mask_from_scores, mask_with_count, score_range, threshold_error,
+    threshold_mask, wanda_scores,
 )
 from .report import sparsity_report
 from .sparsegpt import sparsegpt_prune
@@ -96,8 +96,14 @@ class Pruner(ModelCompressor):
         if quantization is not None:
             quantized = resolve_targets(self.model, quantization.target, quantization.ignore)
             check_group_size(self.model, quantized, quantization)
+            check_layer_overrides(quantization, quantized)
             if wants_gptq:
                 check_calibration_size(ids, self.model, quantized, "GPTQ")
+        self.allocation = None
+        if config.allocation == "owl" and names:
+            from .owl import owl_allocation
+
+            self.allocation = owl_allocation(self.model, names, ids, config, batch_size)
         if config.method == "magnitude":
             self._prune_magnitude(names, config)
         elif config.method == "column_magnitude":
@@ -188,15 +194,19 @@ class Pruner(ModelCompressor):
         for name, module in layers.items():
             weight = float_weight(module).detach().float().contiguous()
             hessian = hessians[name].hessian()
+            count = self.allocation["counts"].get(name) if self.allocation else None
             if name in names and config.method == "sparsegpt":
                 weight, mask = sparsegpt_prune(
-                    weight, hessian, config.layer_sparsity_of(name), config.n_m, config.block_size, config.damp_percent
+                    weight, hessian, config.layer_sparsity_of(name), config.n_m, config.block_size, config.damp_percent,
+                    count,
                 )
             elif name in names and config.method == "wanda":
                 scores = wanda_scores(weight, torch.diag(hessian) / 2)  # the Hessian is 2 E[x x^T]: |W_ij| RMS(x_j)
                 if config.threshold is not None:
                     mask = threshold_mask(scores, config.threshold, config.scope, name)
                     self._score_ranges.append(score_range(scores, config.scope))
+                elif count is not None:  # OWL: this block's share of the weights
+                    mask = mask_with_count(scores, count)
                 else:
                     mask = mask_from_scores(scores, config.layer_sparsity_of(name), per_row=True, n_m=config.n_m)
                 weight = weight.masked_fill(mask, 0)
@@ -205,12 +215,13 @@ class Pruner(ModelCompressor):
             if mask is not None:
                 self.masks[name] = mask
             if quantization is not None and quantization.method == "gptq":
+                bits, group_size = quantization.layer_qparams(name)
                 codes, scales, zeros = gptq_quantize(
-                    weight, hessian, quantization.bits, quantization.group_size, quantization.sym,
+                    weight, hessian, bits, group_size, quantization.sym,
                     quantization.damp_percent, quantization.act_order, quantization.block_size,
                     SCALE_DTYPES[quantization.scale_dtype], quantization.mse_grid, pruned=mask,
                 )
-                set_module(self.model, name, _quantized_layer(codes, scales, zeros, mask, module.bias, quantization))
+                set_module(self.model, name, _quantized_layer(codes, scales, zeros, mask, module.bias, quantization, name))
             else:
                 set_float_weight(module, weight.to(module.weight.dtype))
 
@@ -224,11 +235,12 @@ class Pruner(ModelCompressor):
         for name in todo:
             if name in self.masks:
                 module = modules[name]
+                bits, group_size = quantization.layer_qparams(name)
                 codes, scales, zeros = qmath.quantize_rtn(
-                    float_weight(module).detach(), quantization.bits, quantization.group_size, quantization.sym,
+                    float_weight(module).detach(), bits, group_size, quantization.sym,
                     SCALE_DTYPES[quantization.scale_dtype], quantization.mse_grid,
                 )
-                layer = _quantized_layer(codes, scales, zeros, self.masks[name], module.bias, quantization)
+                layer = _quantized_layer(codes, scales, zeros, self.masks[name], module.bias, quantization, name)
                 set_module(self.model, name, layer)
 
     def compress(self, config: PruningConfig, float_dtype: str | None = "float16") -> nn.Module:
@@ -284,6 +296,8 @@ class Pruner(ModelCompressor):
         model = self.compress(config, float_dtype)
         self.report = sparsity_report(model, self.stats.get("params_before"),
                                       input_features=self.stats.get("input_features"))
+        if self.allocation:  # OWL: each block's outlier ratio and the sparsity it was given
+            self.report["owl_blocks"] = self.allocation["blocks"]
         stored = getattr(model.config, "quantization_config", None)
         card_info = {
             "base_model": self.source, "config": stored.to_dict() if stored is not None else {},
@@ -293,7 +307,8 @@ class Pruner(ModelCompressor):
         return model
 
 
-def _quantized_layer(codes, scales, zeros, mask, bias, quantization: AgentOSConfig) -> nn.Module:
+def _quantized_layer(codes, scales, zeros, mask, bias, quantization: AgentOSConfig, name: str) -> nn.Module:
+    bits, group_size = quantization.layer_qparams(name)
     if mask is None:
-        return QuantLinear.from_codes(codes, scales, zeros, bias, quantization.bits, quantization.group_size)
-    return SparseLinear.from_codes(codes, scales, zeros, ~mask, bias, quantization.bits, quantization.group_size)
+        return QuantLinear.from_codes(codes, scales, zeros, bias, bits, group_size)
+    return SparseLinear.from_codes(codes, scales, zeros, ~mask, bias, bits, group_size)

@@ -17,12 +17,16 @@ def sparsegpt_prune(
     n_m: tuple[int, int] | None = None,
     block_size: int = 128,
     damp_percent: float = 0.01,
+    count: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return `(pruned weight [out, in] float32, mask)` with `mask` True where a weight was removed.
 
     Unstructured: within each block of `block_size` columns the `sparsity` fraction with the lowest OBS saliency
     `w^2 / [H^-1]_jj^2` is removed (adaptive mask selection). N:M: in every M consecutive columns of a row the
     M - N lowest-saliency weights are removed. After each column the error is pushed onto the later columns.
+
+    `count` (unstructured only) removes exactly that many weights instead of `sparsity` of each block: block `[i1,
+    i2)` removes `round(count * i2 / n) - round(count * i1 / n)` (OWL's exact per-layer budgets).
     """
     if n_m is None:
         check_sparsity(sparsity)
@@ -44,7 +48,7 @@ def sparsegpt_prune(
         mask1 = torch.zeros_like(w1, dtype=torch.bool)
         if n_m is None:
             saliency = w1**2 / diag.unsqueeze(0) ** 2
-            k = int(saliency.numel() * sparsity)
+            k = int(saliency.numel() * sparsity) if count is None else round(count * i2 / n) - round(count * i1 / n)
             if k:
                 mask1.view(-1)[torch.topk(saliency.flatten(), k, largest=False).indices] = True
         for i in range(i2 - i1):

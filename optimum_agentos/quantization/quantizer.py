@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 from optimum.quantization_base import OptimumQuantizer
@@ -12,7 +13,7 @@ from ..calibration.runner import run_blockwise
 from ..compressor import ModelCompressor
 from ..config import AgentOSConfig
 from ..formats.mark import mark_compressed
-from ..formats.replace import check_group_size
+from ..formats.replace import check_group_size, check_layer_overrides
 from ..nn.linear import SCALE_DTYPES, QuantLinear, float_weight
 from ..nn.modeling import set_module
 from ..nn.targets import resolve_targets
@@ -47,6 +48,7 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
         start = time.perf_counter()
         names = resolve_targets(self.model, config.target, config.ignore)
         check_group_size(self.model, names, config)
+        check_layer_overrides(config, names)
         uses_data = []
         if config.method == "gptq":
             uses_data.append("method='gptq'")
@@ -77,12 +79,13 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
 
     def _gptq_block(self, layers: dict, hessians: dict, config: AgentOSConfig) -> None:
         for name, module in layers.items():
+            bits, group_size = config.layer_qparams(name)
             codes, scales, zeros = gptq_quantize(
-                float_weight(module), hessians[name].hessian(), config.bits, config.group_size, config.sym,
+                float_weight(module), hessians[name].hessian(), bits, group_size, config.sym,
                 config.damp_percent, config.act_order, config.block_size, SCALE_DTYPES[config.scale_dtype],
                 config.mse_grid,
             )
-            set_module(self.model, name, QuantLinear.from_codes(codes, scales, zeros, module.bias, config.bits, config.group_size))
+            set_module(self.model, name, QuantLinear.from_codes(codes, scales, zeros, module.bias, bits, group_size))
 
     def quantize(
         self,
@@ -105,4 +108,55 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
         model = self.quantize_in_place(config, calibration_dataset, num_samples, seq_len, batch_size)
         card_info = {"base_model": self.source, "config": config.to_dict(), **(card_extra or {})}
         save_model_folder(model, self.tokenizer, save_dir, overwrite, extra=lambda d: write_card(d, card_info))
+        return model
+
+    def quantize_in_place_to_budget(
+        self, max_size_mb: float, calibration_dataset="wikitext2", num_samples: int = 64, seq_len: int = 512,
+        candidates=None, base: AgentOSConfig | None = None, error_samples: int = 8, batch_size: int = 4,
+        sensitivity: dict | None = None,
+    ):
+        """Mixed precision in memory: plan per-layer formats that fit `max_size_mb` on disk (`plan_mixed_precision`),
+        quantize with them (GPTQ unless `base.method="rtn"`) and measure each block's output error against the float
+        model. `self.plan` holds the plan; `self.mixed_report` the plan with `measured_error` (sum of the measured
+        block errors) beside its `predicted_error`. Returns the model."""
+        from .budget import DEFAULT_CANDIDATES
+        from .mixed import plan_mixed_precision
+        from .sensitivity import block_errors
+
+        if calibration_dataset is None:
+            raise ValueError("Mixed precision measures each layer's sensitivity on calibration data: pass "
+                             "calibration_dataset='wikitext2' or texts.")
+        ids = self.calibration_ids(calibration_dataset, num_samples, seq_len)
+        plan = plan_mixed_precision(self.model, ids, max_size_mb, candidates or DEFAULT_CANDIDATES, base,
+                                    error_samples, batch_size, sensitivity)
+        float_model = copy.deepcopy(self.model)
+        self.quantize_in_place(plan.config, ids, num_samples, seq_len, batch_size)
+        measured = block_errors(float_model, self.model, list(plan.layers), ids[:error_samples], batch_size)
+        del float_model
+        self.plan = plan
+        self.mixed_report = {**plan.to_dict(), "measured_error": sum(measured), "measured_block_errors": measured}
+        return self.model
+
+    def quantize_to_budget(self, save_dir, max_size_mb: float, calibration_dataset="wikitext2", overwrite: bool = True,
+                           card_extra: dict | None = None, **kwargs):
+        """`quantize_in_place_to_budget` (same keyword arguments), then save model, tokenizer, card and the plan
+        (`mixed_precision.json`) to `save_dir` atomically; checks the safetensors files fit `max_size_mb`."""
+        import json
+
+        from ..formats.folder import check_save_dir, folder_size, save_model_folder
+        from ..hub.card import write_card
+
+        check_save_dir(save_dir, overwrite)
+        model = self.quantize_in_place_to_budget(max_size_mb, calibration_dataset, **kwargs)
+        card_info = {"base_model": self.source, "config": self.plan.config.to_dict(), **(card_extra or {})}
+
+        def extra(folder):
+            write_card(folder, card_info)
+            (folder / "mixed_precision.json").write_text(json.dumps(self.mixed_report, indent=2) + "\n")
+
+        save_model_folder(model, self.tokenizer, save_dir, overwrite, extra=extra)
+        size = folder_size(save_dir)
+        if size > max_size_mb * 1e6:  # the plan bounds the files from above: a failure here is a bug
+            raise RuntimeError(f"{save_dir} takes {size} bytes, over max_size_mb={max_size_mb}; please report.")
+        self.stats["size_bytes"] = size
         return model

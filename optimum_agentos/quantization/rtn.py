@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import AgentOSConfig
-from ..formats.replace import check_group_size
+from ..formats.replace import check_group_size, check_layer_overrides
 from ..nn.linear import SCALE_DTYPES, QuantLinear, float_weight
 from ..nn.modeling import set_module
 from ..nn.qmath import (  # noqa: F401
@@ -29,10 +29,12 @@ def quantize_model_rtn(model: nn.Module, config: AgentOSConfig, names: list[str]
     if names is None:
         names = resolve_targets(model, config.target, config.ignore)
         check_group_size(model, names, config)
+        check_layer_overrides(config, names)
     for name in names:
         old = model.get_submodule(name)
+        bits, group_size = config.layer_qparams(name)
         new = QuantLinear.from_float(
-            float_weight(old), old.bias, config.bits, config.group_size, config.sym, SCALE_DTYPES[config.scale_dtype],
+            float_weight(old), old.bias, bits, group_size, config.sym, SCALE_DTYPES[config.scale_dtype],
             config.mse_grid,
         )
         set_module(model, name, new)
