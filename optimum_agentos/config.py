@@ -16,7 +16,7 @@ from .version import FORMAT_VERSION, __version__
 
 QUANT_METHOD = "agentos"
 SUPPORTED_BITS = (2, 3, 4, 8)
-SUPPORTED_METHODS = ("rtn", "gptq")
+SUPPORTED_METHODS = ("rtn", "gptq", "awq", "autoround")
 SUPPORTED_OBSERVERS = ("minmax", "mse")
 SUPPORTED_ACTIVATIONS = (None, "int8-dynamic")
 SUPPORTED_EMBEDDING_BITS = (None, 8)
@@ -29,11 +29,16 @@ PRUNING_KEYS = ("sparse_layers", "sparsity_pattern", "module_shapes", "pruning")
 VERSION_3_KEYS = ("embedding_bits",)
 # Added by format version 4 (provenance only: the smoothing is folded into the weights); likewise omitted when unset.
 VERSION_4_KEYS = ("smoothquant_alpha",)
-OPTIONAL_KEYS_SINCE = {2: PRUNING_KEYS, 3: VERSION_3_KEYS, 4: VERSION_4_KEYS}
+# Added by format version 5 (AWQ scaling and learned rounding; provenance only, the tensors are unchanged), likewise.
+VERSION_5_KEYS = ("awq", "rounding_steps", "rounding_lr")
+OPTIONAL_KEYS_SINCE = {2: PRUNING_KEYS, 3: VERSION_3_KEYS, 4: VERSION_4_KEYS, 5: VERSION_5_KEYS}
+# Methods an older release does not know: a checkpoint made with one is stamped with this format version.
+METHODS_SINCE = {"awq": 5, "autoround": 5}
 # The JSON type of every field (see `check_field_types`); `?` allows None.
 FIELD_TYPES = {
     "bits": "int?", "group_size": "int", "sym": "bool", "method": "str", "damp_percent": "number", "act_order": "bool",
     "observer": "str?", "activations": "str?", "embedding_bits": "int?", "smoothquant_alpha": "number?",
+    "awq": "bool?", "rounding_steps": "int?", "rounding_lr": "number?",
     "block_size": "int", "target": "patterns?", "ignore": "patterns?", "scale_dtype": "str", "float_dtype": "str?",
     "sparse_layers": "mapping?", "sparsity_pattern": "str?", "module_shapes": "mapping?", "pruning": "mapping?",
     "format_version": "int", "library_version": "str", "quant_method": "str",
@@ -127,7 +132,21 @@ class AgentOSConfig(QuantizationConfigMixin):
         sym (`bool`, *optional*, defaults to `False`):
             Symmetric quantization (zero point fixed at the middle of the range) instead of min/max asymmetric.
         method (`str`, *optional*, defaults to `"rtn"`):
-            `"rtn"` (round to nearest, no data) or `"gptq"` (calibrated, Frantar et al. 2022).
+            `"rtn"` (round to nearest, no data), `"gptq"` (calibrated, Frantar et al. 2022), `"awq"` (AWQ, Lin et
+            al. 2024: activation-aware per-input-channel scales folded into the layer before, then round to nearest
+            with AWQ's range (clip) search) or `"autoround"` (learned rounding, Cheng et al. 2023: per block, the
+            rounding offsets and range factors are trained with signed gradient descent to match the float block's
+            output). The calibrated ones need calibration data; all store the same codes, scales and zero points.
+        awq (`bool`, *optional*):
+            `True`: apply AWQ's activation-aware scales before `method="gptq"` or `"autoround"` rounds the weights
+            (AWQ + GPTQ, AWQ + learned rounding). `method="awq"` is AWQ with round to nearest, so it takes no flag.
+            Llama-style blocks only (the scales fold into `input_layernorm`, `post_attention_layernorm`, `v_proj`
+            and `up_proj`); the quantizer refuses, naming the mapping, a model where folding changes the function.
+        rounding_steps (`int`, *optional*):
+            `method="autoround"`: signed-gradient steps per block, one calibration batch each (default 200).
+        rounding_lr (`float`, *optional*):
+            `method="autoround"`: step size of the rounding offsets and range factors, decayed linearly to 0
+            (default `1 / rounding_steps`, as in the paper).
         damp_percent (`float`, *optional*, defaults to `0.01`):
             GPTQ: fraction of the mean Hessian diagonal added to the diagonal before inversion.
         act_order (`bool`, *optional*, defaults to `True`):
@@ -195,6 +214,9 @@ class AgentOSConfig(QuantizationConfigMixin):
     activations: str | None = None
     embedding_bits: int | None = None
     smoothquant_alpha: float | None = None
+    awq: bool | None = None
+    rounding_steps: int | None = None
+    rounding_lr: float | None = None
     block_size: int = 128
     target: list[str] | None = None
     ignore: list[str] | None = None
@@ -210,6 +232,8 @@ class AgentOSConfig(QuantizationConfigMixin):
 
     def __post_init__(self):
         self.quant_method = QUANT_METHOD
+        if self.awq is False:  # off, like None: keeps the key out of config.json
+            self.awq = None
         if self.ignore is None:
             self.ignore = list(DEFAULT_IGNORE)
         check_field_types(self, FIELD_TYPES, "AgentOSConfig")  # before list(): a string target is not a list
@@ -259,6 +283,7 @@ class AgentOSConfig(QuantizationConfigMixin):
             alpha = self.smoothquant_alpha
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
                 raise ValueError(f"smoothquant_alpha={alpha!r} must be a number in (0, 1), typically 0.5.")
+        self._validate_calibrated_methods()
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size!r} must be a positive number of columns.")
         if self.scale_dtype not in SCALE_DTYPES:
@@ -277,6 +302,28 @@ class AgentOSConfig(QuantizationConfigMixin):
                                  "(two ints > 0).")
         if self.sparsity_pattern is not None:
             parse_pattern(self.sparsity_pattern)
+
+    def _validate_calibrated_methods(self) -> None:
+        """AWQ and learned-rounding options: each with the method it belongs to."""
+        if self.awq and self.method not in ("gptq", "autoround"):
+            fix = ("method='awq' already is AWQ (scales + round to nearest); drop awq=True" if self.method == "awq"
+                   else "for AWQ with round to nearest use method='awq'")
+            raise ValueError(f"awq=True composes AWQ's scales with method='gptq' or 'autoround', got "
+                             f"method={self.method!r}: {fix}.")
+        if (self.awq or self.method == "awq") and self.activations is not None:
+            raise ValueError(f"AWQ is for weight-only quantization; with activations={self.activations!r} use "
+                             "smoothquant_alpha to ease the activations instead.")
+        for name in ("rounding_steps", "rounding_lr"):
+            if getattr(self, name) is not None and self.method != "autoround":
+                raise ValueError(f"{name} sets learned rounding: it needs method='autoround', got "
+                                 f"method={self.method!r}; drop {name} or set method='autoround'.")
+        if self.rounding_steps is not None and self.rounding_steps < 1:
+            raise ValueError(f"rounding_steps={self.rounding_steps!r} must be a positive number of steps, e.g. 200.")
+        if self.rounding_lr is not None and not 0 < self.rounding_lr <= 1:
+            raise ValueError(f"rounding_lr={self.rounding_lr!r} must be in (0, 1], e.g. 1 / rounding_steps.")
+        if self.method == "autoround" and self.observer is not None:
+            raise ValueError(f"method='autoround' learns each group's range itself (from min/max); drop "
+                             f"observer={self.observer!r}.")
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
@@ -332,10 +379,11 @@ class AgentOSConfig(QuantizationConfigMixin):
 
     def stamped(self) -> "AgentOSConfig":
         """A copy carrying this library's format and package versions, written on save: the oldest format that
-        holds its keys (1 without pruning, int8-embedding or smoothing keys), so older releases still read it."""
+        holds its keys and method (1 without pruning, int8-embedding, smoothing or AWQ / learned-rounding ones), so older releases still read it."""
         config = copy.deepcopy(self)
         config.format_version = max(
-            [1] + [v for v, keys in OPTIONAL_KEYS_SINCE.items() if any(getattr(self, k) is not None for k in keys)]
+            [1, METHODS_SINCE.get(self.method, 1)]
+            + [v for v, keys in OPTIONAL_KEYS_SINCE.items() if any(getattr(self, k) is not None for k in keys)]
         )
         config.library_version = __version__
         return config
