@@ -25,7 +25,8 @@ NAME = "advanced_quantization"
 MARK_BEGIN, MARK_END = f"<!-- {NAME}:begin -->", f"<!-- {NAME}:end -->"
 
 INT4, INT3, INT2 = dict(bits=4, group_size=128), dict(bits=3, group_size=128), dict(bits=2, group_size=64)
-ROWS = {
+ROWS = {  # the table's order; --rows picks the run order
+    "fp32": None,
     "int4-g128-rtn": dict(**INT4, method="rtn"),
     "int4-g128-gptq": dict(**INT4, method="gptq"),
     "int4-g128-awq": dict(**INT4, method="awq"),
@@ -35,7 +36,6 @@ ROWS = {
     "int3-g128-autoround": dict(**INT3, method="autoround"),
     "int2-g64-gptq": dict(**INT2, method="gptq"),
     "int2-g64-autoround": dict(**INT2, method="autoround"),
-    "fp32": None,
 }
 
 
@@ -85,6 +85,7 @@ def worker(row: str, args) -> dict:
 
 def write_markdown(results: list[dict], meta: dict) -> str:
     args = meta["args"]
+    results = sorted(results, key=lambda r: list(ROWS).index(r["row"]))
     by_row = {r["row"]: r for r in results}
     fp = by_row.get("fp32")
     lines = [
