@@ -157,7 +157,9 @@ class AgentOSConfig(QuantizationConfigMixin):
         observer (`str`, *optional*):
             How a group's range is chosen: `"minmax"` or `"mse"` (shrink the range up to 20% when that lowers the
             group's squared rounding error). `None` picks `"mse"` for GPTQ (38.49 -> 36.69 above) and `"minmax"` for
-            RTN, where the weight-space error is a poor guide (42.06 -> 45.94 above).
+            RTN, where the weight-space error is a poor guide (42.06 -> 45.94 above). With `method="awq"`, `None`
+            is AWQ's range search (each group's range shrunk by up to 50% where that lowers its output error on the
+            calibration inputs); `method="autoround"` learns the ranges and takes no observer.
         activations (`str`, *optional*):
             `None` (weight-only: activations stay in float) or `"int8-dynamic"` (W8A8: int8 x int8 matmuls with each
             token's activations rounded onto its own 256-level grid at run time; int8 with one scale per row only).
