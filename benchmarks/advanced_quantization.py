@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -142,7 +143,11 @@ def main() -> None:
         passthrough = [f"--{o.replace('_', '-')}={getattr(args, o)}" for o in options]
         results = []
         for row in args.rows:  # one at a time, each saved at once: a long run interrupted keeps its finished rows
-            results = merge_with_saved(NAME, run_rows(__file__, [row], passthrough))
+            try:
+                results = merge_with_saved(NAME, run_rows(__file__, [row], passthrough))
+            except subprocess.CalledProcessError as err:  # a failed row is reported, the others still run
+                print(f"== {row} failed: {err}", flush=True)
+                continue
             meta = run_meta(args, options)
             publish(NAME, results, write_markdown(results, meta), MARK_BEGIN, MARK_END, meta)
         return
