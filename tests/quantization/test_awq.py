@@ -51,7 +51,7 @@ def test_scale_search_never_loses_to_no_scaling():
     hessian = 2 * x.t() @ x / x.shape[0]
     weight = torch.randn(48, 64)
     scales = search_scales([weight], hessian, 3, 32, False)
-    error = lambda w: ((w - weight) @ x.t()).pow(2).sum()  # noqa: E731
+    error = lambda w: ((w - weight) @ x.t()).pow(2).sum()
     rtn = dequantize_codes(*quantize_rtn(weight, 3, 32, False, torch.float32), 32)
     codes, s, z = quantize_rtn(weight * scales, 3, 32, False, torch.float32)
     assert error(dequantize_codes(codes, s, z, 32) / scales) < 0.9 * error(rtn)
