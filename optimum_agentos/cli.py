@@ -22,7 +22,11 @@ def _quantize_parser(sub, name: str = "quantize") -> None:
     p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
     p.add_argument("--group-size", type=int, default=128, help="-1 for one group per output channel.")
     p.add_argument("--sym", action="store_true", help="Symmetric quantization.")
-    p.add_argument("--method", default="gptq", choices=["rtn", "gptq"])
+    p.add_argument("--method", default="gptq", choices=["rtn", "gptq", "awq", "autoround"],
+                   help="awq: activation-aware scales + round to nearest; autoround: learned rounding, block by block.")
+    p.add_argument("--awq", action="store_true", help="AWQ's scales before --method gptq or autoround.")
+    p.add_argument("--rounding-steps", type=int, default=None,
+                   help="--method autoround: signed-gradient steps per block (default 200).")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: quantize columns by decreasing Hessian diagonal.")
     p.add_argument("--observer", default=None, choices=["mse", "minmax"],
@@ -125,7 +129,7 @@ def quantize_config(args):
     return AgentOSConfig(
         bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method, act_order=args.act_order,
         observer=args.observer, activations=args.activations, embedding_bits=args.embedding_bits,
-        smoothquant_alpha=args.smoothquant_alpha,
+        smoothquant_alpha=args.smoothquant_alpha, awq=args.awq, rounding_steps=args.rounding_steps,
         damp_percent=args.damp_percent, target=args.target, ignore=args.ignore,
     )
 
@@ -223,7 +227,7 @@ def run_quantize(args) -> dict:
     evaluate = _evaluator(args, quantizer.tokenizer)
     baseline = evaluate(quantizer.model) if evaluate else None
     info = {"base_model": args.model, "sizes": {"baseline": _source_size(quantizer.model)}}
-    calibration = args.calibration_dataset if args.method == "gptq" or args.smoothquant_alpha is not None else None
+    calibration = args.calibration_dataset if args.method != "rtn" or args.smoothquant_alpha is not None else None
     model = quantizer.quantize_in_place(config, calibration, args.num_samples, args.seq_len)
     info["config"] = config.stamped().to_dict()
     summary = {

@@ -11,12 +11,16 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .validation import (  # noqa: F401  (re-exported: configs and checks import them from here)
+    FIELD_KINDS, CheckpointVersionError, check_field_types, check_format_version, check_group_size_value, check_patterns,
+    parse_pattern,
+)
 from .version import FORMAT_VERSION, __version__
 
 
 QUANT_METHOD = "agentos"
 SUPPORTED_BITS = (2, 3, 4, 8)
-SUPPORTED_METHODS = ("rtn", "gptq")
+SUPPORTED_METHODS = ("rtn", "gptq", "awq", "autoround")
 SUPPORTED_OBSERVERS = ("minmax", "mse")
 SUPPORTED_ACTIVATIONS = (None, "int8-dynamic")
 SUPPORTED_EMBEDDING_BITS = (None, 8)
@@ -29,99 +33,23 @@ PRUNING_KEYS = ("sparse_layers", "sparsity_pattern", "module_shapes", "pruning")
 VERSION_3_KEYS = ("embedding_bits",)
 # Added by format version 4 (provenance only: the smoothing is folded into the weights); likewise omitted when unset.
 VERSION_4_KEYS = ("smoothquant_alpha",)
-# Added by format version 5 (mixed precision: per-layer bits and group size); likewise omitted when unset.
-VERSION_5_KEYS = ("layer_overrides",)
+# Added by format version 5 (mixed precision: per-layer bits and group size; AWQ scaling and learned rounding,
+# provenance only, the tensors unchanged); likewise omitted when unset.
+VERSION_5_KEYS = ("layer_overrides", "awq", "rounding_steps", "rounding_lr")
 OPTIONAL_KEYS_SINCE = {2: PRUNING_KEYS, 3: VERSION_3_KEYS, 4: VERSION_4_KEYS, 5: VERSION_5_KEYS}
 LAYER_OVERRIDE_KEYS = ("bits", "group_size")
+# Methods an older release does not know: a checkpoint made with one is stamped with this format version.
+METHODS_SINCE = {"awq": 5, "autoround": 5}
 # The JSON type of every field (see `check_field_types`); `?` allows None.
 FIELD_TYPES = {
     "bits": "int?", "group_size": "int", "sym": "bool", "method": "str", "damp_percent": "number", "act_order": "bool",
     "observer": "str?", "activations": "str?", "embedding_bits": "int?", "smoothquant_alpha": "number?",
+    "awq": "bool?", "rounding_steps": "int?", "rounding_lr": "number?",
     "block_size": "int", "target": "patterns?", "ignore": "patterns?", "scale_dtype": "str", "float_dtype": "str?",
-    "sparse_layers": "mapping?", "layer_overrides": "mapping?", "sparsity_pattern": "str?", "module_shapes": "mapping?", "pruning": "mapping?",
+    "sparse_layers": "mapping?", "layer_overrides": "mapping?", "sparsity_pattern": "str?", "module_shapes": "mapping?",
+    "pruning": "mapping?",
     "format_version": "int", "library_version": "str", "quant_method": "str",
 }
-
-
-class CheckpointVersionError(ValueError):
-    """A checkpoint written by a newer library than the one installed."""
-
-
-
-def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
-    """`"2:4"` -> `(2, 4)`: keep N of every M consecutive input weights. `None`/`"unstructured"` -> None."""
-    if pattern in (None, "unstructured"):
-        return None
-    if not isinstance(pattern, str):
-        raise ValueError(f"pattern={pattern!r} ({type(pattern).__name__}) must be a string like '2:4' or "
-                         "'unstructured'.")
-    try:
-        n, m = (int(p) for p in pattern.split(":"))
-    except ValueError as err:
-        raise ValueError(f"pattern={pattern!r} must look like 'N:M' (e.g. '2:4') or 'unstructured'.") from err
-    if not 0 < n < m:
-        raise ValueError(f"pattern={pattern!r} needs 0 < N < M.")
-    return n, m
-
-
-# What a field of a config must hold, checked before its value is used: JSON has no int/float/bool guard of its own
-# (`"sym": "false"` is a truthy string, `"bits": 4.0` a float, `true` an int to Python).
-FIELD_KINDS = {
-    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer (not a float, string or boolean)"),
-    "bool": (lambda v: isinstance(v, bool), "a boolean (true or false, not a string or number)"),
-    "str": (lambda v: isinstance(v, str), "a string"),
-    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-               "a finite number (not a string or boolean)"),
-    "patterns": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(p, str) and p for p in v),
-                 "a list of non-empty strings (module names or 're:<regex>')"),
-    "mapping": (lambda v: isinstance(v, Mapping) and all(isinstance(k, str) and k for k in v),
-                "a mapping with non-empty string keys"),
-}
-
-
-def check_field_types(obj, kinds: dict[str, str], owner: str) -> None:
-    """Raise a `ValueError` naming the first field of `obj` whose value is not of its kind in `kinds`
-    (`{"bits": "int?"}`: a trailing `?` also allows None)."""
-    for name, kind in kinds.items():
-        value = getattr(obj, name)
-        optional = kind.endswith("?")
-        if value is None and optional:
-            continue
-        accepts, expected = FIELD_KINDS[kind.rstrip("?")]
-        if not accepts(value):
-            raise ValueError(f"{owner} {name}={value!r} ({type(value).__name__}) must be {expected}"
-                             + (" or None (null in JSON)." if optional else "."))
-
-
-def check_patterns(name: str, patterns: list[str] | None) -> None:
-    """Every `re:` pattern of a target/ignore list must compile."""
-    for pattern in patterns or []:
-        if pattern.startswith("re:"):
-            try:
-                re.compile(pattern[3:])
-            except (re.error, RecursionError, OverflowError) as err:
-                raise ValueError(f"{name} pattern {pattern!r} is not a valid regex: {err}") from None
-
-
-def check_format_version(version, library_version=None) -> None:
-    """A format version is an int >= 1; one newer than this library's raises `CheckpointVersionError`."""
-    if not FIELD_KINDS["int"][0](version) or version < 1:
-        raise ValueError(f"format_version={version!r} ({type(version).__name__}) must be an integer from 1 to "
-                         f"{FORMAT_VERSION} (the agentos checkpoint format the file was written in).")
-    if version > FORMAT_VERSION:
-        raise CheckpointVersionError(
-            f"This checkpoint uses agentos format version {version}, written by "
-            f"{f'optimum-agentos {library_version}' if library_version else 'a newer optimum-agentos'}; the installed "
-            f"optimum-agentos {__version__} reads up to version "
-            f"{FORMAT_VERSION}. Upgrade optimum-agentos with `pip install -U optimum-agentos`."
-        )
-
-
-def check_group_size_value(gs, what: str = "group_size") -> None:
-    """A group size is -1 (one group per output channel) or a power of two >= 2."""
-    if not FIELD_KINDS["int"][0](gs) or (gs != -1 and (gs < 2 or gs & (gs - 1))):
-        raise ValueError(f"{what}={gs!r} must be -1 (one group per output channel) or a power of two >= 2, e.g. 64 "
-                         "or 128.")
 
 
 @dataclass
@@ -137,7 +65,21 @@ class AgentOSConfig(QuantizationConfigMixin):
         sym (`bool`, *optional*, defaults to `False`):
             Symmetric quantization (zero point fixed at the middle of the range) instead of min/max asymmetric.
         method (`str`, *optional*, defaults to `"rtn"`):
-            `"rtn"` (round to nearest, no data) or `"gptq"` (calibrated, Frantar et al. 2022).
+            `"rtn"` (round to nearest, no data), `"gptq"` (calibrated, Frantar et al. 2022), `"awq"` (AWQ, Lin et
+            al. 2024: activation-aware per-input-channel scales folded into the layer before, then round to nearest
+            with AWQ's range (clip) search) or `"autoround"` (learned rounding, Cheng et al. 2023: per block, the
+            rounding offsets and range factors are trained with signed gradient descent to match the float block's
+            output). The calibrated ones need calibration data; all store the same codes, scales and zero points.
+        awq (`bool`, *optional*):
+            `True`: apply AWQ's activation-aware scales before `method="gptq"` or `"autoround"` rounds the weights
+            (AWQ + GPTQ, AWQ + learned rounding). `method="awq"` is AWQ with round to nearest, so it takes no flag.
+            Llama-style blocks only (the scales fold into `input_layernorm`, `post_attention_layernorm`, `v_proj`
+            and `up_proj`); the quantizer refuses, naming the mapping, a model where folding changes the function.
+        rounding_steps (`int`, *optional*):
+            `method="autoround"`: signed-gradient steps per block, one calibration batch each (default 200).
+        rounding_lr (`float`, *optional*):
+            `method="autoround"`: step size of the rounding offsets and range factors, decayed linearly to 0
+            (default `1 / rounding_steps`, as in the paper).
         damp_percent (`float`, *optional*, defaults to `0.01`):
             GPTQ: fraction of the mean Hessian diagonal added to the diagonal before inversion.
         act_order (`bool`, *optional*, defaults to `True`):
@@ -148,7 +90,9 @@ class AgentOSConfig(QuantizationConfigMixin):
         observer (`str`, *optional*):
             How a group's range is chosen: `"minmax"` or `"mse"` (shrink the range up to 20% when that lowers the
             group's squared rounding error). `None` picks `"mse"` for GPTQ (38.49 -> 36.69 above) and `"minmax"` for
-            RTN, where the weight-space error is a poor guide (42.06 -> 45.94 above).
+            RTN, where the weight-space error is a poor guide (42.06 -> 45.94 above). With `method="awq"`, `None`
+            is AWQ's range search (each group's range shrunk by up to 50% where that lowers its output error on the
+            calibration inputs); `method="autoround"` learns the ranges and takes no observer.
         activations (`str`, *optional*):
             `None` (weight-only: activations stay in float) or `"int8-dynamic"` (W8A8: int8 x int8 matmuls with each
             token's activations rounded onto its own 256-level grid at run time; int8 with one scale per row only).
@@ -210,6 +154,9 @@ class AgentOSConfig(QuantizationConfigMixin):
     activations: str | None = None
     embedding_bits: int | None = None
     smoothquant_alpha: float | None = None
+    awq: bool | None = None
+    rounding_steps: int | None = None
+    rounding_lr: float | None = None
     block_size: int = 128
     target: list[str] | None = None
     ignore: list[str] | None = None
@@ -226,6 +173,8 @@ class AgentOSConfig(QuantizationConfigMixin):
 
     def __post_init__(self):
         self.quant_method = QUANT_METHOD
+        if self.awq is False:  # off, like None: keeps the key out of config.json
+            self.awq = None
         if self.ignore is None:
             self.ignore = list(DEFAULT_IGNORE)
         check_field_types(self, FIELD_TYPES, "AgentOSConfig")  # before list(): a string target is not a list
@@ -274,6 +223,7 @@ class AgentOSConfig(QuantizationConfigMixin):
             alpha = self.smoothquant_alpha
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
                 raise ValueError(f"smoothquant_alpha={alpha!r} must be a number in (0, 1), typically 0.5.")
+        self._validate_calibrated_methods()
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size!r} must be a positive number of columns.")
         if self.scale_dtype not in SCALE_DTYPES:
@@ -298,6 +248,9 @@ class AgentOSConfig(QuantizationConfigMixin):
             return
         if self.bits is None:
             raise ValueError("layer_overrides sets per-layer bits of quantized layers; it needs bits (not None).")
+        if self.method not in ("rtn", "gptq") or self.awq:
+            raise ValueError(f"layer_overrides (mixed precision) runs with method='rtn' or 'gptq' without awq, got "
+                             f"method={self.method!r}, awq={self.awq!r}.")
         if self.activations is not None:
             raise ValueError(f"layer_overrides (mixed precision) is weight-only; activations={self.activations!r} "
                              "needs one int8 per-row format for every layer. Drop one of the two.")
@@ -315,6 +268,28 @@ class AgentOSConfig(QuantizationConfigMixin):
         """`(bits, group_size)` of the quantized layer `name`: its `layer_overrides` entry, else the defaults."""
         override = (self.layer_overrides or {}).get(name, {})
         return override.get("bits", self.bits), override.get("group_size", self.group_size)
+
+    def _validate_calibrated_methods(self) -> None:
+        """AWQ and learned-rounding options: each with the method it belongs to."""
+        if self.awq and self.method not in ("gptq", "autoround"):
+            fix = ("method='awq' already is AWQ (scales + round to nearest); drop awq=True" if self.method == "awq"
+                   else "for AWQ with round to nearest use method='awq'")
+            raise ValueError(f"awq=True composes AWQ's scales with method='gptq' or 'autoround', got "
+                             f"method={self.method!r}: {fix}.")
+        if (self.awq or self.method == "awq") and self.activations is not None:
+            raise ValueError(f"AWQ is for weight-only quantization; with activations={self.activations!r} use "
+                             "smoothquant_alpha to ease the activations instead.")
+        for name in ("rounding_steps", "rounding_lr"):
+            if getattr(self, name) is not None and self.method != "autoround":
+                raise ValueError(f"{name} sets learned rounding: it needs method='autoround', got "
+                                 f"method={self.method!r}; drop {name} or set method='autoround'.")
+        if self.rounding_steps is not None and self.rounding_steps < 1:
+            raise ValueError(f"rounding_steps={self.rounding_steps!r} must be a positive number of steps, e.g. 200.")
+        if self.rounding_lr is not None and not 0 < self.rounding_lr <= 1:
+            raise ValueError(f"rounding_lr={self.rounding_lr!r} must be in (0, 1], e.g. 1 / rounding_steps.")
+        if self.method == "autoround" and self.observer is not None:
+            raise ValueError(f"method='autoround' learns each group's range itself (from min/max); drop "
+                             f"observer={self.observer!r}.")
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
@@ -370,10 +345,11 @@ class AgentOSConfig(QuantizationConfigMixin):
 
     def stamped(self) -> "AgentOSConfig":
         """A copy carrying this library's format and package versions, written on save: the oldest format that
-        holds its keys (1 without pruning, int8-embedding or smoothing keys), so older releases still read it."""
+        holds its keys and method (1 without pruning, int8-embedding, smoothing or AWQ / learned-rounding ones), so older releases still read it."""
         config = copy.deepcopy(self)
         config.format_version = max(
-            [1] + [v for v, keys in OPTIONAL_KEYS_SINCE.items() if any(getattr(self, k) is not None for k in keys)]
+            [1, METHODS_SINCE.get(self.method, 1)]
+            + [v for v, keys in OPTIONAL_KEYS_SINCE.items() if any(getattr(self, k) is not None for k in keys)]
         )
         config.library_version = __version__
         return config

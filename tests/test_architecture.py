@@ -18,10 +18,11 @@ PACKAGE = REPO / "optimum_agentos"
 # Which parts each part may import (any import, module level or inside a function). A part is a top-level module or
 # sub-package of optimum_agentos. The runtime (nn) sits on config; the format on the runtime; the integration on
 # the format; the algorithms on the runtime, the format and the calibration machinery; nothing imports the CLI.
-GROUND = {"config", "version"}
+GROUND = {"config", "validation", "version"}
 ALLOWED = {
     "version": set(),
-    "config": {"version"},
+    "validation": {"version"},
+    "config": {"version", "validation"},
     "nn": GROUND,
     "formats": GROUND | {"nn"},
     "integrations": GROUND | {"nn", "formats"},
@@ -161,8 +162,8 @@ def test_no_import_cycle_inside_a_part(part):
     assert _cycles(edges) == []
 
 
-def test_config_imports_nothing_of_the_package_but_the_version():
-    assert {t for t, _ in imports_of(PACKAGE / "config.py")} == {"optimum_agentos.version"}
+def test_config_imports_nothing_of_the_package_but_the_version_and_field_checks():
+    assert {t for t, _ in imports_of(PACKAGE / "config.py")} == {"optimum_agentos.version", "optimum_agentos.validation"}
 
 
 def test_no_module_over_400_lines():
@@ -188,7 +189,7 @@ def test_loading_a_checkpoint_imports_only_runtime_format_and_integration(tmp_pa
     """)
     loaded = json.loads(out.strip().splitlines()[-1])
     parts = {part_of(m) for m in loaded}
-    assert parts <= {"__init__", "_moved", "config", "version", "nn", "formats", "integrations"}, loaded
+    assert parts <= {"__init__", "_moved", "config", "validation", "version", "nn", "formats", "integrations"}, loaded
     assert "optimum_agentos.nn.linear" in loaded and "optimum_agentos.formats.checks" in loaded
 
 

@@ -50,6 +50,18 @@ def test_quantize_cli_smoothquant_calibrates_rtn_too(folders, tmp_path):
     assert read_quant_config(tmp_path / "w8a8")["smoothquant_alpha"] == 0.5
 
 
+def test_quantize_cli_awq_and_learned_rounding(folders, tmp_path):
+    from .conftest import read_quant_config
+
+    assert main(["quantize", "--model", str(folders[0]), "--output", str(tmp_path / "ar"), "--group-size", "32",
+                 "--method", "autoround", "--awq", "--rounding-steps", "3", "--num-samples", "4", "--seq-len",
+                 "64"]) == 0
+    config = read_quant_config(tmp_path / "ar")
+    assert (config["method"], config["awq"], config["rounding_steps"]) == ("autoround", True, 3)
+    line = _one_error_line(cli("quantize", "--model", "m", "--output", str(tmp_path / "o"), "--method", "rtn", "--awq"))
+    assert "for AWQ with round to nearest use method='awq'" in line
+
+
 def test_optimum_cli_registers_the_agentos_commands():
     proc = subprocess.run([OPTIMUM_CLI, "agentos", "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

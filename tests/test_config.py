@@ -13,7 +13,7 @@ from optimum_agentos.config import CheckpointVersionError
         (dict(bits=1), "bits=1"),
         (dict(group_size=100), "power of two"),
         (dict(group_size=0), "power of two"),
-        (dict(method="awq"), "method='awq'"),
+        (dict(method="hqq"), "method='hqq'"),
         (dict(damp_percent=1.5), "damp_percent"),
         (dict(target=["re:("]), "not a valid regex"),
         (dict(scale_dtype="int8"), "scale_dtype"),

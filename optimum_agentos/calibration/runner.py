@@ -94,6 +94,63 @@ def _block_output(output):
 
 
 @torch.no_grad()
+def run_blocks(
+    model: nn.Module,
+    layer_names: list[str],
+    calibration_ids: torch.Tensor,
+    process: Callable[[nn.Module, dict[str, nn.Module], list[tuple]], None],
+    batch_size: int = 4,
+    desc: str = "Calibrating",
+) -> list[str]:
+    """Calibrate every block holding target layers, in order; returns the target layers no block holds.
+
+    `process(block, layers, inputs)` receives the block, its target layers by full name and the block's inputs, one
+    `(args, kwargs)` per batch (read them, do not change them); it replaces or edits the layers in place. The block
+    is then run again so the next block sees the inputs the compressed model will produce. Runs under `no_grad`: a
+    `process` that trains enables gradients itself.
+    """
+    if calibration_ids.numel() == 0:
+        raise ValueError("The calibration set is empty; pass at least one window of token ids.")
+    was_training = model.training
+    model.eval()
+    blocks_name, blocks = find_blocks(model, layer_names)
+    batches = list(torch.split(calibration_ids, batch_size))
+    inputs = capture_block_inputs(model, blocks[0], batches)
+    covered = set()
+    for index in tqdm(range(len(blocks)), desc=desc, unit="block"):
+        prefix = f"{blocks_name}.{index}."
+        names = [n for n in layer_names if n.startswith(prefix)]
+        block = blocks[index]
+        if names:
+            covered.update(names)
+            modules = dict(model.named_modules())
+            process(block, {n: modules[n] for n in names}, inputs)
+        if index + 1 < len(blocks):
+            for i, (args, kwargs) in enumerate(inputs):  # in place: each batch's old input is freed at once
+                inputs[i] = ((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs)
+    model.train(was_training)
+    return [n for n in layer_names if n not in covered]
+
+
+@torch.no_grad()
+def collect_input_stats(block: nn.Module, layers: dict[str, nn.Module], inputs: list[tuple],
+                        accumulator: Callable = HessianAccumulator) -> dict[str, Any]:
+    """Run `block` over its `inputs` and return one input statistic per target layer (layers reading the same
+    tensor share one), made by `accumulator` (default: the input Hessian)."""
+    stats = _SharedInputStats(accumulator)
+    handles = [module.register_forward_hook(lambda m, args, out, n=n: stats.add(n, args[0]))
+               for n, module in layers.items()]
+    try:
+        for args, kwargs in inputs:
+            stats.new_batch()
+            block(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stats.new_batch()
+    return stats.of_layer
+
+
 def run_blockwise(
     model: nn.Module,
     layer_names: list[str],
@@ -103,46 +160,14 @@ def run_blockwise(
     desc: str = "Calibrating",
     accumulator: Callable = HessianAccumulator,
 ) -> list[str]:
-    """Calibrate every block holding target layers, in order; returns the target layers no block holds.
+    """`run_blocks` for algorithms that need only an input statistic per layer: `process_block(layers, hessians)`
+    receives the block's target layers by full name and their input Hessian accumulators (or what `accumulator`
+    makes)."""
 
-    `process_block(layers, hessians)` receives the block's target layers by full name and their input Hessian
-    accumulators (or what `accumulator` makes); it replaces or edits the layers in place. The block is then run
-    again so the next block sees the inputs the compressed model will produce.
-    """
-    if calibration_ids.numel() == 0:
-        raise ValueError("The calibration set is empty; pass at least one window of token ids.")
-    was_training = model.training
-    model.eval()
-    blocks_name, blocks = find_blocks(model, layer_names)
-    batches = list(torch.split(calibration_ids, batch_size))
-    inputs = capture_block_inputs(model, blocks[0], batches)
-    modules = dict(model.named_modules())
-    covered = set()
-    for index in tqdm(range(len(blocks)), desc=desc, unit="block"):
-        prefix = f"{blocks_name}.{index}."
-        names = [n for n in layer_names if n.startswith(prefix)]
-        block = blocks[index]
-        if names:
-            covered.update(names)
-            hessians = _SharedInputStats(accumulator)
-            handles = [
-                modules[n].register_forward_hook(lambda m, args, out, n=n: hessians.add(n, args[0])) for n in names
-            ]
-            try:
-                for args, kwargs in inputs:
-                    hessians.new_batch()
-                    block(*args, **kwargs)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            hessians.new_batch()
-            process_block({n: modules[n] for n in names}, hessians.of_layer)
-            modules = dict(model.named_modules())
-        if index + 1 < len(blocks):
-            for i, (args, kwargs) in enumerate(inputs):  # in place: each batch's old input is freed at once
-                inputs[i] = ((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs)
-    model.train(was_training)
-    return [n for n in layer_names if n not in covered]
+    def process(block, layers, inputs):
+        process_block(layers, collect_input_stats(block, layers, inputs, accumulator))
+
+    return run_blocks(model, layer_names, calibration_ids, process, batch_size, desc)
 
 
 @torch.no_grad()

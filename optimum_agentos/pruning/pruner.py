@@ -71,6 +71,10 @@ class Pruner(ModelCompressor):
         start = time.perf_counter()
         params_before = self.model.num_parameters()
         wants_gptq = quantization is not None and quantization.method == "gptq"
+        if quantization is not None and (quantization.method in ("awq", "autoround") or quantization.awq):
+            raise ValueError(f"The pruner quantizes with method='rtn' or 'gptq', got method={quantization.method!r}"
+                             f"{' with awq=True' if quantization.awq else ''}; prune first, then quantize the pruned "
+                             "checkpoint with `Quantizer`.")
         if quantization is not None and quantization.smoothquant_alpha is not None:
             raise ValueError("The pruner does not apply smoothquant_alpha; prune first, then quantize the pruned "
                              "checkpoint with `Quantizer` and smoothquant_alpha.")

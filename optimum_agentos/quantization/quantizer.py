@@ -1,4 +1,4 @@
-"""`Quantizer`: load a model, quantize it (RTN or GPTQ) and save an `agentos` checkpoint folder."""
+"""`Quantizer`: load a model, quantize it (RTN, GPTQ, AWQ, learned rounding) and save an `agentos` checkpoint."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from ..formats.replace import check_group_size, check_layer_overrides
 from ..nn.linear import SCALE_DTYPES, QuantLinear, float_weight
 from ..nn.modeling import set_module
 from ..nn.targets import resolve_targets
+from .awq import awq_groups
+from .calibrated import quantize_calibrated
 from .embedding import quantize_embeddings
 from .gptq import gptq_quantize
 from .rtn import quantize_model_rtn
@@ -49,32 +51,39 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
         names = resolve_targets(self.model, config.target, config.ignore)
         check_group_size(self.model, names, config)
         check_layer_overrides(config, names)
+        # AWQ's layout check, before calibration data is loaded: it needs none
+        awq_layout = awq_groups(self.model, names) if config.method == "awq" or config.awq else None
         uses_data = []
-        if config.method == "gptq":
-            uses_data.append("method='gptq'")
+        if config.method != "rtn":
+            uses_data.append(f"method={config.method!r}")
         if config.smoothquant_alpha is not None:
             uses_data.append("smoothquant_alpha")
         if uses_data and calibration_dataset is None:
             raise ValueError(f"{' and '.join(uses_data)} needs calibration data: pass calibration_dataset='wikitext2' "
                              "or texts.")
         ids = self.calibration_ids(calibration_dataset, num_samples, seq_len) if uses_data else None
-        if config.method == "gptq":
-            check_calibration_size(ids, self.model, names, "GPTQ")
+        if config.method in ("gptq", "awq") or config.awq:  # the methods using input Hessians
+            what = "GPTQ" if config.method == "gptq" else f"method={config.method!r}"
+            check_calibration_size(ids, self.model, names, what)
         if config.smoothquant_alpha is not None:
             smooth_model(self.model, names, ids, config.smoothquant_alpha, batch_size)
+        self.stats = {}
         if config.method == "rtn":
             quantize_model_rtn(self.model, config, names)
         else:
-            leftover = run_blockwise(
-                self.model, names, ids, lambda layers, h: self._gptq_block(layers, h, config), batch_size, "GPTQ"
-            )
+            if config.method == "gptq" and not config.awq:
+                leftover = run_blockwise(
+                    self.model, names, ids, lambda layers, h: self._gptq_block(layers, h, config), batch_size, "GPTQ"
+                )
+            else:
+                leftover = quantize_calibrated(self.model, names, ids, config, batch_size, self.stats, awq_layout)
             if leftover:
                 logger.warning(f"{len(leftover)} target layers sit outside the repeated blocks; quantized with RTN: {leftover}")
                 quantize_model_rtn(self.model, config, names=leftover)
         if config.embedding_bits:
             quantize_embeddings(self.model)
         mark_compressed(self.model, config)
-        self.stats = {"layers": len(names), "seconds": time.perf_counter() - start}
+        self.stats.update(layers=len(names), seconds=time.perf_counter() - start)
         return self.model
 
     def _gptq_block(self, layers: dict, hessians: dict, config: AgentOSConfig) -> None:

@@ -1,0 +1,158 @@
+"""AWQ and learned rounding beside RTN and GPTQ on SmolLM2-135M-Instruct: perplexity, compression time, peak RSS.
+
+Every row runs in its own fresh process (peak RSS is that row's alone), quantizes, saves the checkpoint, reloads it
+from disk with `AutoModelForCausalLM.from_pretrained` and evaluates it, one row after the other, GPTQ among them.
+Protocol (BENCHMARKS.md's): WikiText-2 raw test, first 64 windows of 512 tokens, no BOS; calibration on WikiText-2
+validation, 64 windows of 512 tokens (GPTQ's), except learned rounding, which trains on `--rounding-windows` windows
+(one per step, `--rounding-steps` steps per block) to keep its run near 15 minutes on 2 cores.
+
+    python benchmarks/advanced_quantization.py                      # every row (about 90 minutes on 2 cores)
+    python benchmarks/advanced_quantization.py --rows int4-g128-gptq int4-g128-awq
+    python benchmarks/advanced_quantization.py --render-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from common import load_for_render, merge_with_saved, peak_rss_mib, publish, run_meta, run_rows
+
+NAME = "advanced_quantization"
+MARK_BEGIN, MARK_END = f"<!-- {NAME}:begin -->", f"<!-- {NAME}:end -->"
+
+INT4, INT3, INT2 = dict(bits=4, group_size=128), dict(bits=3, group_size=128), dict(bits=2, group_size=64)
+ROWS = {  # the table's order; --rows picks the run order
+    "fp32": None,
+    "int4-g128-rtn": dict(**INT4, method="rtn"),
+    "int4-g128-gptq": dict(**INT4, method="gptq"),
+    "int4-g128-awq": dict(**INT4, method="awq"),
+    "int4-g128-awq+gptq": dict(**INT4, method="gptq", awq=True),
+    "int4-g128-autoround": dict(**INT4, method="autoround"),
+    "int3-g128-gptq": dict(**INT3, method="gptq"),
+    "int3-g128-autoround": dict(**INT3, method="autoround"),
+    "int2-g64-gptq": dict(**INT2, method="gptq"),
+    "int2-g64-autoround": dict(**INT2, method="autoround"),
+}
+
+
+def worker(row: str, args) -> dict:
+    """One row in this process: quantize (or not), save, reload from disk, evaluate."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from optimum_agentos import AgentOSConfig
+    from optimum_agentos.evaluation import perplexity
+    from optimum_agentos.formats import folder_size
+    from optimum_agentos.models import resolve_model
+    from optimum_agentos.quantization.quantizer import Quantizer
+
+    torch.manual_seed(0)
+    source = resolve_model("smollm2-135m")
+    result = {"row": row, "compress_s": 0.0}
+    quantizer = Quantizer.from_pretrained(source)
+    tokenizer = quantizer.tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = source
+        if ROWS[row] is not None:
+            settings = dict(ROWS[row])
+            learned = settings["method"] == "autoround"
+            if learned:
+                settings["rounding_steps"] = args.rounding_steps
+            config = AgentOSConfig(**settings)
+            windows, batch = (args.rounding_windows, 1) if learned else (args.calib_windows, 4)
+            calibration = None if config.method == "rtn" else "wikitext2"
+            start = time.perf_counter()
+            quantizer.quantize(Path(tmp) / "q", config, calibration, num_samples=windows, seq_len=512,
+                               batch_size=batch)
+            result["compress_s"] = time.perf_counter() - start
+            result["calib_windows"] = windows if calibration else 0
+            blocks = quantizer.stats.get("blocks")
+            if blocks:
+                result["block_error_rtn"] = sum(b["loss_rtn"] for b in blocks) / len(blocks)
+                result["block_error"] = sum(b["loss"] for b in blocks) / len(blocks)
+            folder = Path(tmp) / "q"
+        result["compress_peak_rss_mib"] = peak_rss_mib()
+        result["size_mb"] = folder_size(folder) / 1e6
+        del quantizer
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        result["ppl"] = perplexity(model, tokenizer, "wikitext2", "test", 512, args.eval_windows)
+    return result
+
+
+def write_markdown(results: list[dict], meta: dict) -> str:
+    args = meta["args"]
+    results = sorted(results, key=lambda r: list(ROWS).index(r["row"]))
+    by_row = {r["row"]: r for r in results}
+    fp = by_row.get("fp32")
+    lines = [
+        MARK_BEGIN,
+        "## AWQ and learned rounding beside GPTQ: SmolLM2-135M-Instruct",
+        "",
+        f"Written by `python benchmarks/{NAME}.py` on {meta['date']}, {meta['cpu_count']} CPU cores (shared with "
+        f"other jobs: times are indicative). WikiText-2 raw test, first {args['eval_windows']} windows of 512 tokens, "
+        f"no BOS; calibration on WikiText-2 validation: {args['calib_windows']} windows of 512 for GPTQ and AWQ, "
+        f"{args['rounding_windows']} windows of 512 for learned rounding (`method='autoround'`, "
+        f"{args['rounding_steps']} signed-gradient steps of one window per block, lr 1/steps decayed linearly). "
+        "Each row is a fresh process; the checkpoint is saved, reloaded with `AutoModelForCausalLM.from_pretrained` "
+        "and evaluated. `awq+gptq` is `AgentOSConfig(method='gptq', awq=True)`. Peak RSS (MiB) is the whole process "
+        "up to the end of compression. `vs GPTQ`: perplexity relative to GPTQ at the same bits and group size.",
+        "",
+        "| row | WikiText-2 ppl | ppl / fp32 | vs GPTQ | compress time (s) | peak RSS (MiB) | size on disk (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        prefix = r["row"].rsplit("-", 1)[0]
+        gptq = by_row.get(f"{prefix}-gptq")
+        vs = f"{r['ppl'] / gptq['ppl']:.3f}" if gptq and r["row"] != "fp32" else "-"
+        rel = f"{r['ppl'] / fp['ppl']:.3f}" if fp else "-"
+        lines.append(f"| {r['row']} | {r['ppl']:.2f} | {rel} | {vs} | {r['compress_s']:.0f} | "
+                     f"{r['compress_peak_rss_mib']:.0f} | {r['size_mb']:.1f} |")
+    learned = [r for r in results if "block_error" in r]
+    if learned:
+        lines += ["", "Learned rounding's block-output mean squared error (mean over blocks, first 4 calibration "
+                  "windows): " + "; ".join(f"{r['row']} {r['block_error_rtn']:.3g} at the start (round to nearest) "
+                                           f"-> {r['block_error']:.3g}" for r in learned) + "."]
+    lines += ["", f"Raw results: `benchmarks/results/{NAME}.json`.", MARK_END]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--calib-windows", type=int, default=64)
+    parser.add_argument("--rounding-windows", type=int, default=32)
+    parser.add_argument("--rounding-steps", type=int, default=32)
+    parser.add_argument("--render-only", action="store_true",
+                        help=f"Rewrite the BENCHMARKS.md section from benchmarks/results/{NAME}.json.")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    options = ["eval_windows", "calib_windows", "rounding_windows", "rounding_steps"]
+    if args.worker:
+        Path(args.out).write_text(json.dumps(worker(args.worker, args)))
+        return
+    if args.render_only:
+        results, meta = load_for_render(NAME)
+    else:
+        passthrough = [f"--{o.replace('_', '-')}={getattr(args, o)}" for o in options]
+        results = []
+        for row in args.rows:  # one at a time, each saved at once: a long run interrupted keeps its finished rows
+            try:
+                results = merge_with_saved(NAME, run_rows(__file__, [row], passthrough))
+            except subprocess.CalledProcessError as err:  # a failed row is reported, the others still run
+                print(f"== {row} failed: {err}", flush=True)
+                continue
+            meta = run_meta(args, options)
+            publish(NAME, results, write_markdown(results, meta), MARK_BEGIN, MARK_END, meta)
+        return
+    publish(NAME, results, write_markdown(results, meta), MARK_BEGIN, MARK_END, meta)
+
+
+if __name__ == "__main__":
+    main()
