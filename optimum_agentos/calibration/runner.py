@@ -41,9 +41,10 @@ def find_blocks(model: nn.Module, layer_names: list[str]) -> tuple[str, nn.Modul
     return best
 
 
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor]) -> list[tuple]:
-    """Run the model up to `first_block` for each batch and keep that block's `(args, kwargs)`."""
-    captured = []
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor], into=None) -> list[tuple]:
+    """Run the model up to `first_block` for each batch and keep that block's `(args, kwargs)` (appended to `into`,
+    a list-like store such as `streaming.ActivationBuffer`, when given)."""
+    captured = [] if into is None else into
 
     def hook(module, args, kwargs):
         captured.append((args, kwargs))
@@ -102,8 +103,13 @@ def run_blockwise(
     batch_size: int = 4,
     desc: str = "Calibrating",
     accumulator: Callable = HessianAccumulator,
+    stream=None,
 ) -> list[str]:
     """Calibrate every block holding target layers, in order; returns the target layers no block holds.
+
+    `stream` (a `streaming.BlockStream`, for checkpoints larger than memory) keeps the block inputs in its
+    `buffer()`, loads each block before it runs (`load_block(name)`) and writes and frees it after
+    (`done_block(name)`).
 
     `process_block(layers, hessians)` receives the block's target layers by full name and their input Hessian
     accumulators (or what `accumulator` makes); it replaces or edits the layers in place. The block is then run
@@ -115,13 +121,15 @@ def run_blockwise(
     model.eval()
     blocks_name, blocks = find_blocks(model, layer_names)
     batches = list(torch.split(calibration_ids, batch_size))
-    inputs = capture_block_inputs(model, blocks[0], batches)
+    inputs = capture_block_inputs(model, blocks[0], batches, into=stream.buffer() if stream is not None else None)
     modules = dict(model.named_modules())
     covered = set()
     for index in tqdm(range(len(blocks)), desc=desc, unit="block"):
         prefix = f"{blocks_name}.{index}."
         names = [n for n in layer_names if n.startswith(prefix)]
         block = blocks[index]
+        if stream is not None:
+            stream.load_block(f"{blocks_name}.{index}")
         if names:
             covered.update(names)
             hessians = _SharedInputStats(accumulator)
@@ -141,6 +149,8 @@ def run_blockwise(
         if index + 1 < len(blocks):
             for i, (args, kwargs) in enumerate(inputs):  # in place: each batch's old input is freed at once
                 inputs[i] = ((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs)
+        if stream is not None:
+            stream.done_block(f"{blocks_name}.{index}")
     model.train(was_training)
     return [n for n in layer_names if n not in covered]
 

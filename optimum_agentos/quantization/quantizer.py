@@ -44,6 +44,9 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
         """Quantize `self.model` in memory and return it (marked quantized, ready for `save_pretrained`).
 
         With `config.smoothquant_alpha` the float model is smoothed first (SmoothQuant), on the calibration data."""
+        if self.streamed is not None:
+            raise ValueError("This Quantizer streams its checkpoint (streaming=True): it holds no model to quantize in "
+                             "memory. Call quantize(save_dir=...) to write the quantized checkpoint block by block.")
         start = time.perf_counter()
         names = resolve_targets(self.model, config.target, config.ignore)
         check_group_size(self.model, names, config)
@@ -95,13 +98,26 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
         overwrite: bool = True,
         card_extra: dict | None = None,
         file_prefix=None,
+        max_shard_size="1GB",
+        buffer_memory=None,
+        spill_dir=None,
     ):
-        """Quantize and save model, tokenizer and model card to `save_dir` (atomically). Returns the model."""
+        """Quantize and save model, tokenizer and model card to `save_dir` (atomically). Returns the model.
+
+        Opened with `streaming=True`, the checkpoint is quantized block by block into shards of `max_shard_size`,
+        with the calibration activations kept within `buffer_memory` (e.g. "2GB"; the rest spills to `spill_dir`),
+        and None is returned (no model is held in memory: load `save_dir` to use it)."""
         from ..formats.folder import check_save_dir, save_model_folder
         from ..hub.card import write_card
 
         check_save_dir(save_dir, overwrite)  # before minutes of work: refuse a folder holding the user's files
         config = config or AgentOSConfig()
+        if self.streamed is not None:
+            from .streamed import quantize_streamed
+
+            quantize_streamed(self, save_dir, config, calibration_dataset, num_samples, seq_len, batch_size, overwrite,
+                              card_extra, max_shard_size, buffer_memory, spill_dir)
+            return None
         model = self.quantize_in_place(config, calibration_dataset, num_samples, seq_len, batch_size)
         card_info = {"base_model": self.source, "config": config.to_dict(), **(card_extra or {})}
         save_model_folder(model, self.tokenizer, save_dir, overwrite, extra=lambda d: write_card(d, card_info))
