@@ -65,6 +65,9 @@ class Pruner(ModelCompressor):
         Without `quantization` the pruned layers stay ordinary dense layers with zeros, ready for fine-tuning with
         `MaskFixedCallback`; `compress()` (called by `prune`) turns them into `SparseLinear` for saving.
         """
+        if self.streamed is not None:
+            raise ValueError("This Pruner streams its checkpoint (streaming=True): it holds no model to prune in "
+                             "memory. Call prune(save_dir=...) to write the pruned checkpoint block by block.")
         start = time.perf_counter()
         params_before = self.model.num_parameters()
         wants_gptq = quantization is not None and quantization.method == "gptq"
@@ -206,14 +209,19 @@ class Pruner(ModelCompressor):
         if quantization is None and not sparse and not shapes:
             # uniform structured pruning only: a plain checkpoint that loads without this library, in float_dtype
             return self.model.to(SCALE_DTYPES[float_dtype]) if float_dtype else self.model
+        mark_compressed(self.model, self._stored_config(config, float_dtype, sparse, shapes))
+        return self.model
+
+    def _stored_config(self, config: PruningConfig, float_dtype: str | None, sparse: dict, shapes: dict) -> AgentOSConfig:
+        """The agentos config a pruned checkpoint is saved with: its storage, sparse layers and pruning recipe."""
+        quantization = self._quantization
         storage = (quantization.to_dict() if quantization is not None else {"bits": None, "float_dtype": float_dtype})
         storage.pop("quant_method", None)
         storage.update(
             sparse_layers=sparse or None, module_shapes=shapes or None, pruning=config.to_dict(),
             sparsity_pattern=config.pattern if config.n_m else None,
         )
-        mark_compressed(self.model, AgentOSConfig.from_dict(storage))
-        return self.model
+        return AgentOSConfig.from_dict(storage)
 
     def prune(
         self,
@@ -227,16 +235,27 @@ class Pruner(ModelCompressor):
         float_dtype: str | None = "float16",
         overwrite: bool = True,
         card_extra: dict | None = None,
+        max_shard_size="1GB",
+        buffer_memory=None,
+        spill_dir=None,
     ) -> nn.Module:
         """Prune, compress and save model, tokenizer and model card to `save_dir` (atomically). Returns the model.
 
-        `float_dtype` is the dtype of the kept float values and embeddings on disk when not quantizing.
+        `float_dtype` is the dtype of the kept float values and embeddings on disk when not quantizing. Opened with
+        `streaming=True`, the checkpoint is pruned block by block into shards of `max_shard_size`, with the calibration
+        activations within `buffer_memory` (spilling to `spill_dir`), and None is returned.
         """
         from ..formats.folder import check_save_dir, save_model_folder
         from ..hub.card import write_card
 
         check_save_dir(save_dir, overwrite)  # before minutes of work: refuse a folder holding the user's files
         config = config or PruningConfig()
+        if self.streamed is not None:
+            from .streamed import prune_streamed
+
+            prune_streamed(self, save_dir, config, calibration_dataset, num_samples, seq_len, batch_size, quantization,
+                           float_dtype, overwrite, card_extra, max_shard_size, buffer_memory, spill_dir)
+            return None
         self.prune_in_place(config, calibration_dataset, num_samples, seq_len, batch_size, quantization)
         model = self.compress(config, float_dtype)
         self.report = sparsity_report(model, self.stats.get("params_before"))

@@ -92,6 +92,7 @@ def run_streamed(
     compress_blocks: Callable[[BlockStream], None],
     compress_rest: Callable[[], list[str]],
     stored_config: Callable[[], object],
+    float_dtype: str | None,
     tokenizer=None,
     overwrite: bool = True,
     extra: Callable[[Path], None] | None = None,
@@ -109,7 +110,6 @@ def run_streamed(
 
     blocks_name = blocks_prefix(streamed.model, layer_names)
     budget = parse_size(buffer_memory) if buffer_memory is not None else None
-    float_dtype = stored_config().float_dtype
     with atomic_directory(save_dir, overwrite=overwrite) as tmp, ActivationBuffer(
         budget, spill_dir, streamed.device
     ) as buffer:

@@ -44,6 +44,7 @@ def build_skeleton(path: str, config, auto_class, dtype: torch.dtype) -> nn.Modu
     """The model of `config` with its parameters on the meta device (nothing allocated), in eval mode."""
     with init_empty_weights(include_buffers=False):
         model = auto_class.from_config(config, dtype=dtype)
+    model.tie_weights()  # tied parameters are one (counted once, freed together)
     model.eval()
     model.name_or_path = path
     return model
