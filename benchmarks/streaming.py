@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--synth-windows", type=int, default=16)
     parser.add_argument("--synth-blocks", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--buffer-memory", default="256MB")
+    parser.add_argument("--buffer-memory", default="64MB")
     parser.add_argument("--worker")
     parser.add_argument("--out")
     parser.add_argument("--render-only", action="store_true")

@@ -15,6 +15,7 @@ from ..formats.replace import check_group_size
 from ..nn.linear import QuantLinear, float_weight, linear_shape
 from ..nn.modeling import set_module
 from ..nn.sparse_linear import SparseLinear
+from ..nn.memory import release_free_memory
 from ..nn.targets import resolve_targets
 from ..streaming.pipeline import BlockStream, run_streamed
 from .config import PruningConfig
@@ -99,6 +100,7 @@ def prune_streamed(pruner, save_dir, config: PruningConfig, calibration_dataset=
     ids = None
     if config.needs_calibration or wants_gptq:
         ids = pruner.calibration_ids(calibration_dataset, num_samples, seq_len)
+        release_free_memory()  # what tokenizing the calibration text left to the allocator
     if names and config.needs_calibration:
         check_calibration_size(ids, model, names, config.method)
         if config.n_m:

@@ -11,6 +11,7 @@ from ..calibration.data import check_calibration_size
 from ..calibration.runner import find_blocks, run_blockwise
 from ..config import AgentOSConfig
 from ..formats.replace import check_group_size
+from ..nn.memory import release_free_memory
 from ..nn.targets import resolve_targets
 from ..streaming.pipeline import run_streamed
 from .embedding import quantize_embeddings
@@ -38,6 +39,7 @@ def quantize_streamed(quantizer, save_dir, config: AgentOSConfig, calibration_da
         if calibration_dataset is None:
             raise ValueError("method='gptq' needs calibration data: pass calibration_dataset='wikitext2' or texts.")
         ids = quantizer.calibration_ids(calibration_dataset, num_samples, seq_len)
+        release_free_memory()  # what tokenizing the calibration text left to the allocator
         check_calibration_size(ids, model, names, "GPTQ")
     blocks_name, blocks = find_blocks(model, names)
     leftover = [n for n in names if not n.startswith(f"{blocks_name}.")]

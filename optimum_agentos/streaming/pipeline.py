@@ -116,10 +116,13 @@ def run_streamed(
         writer = ShardWriter(tmp, max_shard_size)
         stream = BlockStream(streamed, writer, buffer, float_dtype, blocks_name)
         compress_blocks(stream)
+        writer.flush()  # the blocks' last shard leaves memory before the embeddings come in
         stream.load_rest()
         compress_rest()
-        _write_rest(streamed, writer, blocks_name, float_dtype)
+        rest = _rest_state(streamed, blocks_name, float_dtype)
         stream.free_rest()
+        writer.add(rest)
+        del rest
         writer.finish()
         _write_config(streamed, tmp, stored_config())
         if tokenizer is not None:
@@ -131,14 +134,15 @@ def run_streamed(
     return stream
 
 
-def _write_rest(streamed: StreamedModel, writer: ShardWriter, blocks_name: str, float_dtype: str | None) -> None:
+def _rest_state(streamed: StreamedModel, blocks_name: str, float_dtype: str | None) -> dict:
+    """The tensors outside the blocks as `save_pretrained` writes them (kept weights in `float_dtype`, tied copies
+    once)."""
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     model = streamed.model
     state = state_dict_for_save(model, float_dtype)
     state = {k: v for k, v in state.items() if not k.startswith(f"{blocks_name}.")}
-    state = remove_tied_weights_from_state_dict(state, model)
-    writer.add(state)
+    return remove_tied_weights_from_state_dict(state, model)
 
 
 def _write_config(streamed: StreamedModel, folder: Path, stored) -> None:

@@ -9,7 +9,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 
 INDEX = "model.safetensors.index.json"
@@ -21,8 +20,8 @@ class CheckpointReader:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
+        self._headers: dict[str, tuple[dict, int]] = {}
         self.weight_map = self._weight_map()
-        self._dtypes: dict[str, torch.dtype] = {}
 
     def _weight_map(self) -> dict[str, str]:
         index = self.folder / INDEX
@@ -38,8 +37,7 @@ class CheckpointReader:
             return dict(weight_map)
         single = self.folder / SINGLE
         if single.is_file():
-            with safe_open(single, framework="pt") as f:
-                return {k: SINGLE for k in f.keys()}
+            return {k: SINGLE for k in self._header(SINGLE)[0]}
         others = sorted(p.name for p in self.folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".gguf"))
         found = f" (found {', '.join(others[:3])})" if others else ""
         raise FileNotFoundError(
@@ -51,29 +49,17 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
-    def dtype(self) -> torch.dtype:
-        """The dtype of the checkpoint's floating-point tensors (the first one found)."""
-        for name in self.weight_map:
-            dtype = self.read([name])[name].dtype
-            if dtype.is_floating_point:
-                return dtype
-        return torch.float32
-
     def nbytes(self, names) -> int:
         """Bytes the tensors `names` take in their stored dtype (from the headers, nothing read)."""
-        by_file = defaultdict(list)
-        for name in names:
-            by_file[self.weight_map[name]].append(name)
         total = 0
-        for file, members in by_file.items():
-            with safe_open(self.folder / file, framework="pt") as f:
-                for name in members:
-                    sl = f.get_slice(name)
-                    total += _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
+        for name in names:
+            start, end = self._header(self.weight_map[name])[0][name]["data_offsets"]
+            total += end - start
         return total
 
     def read(self, names, device="cpu") -> dict[str, torch.Tensor]:
-        """The tensors `names`, each in its own memory (copied out of the file, whose mapping is closed after)."""
+        """The tensors `names`, each read straight from its file into its own memory (plain reads, no mapping: the
+        file's pages never count in this process's resident memory)."""
         by_file = defaultdict(list)
         for name in names:
             if name not in self.weight_map:
@@ -81,22 +67,29 @@ class CheckpointReader:
             by_file[self.weight_map[name]].append(name)
         out = {}
         for file, members in by_file.items():
-            with safe_open(self.folder / file, framework="pt", device=str(device)) as f:
+            header, data_start = self._header(file)
+            with open(self.folder / file, "rb") as f:
                 for name in members:
-                    out[name] = f.get_tensor(name).clone()
+                    entry = header[name]
+                    start, end = entry["data_offsets"]
+                    raw = torch.empty(end - start, dtype=torch.uint8)
+                    f.seek(data_start + start)
+                    if f.readinto(memoryview(raw.numpy())) != end - start:
+                        raise OSError(f"{self.folder / file} is truncated: {name} is cut short. Re-download it.")
+                    tensor = raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+                    out[name] = tensor.to(device) if str(device) != "cpu" else tensor
         return out
 
+    def _header(self, file: str) -> tuple[dict, int]:
+        if file not in self._headers:
+            with open(self.folder / file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            self._headers[file] = (header, 8 + size)
+        return self._headers[file]
 
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1}
 
-
-def _itemsize(dtype: str) -> int:
-    return _ITEMSIZE.get(dtype, 4)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
