@@ -67,32 +67,45 @@ class ModelCompressor:
 
     streamed = None
 
-    def __init__(self, model, tokenizer=None, source: str | None = None):
+    def __init__(self, model, tokenizer=None, source: str | None = None, device=None):
+        from .streaming.skeleton import resolve_device
+
         self.model = model
         self.tokenizer = tokenizer
         self.source = source or getattr(model, "name_or_path", None)
         self.stats: dict = {}
+        self.device = resolve_device(device)  # where blocks are calibrated ("cpu", "cuda", "auto"); errors early
+
+    def block_stream(self, layer_names: list[str]):
+        """For `run_blockwise(..., stream=...)` of an in-memory model: None on the CPU, else the block mover."""
+        if self.device.type == "cpu":
+            return None
+        from .calibration.runner import find_blocks
+        from .streaming.device import DeviceBlocks
+
+        return DeviceBlocks(self.model, find_blocks(self.model, layer_names)[0], self.device)
 
     @classmethod
     def from_pretrained(cls, model_or_path, tokenizer=None, dtype=torch.float32, streaming: bool = False,
                         device=None, **kwargs):
         """Load a float model (folder, Hub id or alias such as `smollm2-135m`), or wrap a model object.
 
-        `streaming=True` reads nothing but the safetensors headers now: compression then loads one block at a time
-        (in `dtype`, on `device`: "cpu", "cuda" or "auto") and writes each compressed block at once, so a model
-        larger than memory can be compressed."""
+        `device` ("cpu", "cuda", "cuda:1", "auto": an accelerator when there is one) is where each block is
+        calibrated and compressed (it moves there and back; the model stays in CPU memory). `streaming=True` reads
+        nothing but the safetensors headers now: compression then loads one block at a time (in `dtype`, on
+        `device`) and writes each compressed block at once, so a model larger than memory can be compressed."""
         if not isinstance(model_or_path, (str, Path)):
             if streaming:
                 raise ValueError("streaming=True needs a checkpoint folder (or alias) to read block by block, not a "
                                  "model object; pass the folder the model was saved to.")
-            return cls(model_or_path, tokenizer)
+            return cls(model_or_path, tokenizer, device=device)
         if streaming:
             streamed, loaded_tokenizer, _ = open_streamed(str(model_or_path), dtype, device, **kwargs)
-            compressor = cls(streamed.model, tokenizer or loaded_tokenizer, source=str(model_or_path))
+            compressor = cls(streamed.model, tokenizer or loaded_tokenizer, source=str(model_or_path), device=device)
             compressor.streamed = streamed
             return compressor
         model, loaded_tokenizer, _ = load_pretrained(str(model_or_path), dtype=dtype, **kwargs)
-        return cls(model, tokenizer or loaded_tokenizer, source=str(model_or_path))
+        return cls(model, tokenizer or loaded_tokenizer, source=str(model_or_path), device=device)
 
     def calibration_ids(self, calibration_dataset, num_samples: int, seq_len: int) -> torch.Tensor:
         """Token windows `[num_samples, seq_len]` from a dataset name, a list of texts or ready ids."""

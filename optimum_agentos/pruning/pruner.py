@@ -103,8 +103,9 @@ class Pruner(ModelCompressor):
         if config.needs_calibration or wants_gptq:
             todo = list(dict.fromkeys([*(names if config.needs_calibration else []), *(quantized if wants_gptq else [])]))
             leftover = run_blockwise(
-                self.model, todo, ids, lambda layers, h: self._process_block(layers, h, config, names, quantization),
-                batch_size, "SparseGPT" if config.method == "sparsegpt" else "Calibrating",
+                self.model, todo, ids.to(self.device),
+                lambda layers, h: self._process_block(layers, h, config, names, quantization),
+                batch_size, "SparseGPT" if config.method == "sparsegpt" else "Calibrating", stream=self.block_stream(todo),
             )
             if leftover:
                 logger.warning(f"{len(leftover)} target layers sit outside the repeated blocks; pruned by magnitude: {leftover}")

@@ -67,7 +67,8 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
             quantize_model_rtn(self.model, config, names)
         else:
             leftover = run_blockwise(
-                self.model, names, ids, lambda layers, h: self._gptq_block(layers, h, config), batch_size, "GPTQ"
+                self.model, names, ids.to(self.device), lambda layers, h: self._gptq_block(layers, h, config),
+                batch_size, "GPTQ", stream=self.block_stream(names),
             )
             if leftover:
                 logger.warning(f"{len(leftover)} target layers sit outside the repeated blocks; quantized with RTN: {leftover}")

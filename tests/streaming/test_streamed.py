@@ -182,3 +182,45 @@ def test_streamed_gptq_on_accelerator(tmp_path):
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "cpu").eval()(ids).logits
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "cuda").eval()(ids).logits
     assert torch.allclose(a, b, atol=5e-2), (a - b).abs().max()
+
+
+def test_device_blocks_protocol_on_cpu(tmp_path):
+    """The block mover used for accelerators, run with the CPU as the device: same result as without it, and every
+    block is back where it was after."""
+    from optimum_agentos.calibration.runner import run_blockwise
+    from optimum_agentos.nn.targets import resolve_targets
+    from optimum_agentos.streaming.device import DeviceBlocks
+
+    config = AgentOSConfig(bits=4, group_size=64, method="gptq")
+    plain, moved = Quantizer(build_tiny("llama")), Quantizer(build_tiny("llama"))
+    plain.quantize_in_place(config, IDS)
+    names = resolve_targets(moved.model, config.target, config.ignore)
+    run_blockwise(moved.model, names, IDS, lambda layers, h: moved._gptq_block(layers, h, config), 4, "GPTQ",
+                  stream=DeviceBlocks(moved.model, "model.layers", "cpu"))
+    a, b = plain.model.state_dict(), moved.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if "layers" in k)
+
+
+def test_missing_device_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(ValueError, match="device='cpu'"):
+        Quantizer(build_tiny("llama"), device="cuda")
+    with pytest.raises(ValueError, match="not a device name"):
+        Pruner(build_tiny("llama"), device="gpu0")
+    assert Quantizer(build_tiny("llama"), device="auto").device.type == "cpu"  # no accelerator: the CPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA accelerator (torch sees none here)")
+def test_in_memory_gptq_and_sparsegpt_on_accelerator(tmp_path):
+    """In-memory model, blocks calibrated on the accelerator: the model ends on the CPU, close to the CPU run."""
+    config = AgentOSConfig(bits=4, group_size=64, method="gptq")
+    cpu, cuda = Quantizer(build_tiny("llama")), Quantizer(build_tiny("llama"), device="cuda")
+    cpu.quantize_in_place(config, IDS)
+    cuda.quantize_in_place(config, IDS)
+    assert all(p.device.type == "cpu" for p in cuda.model.parameters())
+    ids = torch.arange(24).reshape(2, 12) % 100
+    assert torch.allclose(cpu.model(ids).logits, cuda.model(ids).logits, atol=5e-2)
+    pruner = Pruner(build_tiny("llama"), device="cuda")
+    pruner.prune(tmp_path / "sparse", PruningConfig(method="sparsegpt", sparsity=0.5), IDS)
+    assert all(p.device.type == "cpu" for p in pruner.model.parameters())
