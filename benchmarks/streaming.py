@@ -28,8 +28,8 @@ MARK_BEGIN, MARK_END = "<!-- streaming:begin -->", "<!-- streaming:end -->"
 WORK = REPO / "benchmarks" / "work" / "streaming"
 ROWS = ["smollm2-gptq-memory", "smollm2-gptq-streamed", "smollm2-sparsegpt-memory", "smollm2-sparsegpt-streamed",
         "synth-gptq-streamed"]
-# A Llama of 2.0B parameters: 22 blocks of 2560 wide, MLP 6912, untied 32000-token embeddings and head.
-SYNTH = dict(vocab_size=32000, hidden_size=2560, intermediate_size=6912, num_hidden_layers=22, num_attention_heads=20,
+# A Llama of 2.07B parameters: 24 blocks of 2560 wide, MLP 6912, untied 32000-token embeddings and head.
+SYNTH = dict(vocab_size=32000, hidden_size=2560, intermediate_size=6912, num_hidden_layers=24, num_attention_heads=20,
              num_key_value_heads=20, tie_word_embeddings=False, max_position_embeddings=2048)
 
 

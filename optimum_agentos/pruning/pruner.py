@@ -236,7 +236,7 @@ class Pruner(ModelCompressor):
         float_dtype: str | None = "float16",
         overwrite: bool = True,
         card_extra: dict | None = None,
-        max_shard_size="1GB",
+        max_shard_size="200MB",
         buffer_memory=None,
         spill_dir=None,
     ) -> nn.Module:

@@ -80,7 +80,7 @@ def _under(names: list[str], prefix: str) -> list[str]:
 def prune_streamed(pruner, save_dir, config: PruningConfig, calibration_dataset=None, num_samples: int = 64,
                    seq_len: int = 512, batch_size: int = 4, quantization: AgentOSConfig | None = None,
                    float_dtype: str | None = "float16", overwrite: bool = True, card_extra: dict | None = None,
-                   max_shard_size="1GB", buffer_memory=None, spill_dir=None):
+                   max_shard_size="200MB", buffer_memory=None, spill_dir=None):
     """Prune the checkpoint `pruner.streamed` reads into `save_dir`, block by block."""
     from ..hub.card import write_card
 

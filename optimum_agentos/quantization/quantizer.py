@@ -99,15 +99,16 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
         overwrite: bool = True,
         card_extra: dict | None = None,
         file_prefix=None,
-        max_shard_size="1GB",
+        max_shard_size="200MB",
         buffer_memory=None,
         spill_dir=None,
     ):
         """Quantize and save model, tokenizer and model card to `save_dir` (atomically). Returns the model.
 
-        Opened with `streaming=True`, the checkpoint is quantized block by block into shards of `max_shard_size`,
-        with the calibration activations kept within `buffer_memory` (e.g. "2GB"; the rest spills to `spill_dir`),
-        and None is returned (no model is held in memory: load `save_dir` to use it)."""
+        Opened with `streaming=True`, the checkpoint is quantized block by block into shards of `max_shard_size`
+        (the most output held in memory before it is written), with the calibration activations kept within
+        `buffer_memory` (e.g. "2GB"; the rest spills to `spill_dir`, default the system's temporary folder), and
+        None is returned (no model is held in memory: load `save_dir` to use it)."""
         from ..formats.folder import check_save_dir, save_model_folder
         from ..hub.card import write_card
 

@@ -23,7 +23,7 @@ logger = logging.get_logger(__name__)
 
 def quantize_streamed(quantizer, save_dir, config: AgentOSConfig, calibration_dataset=None, num_samples: int = 64,
                       seq_len: int = 512, batch_size: int = 4, overwrite: bool = True, card_extra: dict | None = None,
-                      max_shard_size="1GB", buffer_memory=None, spill_dir=None):
+                      max_shard_size="200MB", buffer_memory=None, spill_dir=None):
     """Quantize the checkpoint `quantizer.streamed` reads into `save_dir`; returns the run's `BlockStream` (its
     per-block seconds and resident memory are in `block_stats`)."""
     from ..hub.card import write_card

@@ -38,15 +38,25 @@ class BlockStream:
         self.blocks_name = blocks_name
         self.rest_loaded = False
         self.block_stats: list[dict] = []
+        self.rss_after_capture = 0
 
     def buffer(self) -> ActivationBuffer:
-        self.load_rest()  # the embeddings compute the first block's inputs
+        self.load_rest(with_head=False)  # the embeddings compute the first block's inputs; the head is not needed
         return self._buffer
 
-    def load_rest(self) -> None:
+    def load_rest(self, with_head: bool = True) -> None:
         if not self.rest_loaded:
-            self.streamed.load(self.streamed.tensor_names(exclude=(f"{self.blocks_name}.",)))
+            exclude = (f"{self.blocks_name}.",) + (() if with_head else self._untied_head())
+            self.streamed.load(self.streamed.tensor_names(exclude=exclude))
             self.rest_loaded = True
+
+    def _untied_head(self) -> tuple[str, ...]:
+        model = self.streamed.model
+        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+        if head is None or getattr(head, "weight", None) is getattr(embedding, "weight", None):
+            return ()
+        name = next(n for n, m in model.named_modules() if m is head)
+        return (f"{name}.",)
 
     def free_rest(self) -> None:
         if self.rest_loaded:
@@ -55,6 +65,8 @@ class BlockStream:
             release_free_memory()
 
     def load_block(self, name: str) -> None:
+        if self.rest_loaded:
+            self.rss_after_capture = current_rss_bytes()
         self.free_rest()
         self._start = time.perf_counter()
         self.streamed.load(self.streamed.tensor_names(name))
@@ -96,7 +108,7 @@ def run_streamed(
     tokenizer=None,
     overwrite: bool = True,
     extra: Callable[[Path], None] | None = None,
-    max_shard_size: int | str = "1GB",
+    max_shard_size: int | str = "200MB",
     buffer_memory: int | str | None = None,
     spill_dir=None,
 ) -> BlockStream:

@@ -37,7 +37,7 @@ class ShardWriter:
     """Collects tensors in order and writes them to shards of at most `max_shard_size` bytes (a tensor larger than
     that gets a shard of its own)."""
 
-    def __init__(self, folder: str | os.PathLike, max_shard_size: int | str = "1GB"):
+    def __init__(self, folder: str | os.PathLike, max_shard_size: int | str = "200MB"):
         self.folder = Path(folder)
         self.max_bytes = parse_size(max_shard_size)
         self._pending: dict[str, torch.Tensor] = {}
