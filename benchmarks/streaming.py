@@ -77,6 +77,7 @@ def worker(row: str, args) -> dict:
     from optimum_agentos.models import resolve_model
     from optimum_agentos.pruning import Pruner
     from optimum_agentos.quantization.quantizer import Quantizer
+    from optimum_agentos.streaming.pipeline import current_rss_bytes
 
     torch.manual_seed(0)
     result = {"row": row, "rss_start_mib": peak_rss_mib()}
@@ -95,6 +96,7 @@ def worker(row: str, args) -> dict:
         quantizer = Quantizer.from_pretrained(str(source), streaming=True)
         if args.synth_blocks:
             quantizer.model.model.layers = quantizer.model.model.layers[: args.synth_blocks]
+        result["base_rss_mib"] = current_rss_bytes() / 2**20
         start = time.perf_counter()
         quantizer.quantize(out, gptq, ids, batch_size=args.batch_size, buffer_memory=args.buffer_memory)
         result["blocks_done"] = len(quantizer.model.model.layers)
@@ -102,6 +104,7 @@ def worker(row: str, args) -> dict:
         source = resolve_model("smollm2-135m")
         compressor_cls = Quantizer if "gptq" in row else Pruner
         compressor = compressor_cls.from_pretrained(source, streaming=streamed)
+        result["base_rss_mib"] = current_rss_bytes() / 2**20
         start = time.perf_counter()
         kwargs = dict(num_samples=args.calib_windows, seq_len=512, batch_size=args.batch_size)
         if streamed:
@@ -115,6 +118,7 @@ def worker(row: str, args) -> dict:
     result["peak_rss_mib"] = peak_rss_mib()
     blocks = quantizer.stats.get("blocks") or []
     result["blocks"] = [{"seconds": b["seconds"], "rss_mib": b["rss_bytes"] / 2**20} for b in blocks]
+    result["spilled_mib"] = quantizer.stats.get("spilled_bytes", 0) / 2**20
     result["source"] = str(source)
     return result
 
@@ -142,20 +146,121 @@ def identical(a: Path, b: Path) -> bool:
     return True
 
 
+# Llama shapes for the worked table: hidden, intermediate, vocabulary, blocks, key/value width, tied embeddings.
+SCALE_MODELS = {
+    "SmolLM2-135M (measured)": (576, 1536, 49152, 30, 192, True),
+    "synthetic 2.07B (measured)": (2560, 6912, 32000, 24, 2560, False),
+    "Llama-2-7B": (4096, 11008, 32000, 32, 4096, False),
+    "Llama-2-70B": (8192, 28672, 32000, 80, 1024, False),
+}
+GPTQ_A100_HOURS_175B = 4.0  # GPTQ paper (Frantar et al. 2022): 175B parameters in about four hours on one A100
+MB = 2**20
+
+
+def block_params(h, i, v, blocks, kv, tied) -> int:
+    return 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+
+
+def total_params(h, i, v, blocks, kv, tied) -> int:
+    return blocks * block_params(h, i, v, blocks, kv, tied) + v * h * (1 if tied else 2) + h
+
+
+def shard_bytes(shape) -> float:
+    """The output held before a shard is written: 200 MB, or the whole int4 output (half a byte per block weight,
+    a float16 scale and a zero per 128) when smaller."""
+    return min(200e6, shape[3] * block_params(*shape) * (0.5 + 3 / 128))
+
+
+def peak_formula(shape, base: float, tokens: int, buffer_cap: float | None, shard: float) -> dict:
+    """Predicted peak RSS (bytes) of streamed GPTQ: the base (interpreter, libraries, tokenizer, skeleton) plus the
+    largest of three phases, float32 throughout:
+    capture = embedding + buffer; block = block weights + the block's Hessians (one per distinct input) + the widest
+    layer's solve (6 input-width squares: the Hessian copy, its clone, the damped clone, the Cholesky factor, its
+    inverse, the upper factor; weight and codes copies) + buffer + one output shard; rest = embedding and head, and
+    their float16 copies."""
+    h, i, v, blocks, kv, tied = shape
+    buffer = 4 * tokens * h if buffer_cap is None else min(4 * tokens * h, buffer_cap)
+    heads = 1 if tied else 2
+    capture = 4 * v * h + buffer
+    hessians = 4 * (3 * h * h + i * i)
+    solve = 6 * 4 * i * i + 2 * 4 * h * i
+    block = 4 * block_params(*shape) + hessians + solve + buffer + shard
+    rest = (4 + 2) * v * h * heads
+    return {"capture": capture, "block": block, "rest": rest, "peak": base + max(capture, block, rest)}
+
+
 def write_markdown(results: list[dict], meta: dict) -> str:
+    args = meta["args"]
     lines = [MARK_BEGIN, "## Streamed compression: memory and time per block", "",
              f"Written by `python benchmarks/streaming.py` on {meta['date']}, {meta['cpu_count']} CPU cores shared "
-             "with other jobs (times are indicative). Each row is a fresh process; peak RSS (MiB = 2^20 bytes) is the "
-             "whole process up to the end of compression, `start` the RSS after imports and calibration data.", "",
-             "| row | blocks | time (s) | s / block (median) | peak RSS (MiB) | start RSS (MiB) | bit-identical |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "with other jobs (times are indicative, not speed claims). Each row is a fresh process; peak RSS "
+             "(MiB = 2^20 bytes) is the whole process up to the end of compression (imports, tokenizer, calibration "
+             "data, model load for the in-memory rows); `base` is the RSS just before compressing starts. SmolLM2 is "
+             "the library's cached float32 conversion (the folder `from_pretrained('smollm2-135m')` loads, one "
+             f"float32 file of 538 MB), calibrated on {args['calib_windows']} WikiText-2 validation windows of 512 "
+             f"tokens; the synthetic model on {args['synth_windows']} windows. GPTQ int4 group 128, SparseGPT 50% "
+             f"unstructured; streamed rows keep at most `--buffer-memory {args['buffer_memory']}` of activations "
+             "in memory and write 200 MB shards.", "",
+             "Peak memory of streamed GPTQ (float32 compute; H hidden, I intermediate, V vocabulary, T calibration "
+             "tokens, B = min(4·T·H, buffer budget), S = min(200 MB, the int4 output)): base + max(capture, block, "
+             "rest) with capture = 4·V·H + B (embeddings and the first block's inputs), block = 4·(block parameters) "
+             "+ 4·(3·H² + I²) (the block's Hessians, one per distinct input) + 6·4·I² + 2·4·H·I (the widest layer's "
+             "GPTQ solve: Hessian copy, clones, Cholesky factors) + B + S, rest = 6·V·H per untied matrix "
+             "(float32 embeddings/head and their float16 copies). `predicted peak` is that formula with the row's "
+             "measured base.", "",
+             "| row | blocks | time (s) | s / block (median) | base RSS (MiB) | peak RSS (MiB) | predicted peak (MiB) "
+             "| bit-identical to in-memory |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    from optimum_agentos.streaming.writer import parse_size
+
+    cap = parse_size(args["buffer_memory"])
     for r in results:
         secs = sorted(b["seconds"] for b in r.get("blocks", []))
         median = f"{secs[len(secs) // 2]:.1f}" if secs else "-"
-        lines.append(f"| {r['row']} | {len(r.get('blocks', [])) or '-'} | {r['seconds']:.0f} | {median} | "
-                     f"{r['peak_rss_mib']:.0f} | {r['rss_start_mib']:.0f} | {r.get('identical', '-')} |")
+        predicted = "-"
+        if r["row"].endswith("gptq-streamed"):
+            shape = SCALE_MODELS["synthetic 2.07B (measured)" if r["row"].startswith("synth") else
+                                 "SmolLM2-135M (measured)"]
+            windows = args["synth_windows"] if r["row"].startswith("synth") else args["calib_windows"]
+            f = peak_formula(shape, r["base_rss_mib"] * MB, windows * 512, cap, shard_bytes(shape))
+            predicted = f"{f['peak'] / MB:.0f}"
+        lines.append(f"| {r['row']} | {r.get('blocks_done', len(r.get('blocks', []))) or '-'} | {r['seconds']:.0f} | "
+                     f"{median} | {r['base_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} | {predicted} | "
+                     f"{r.get('identical', '-')} |")
+    synth = next((r for r in results if r["row"] == "synth-gptq-streamed" and r.get("blocks")), None)
+    if synth is not None:
+        lines += _worked_table(synth, args, cap)
     lines += ["", "Raw results: `benchmarks/results/streaming.json`.", MARK_END]
     return "\n".join(lines)
+
+
+def _worked_table(synth: dict, args: dict, cap: int) -> list[str]:
+    secs = sorted(b["seconds"] for b in synth["blocks"])
+    per_block = secs[len(secs) // 2]
+    measured_shape = SCALE_MODELS["synthetic 2.07B (measured)"]
+    measured_tokens = args["synth_windows"] * 512
+    tokens = 64 * 512
+    lines = ["", f"Worked table, streamed GPTQ int4 with 64 calibration windows of 512 tokens, from the synthetic "
+             f"model's measured median {per_block:.1f} s per block ({block_params(*measured_shape) / 1e6:.1f}M "
+             f"parameters per block, {measured_tokens} tokens) and its measured base RSS "
+             f"({synth['base_rss_mib']:.0f} MiB). Time scales with parameters per block x calibration tokens (the "
+             "forward passes and Hessians; the GPTQ solve grows faster, with the cube of the input width, so CPU "
+             "hours are a lower bound). Memory is the formula above with the activation buffer capped at "
+             f"{cap / MB:.0f} MiB (spilled beyond). The in-memory path needs the float32 model, 4 bytes per "
+             "parameter, before anything else. The accelerator column scales the GPTQ paper's published figure "
+             f"(about {GPTQ_A100_HOURS_175B:.0f} hours for 175B parameters on one A100) linearly with parameters; "
+             "it was not measured here.", "",
+             "| model | parameters | in-memory float32 (GB) | streamed peak (GB) | CPU hours (this machine) | "
+             "A100 hours (published, scaled) |", "|---|---:|---:|---:|---:|---:|"]
+    for name, shape in SCALE_MODELS.items():
+        params = total_params(*shape)
+        f = peak_formula(shape, synth["base_rss_mib"] * MB, tokens, cap, shard_bytes(shape))
+        hours = (per_block * shape[3] * block_params(*shape) / block_params(*measured_shape)
+                 * tokens / measured_tokens / 3600)
+        gpu = GPTQ_A100_HOURS_175B * params / 175e9
+        lines.append(f"| {name} | {params / 1e9:.2f}B | {4 * params / 1e9:.1f} | {f['peak'] / 1e9:.2f} | "
+                     f"{hours:.1f} | {gpu:.2f} |")
+    return lines
 
 
 def main() -> None:
