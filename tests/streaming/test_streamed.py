@@ -224,3 +224,16 @@ def test_in_memory_gptq_and_sparsegpt_on_accelerator(tmp_path):
     pruner = Pruner(build_tiny("llama"), device="cuda")
     pruner.prune(tmp_path / "sparse", PruningConfig(method="sparsegpt", sparsity=0.5), IDS)
     assert all(p.device.type == "cpu" for p in pruner.model.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.model("smollm2-135m")
+def test_streamed_rtn_of_smollm2_equals_in_memory(tmp_path):
+    """The real model (the cached float32 conversion both paths load): streamed RTN int4 with int8 embeddings writes
+    the in-memory checkpoint's tensors (GPTQ and SparseGPT on SmolLM2 are compared by benchmarks/streaming.py)."""
+    config = AgentOSConfig(bits=4, group_size=128, method="rtn", embedding_bits=8)
+    Quantizer.from_pretrained("smollm2-135m").quantize(tmp_path / "memory", config)
+    Quantizer.from_pretrained("smollm2-135m", streaming=True).quantize(tmp_path / "streamed", config,
+                                                                        max_shard_size="50MB")
+    assert len(list((tmp_path / "streamed").glob("*.safetensors"))) > 1
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
