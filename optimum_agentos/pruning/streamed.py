@@ -164,5 +164,6 @@ def prune_streamed(pruner, save_dir, config: PruningConfig, calibration_dataset=
         card, max_shard_size, buffer_memory, spill_dir,
     )
     pruner.stats = {"params_before": params_before, "pruned_layers": len(state["stream"].sparse),
-                    "blocks": stream.block_stats, "spilled_bytes": stream.spilled_bytes}
+                    "blocks": stream.block_stats,
+                    "spilled_bytes": stream.spilled_bytes, "rss_after_capture": stream.rss_after_capture}
     return stream

@@ -86,6 +86,7 @@ class ActivationBuffer:
                 self.resident_bytes += size
             else:
                 entry[3] = self._spill_path(i)
+                self._check_disk(size)
                 self.spilled_bytes += size
         entry[1], entry[2] = rest, kwargs
         if entry[3] is None:
@@ -111,16 +112,13 @@ class ActivationBuffer:
             self._dir = Path(tempfile.mkdtemp(prefix=f"agentos-activations-{uuid.uuid4().hex[:6]}-", dir=parent))
         return str(self._dir / f"batch-{i:06d}.safetensors")
 
-    def check_disk(self, expected_spill: int) -> None:
-        """Fail early when the spill folder's disk cannot take `expected_spill` bytes."""
-        parent = self._parent or Path(tempfile.gettempdir())
-        parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(parent).free
-        if expected_spill > free:
+    def _check_disk(self, size: int) -> None:
+        free = shutil.disk_usage(self._dir).free
+        if size > free:
             raise BufferBudgetError(
-                f"The calibration activations would spill {expected_spill / 2**30:.2f} GiB to {parent}, which has "
-                f"{free / 2**30:.2f} GiB free. Pass spill_dir= on a larger disk, raise buffer_memory, or use fewer "
-                "calibration samples."
+                f"The calibration activations spill to {self._dir.parent}, which has {free / 2**20:.0f} MiB free, too "
+                f"little for the next {size / 2**20:.1f} MiB. Pass spill_dir= on a larger disk, raise buffer_memory, "
+                "or use fewer calibration samples."
             )
 
     def close(self) -> None:

@@ -102,7 +102,7 @@ def run_streamed(
     save_dir,
     layer_names: list[str],
     compress_blocks: Callable[[BlockStream], None],
-    compress_rest: Callable[[], list[str]],
+    compress_rest: Callable[[], None],
     stored_config: Callable[[], object],
     float_dtype: str | None,
     tokenizer=None,
@@ -116,8 +116,9 @@ def run_streamed(
 
     `compress_blocks(stream)` runs the algorithm over the blocks (with `run_blockwise(..., stream=stream)` or by
     loading, compressing and finishing each block itself); `compress_rest()` then compresses what lies outside the
-    blocks, loaded into the model (names of the layers it changed); `stored_config()` is the stamped agentos config
-    written into config.json."""
+    blocks, loaded into the model; `stored_config()` is the stamped agentos config written into config.json;
+    `float_dtype` the dtype the float weights it keeps are stored in (as `save_pretrained` of the in-memory model
+    casts them); `extra(folder)` adds files (the model card). Returns the stream, with per-block statistics."""
     from .writer import parse_size
 
     blocks_name = blocks_prefix(streamed.model, layer_names)
