@@ -41,9 +41,10 @@ def find_blocks(model: nn.Module, layer_names: list[str]) -> tuple[str, nn.Modul
     return best
 
 
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor]) -> list[tuple]:
-    """Run the model up to `first_block` for each batch and keep that block's `(args, kwargs)`."""
-    captured = []
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor], into=None) -> list[tuple]:
+    """Run the model up to `first_block` for each batch and keep that block's `(args, kwargs)` (appended to `into`,
+    a list-like store such as `streaming.ActivationBuffer`, when given)."""
+    captured = [] if into is None else into
 
     def hook(module, args, kwargs):
         captured.append((args, kwargs))
@@ -101,6 +102,7 @@ def run_blocks(
     process: Callable[[nn.Module, dict[str, nn.Module], list[tuple]], None],
     batch_size: int = 4,
     desc: str = "Calibrating",
+    stream=None,
 ) -> list[str]:
     """Calibrate every block holding target layers, in order; returns the target layers no block holds.
 
@@ -108,6 +110,10 @@ def run_blocks(
     `(args, kwargs)` per batch (read them, do not change them); it replaces or edits the layers in place. The block
     is then run again so the next block sees the inputs the compressed model will produce. Runs under `no_grad`: a
     `process` that trains enables gradients itself.
+
+    `stream` (a `streaming.BlockStream`, for checkpoints larger than memory) keeps the block inputs in its
+    `buffer()`, loads each block before it runs (`load_block(name)`) and writes and frees it after
+    (`done_block(name)`).
     """
     if calibration_ids.numel() == 0:
         raise ValueError("The calibration set is empty; pass at least one window of token ids.")
@@ -115,12 +121,14 @@ def run_blocks(
     model.eval()
     blocks_name, blocks = find_blocks(model, layer_names)
     batches = list(torch.split(calibration_ids, batch_size))
-    inputs = capture_block_inputs(model, blocks[0], batches)
+    inputs = capture_block_inputs(model, blocks[0], batches, into=stream.buffer() if stream is not None else None)
     covered = set()
     for index in tqdm(range(len(blocks)), desc=desc, unit="block"):
         prefix = f"{blocks_name}.{index}."
         names = [n for n in layer_names if n.startswith(prefix)]
         block = blocks[index]
+        if stream is not None:
+            stream.load_block(f"{blocks_name}.{index}")
         if names:
             covered.update(names)
             modules = dict(model.named_modules())
@@ -128,6 +136,8 @@ def run_blocks(
         if index + 1 < len(blocks):
             for i, (args, kwargs) in enumerate(inputs):  # in place: each batch's old input is freed at once
                 inputs[i] = ((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs)
+        if stream is not None:
+            stream.done_block(f"{blocks_name}.{index}")
     model.train(was_training)
     return [n for n in layer_names if n not in covered]
 
@@ -159,6 +169,7 @@ def run_blockwise(
     batch_size: int = 4,
     desc: str = "Calibrating",
     accumulator: Callable = HessianAccumulator,
+    stream=None,
 ) -> list[str]:
     """`run_blocks` for algorithms that need only an input statistic per layer: `process_block(layers, hessians)`
     receives the block's target layers by full name and their input Hessian accumulators (or what `accumulator`
@@ -167,7 +178,7 @@ def run_blockwise(
     def process(block, layers, inputs):
         process_block(layers, collect_input_stats(block, layers, inputs, accumulator))
 
-    return run_blocks(model, layer_names, calibration_ids, process, batch_size, desc)
+    return run_blocks(model, layer_names, calibration_ids, process, batch_size, desc, stream)
 
 
 @torch.no_grad()

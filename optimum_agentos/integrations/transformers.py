@@ -77,9 +77,8 @@ class AgentOSHfQuantizer(HfQuantizer):
             )
 
     def validate_environment(self, *args, **kwargs):
-        device_map = kwargs.get("device_map")
-        if isinstance(device_map, dict) and "disk" in device_map.values():
-            raise ValueError("agentos checkpoints cannot be offloaded to disk; drop 'disk' from device_map.")
+        """Any device map works, disk offload included: accelerate's hooks load an offloaded layer's packed tensors
+        before it runs, and such layers compute on the reference path (dequantize, then matmul)."""
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         if self.pre_quantized:

@@ -68,6 +68,9 @@ class Pruner(ModelCompressor):
         Without `quantization` the pruned layers stay ordinary dense layers with zeros, ready for fine-tuning with
         `MaskFixedCallback`; `compress()` (called by `prune`) turns them into `SparseLinear` for saving.
         """
+        if self.streamed is not None:
+            raise ValueError("This Pruner streams its checkpoint (streaming=True): it holds no model to prune in "
+                             "memory. Call prune(save_dir=...) to write the pruned checkpoint block by block.")
         start = time.perf_counter()
         params_before = self.model.num_parameters()
         wants_gptq = quantization is not None and quantization.method == "gptq"
@@ -116,8 +119,9 @@ class Pruner(ModelCompressor):
         if blockwise or wants_gptq:
             todo = list(dict.fromkeys([*(names if blockwise else []), *(quantized if wants_gptq else [])]))
             leftover = run_blockwise(
-                self.model, todo, ids, lambda layers, h: self._process_block(layers, h, config, names, quantization),
-                batch_size, "SparseGPT" if config.method == "sparsegpt" else "Calibrating",
+                self.model, todo, ids.to(self.device),
+                lambda layers, h: self._process_block(layers, h, config, names, quantization),
+                batch_size, "SparseGPT" if config.method == "sparsegpt" else "Calibrating", stream=self.block_stream(todo),
             )
             if leftover:
                 logger.warning(f"{len(leftover)} target layers sit outside the repeated blocks; pruned by magnitude: {leftover}")
@@ -265,14 +269,19 @@ class Pruner(ModelCompressor):
         if quantization is None and not sparse and not shapes:
             # uniform structured pruning only: a plain checkpoint that loads without this library, in float_dtype
             return self.model.to(SCALE_DTYPES[float_dtype]) if float_dtype else self.model
+        mark_compressed(self.model, self._stored_config(config, float_dtype, sparse, shapes))
+        return self.model
+
+    def _stored_config(self, config: PruningConfig, float_dtype: str | None, sparse: dict, shapes: dict) -> AgentOSConfig:
+        """The agentos config a pruned checkpoint is saved with: its storage, sparse layers and pruning recipe."""
+        quantization = self._quantization
         storage = (quantization.to_dict() if quantization is not None else {"bits": None, "float_dtype": float_dtype})
         storage.pop("quant_method", None)
         storage.update(
             sparse_layers=sparse or None, module_shapes=shapes or None, pruning=config.to_dict(),
             sparsity_pattern=config.pattern if config.n_m else None,
         )
-        mark_compressed(self.model, AgentOSConfig.from_dict(storage))
-        return self.model
+        return AgentOSConfig.from_dict(storage)
 
     def prune(
         self,
@@ -286,16 +295,27 @@ class Pruner(ModelCompressor):
         float_dtype: str | None = "float16",
         overwrite: bool = True,
         card_extra: dict | None = None,
+        max_shard_size="200MB",
+        buffer_memory=None,
+        spill_dir=None,
     ) -> nn.Module:
         """Prune, compress and save model, tokenizer and model card to `save_dir` (atomically). Returns the model.
 
-        `float_dtype` is the dtype of the kept float values and embeddings on disk when not quantizing.
+        `float_dtype` is the dtype of the kept float values and embeddings on disk when not quantizing. Opened with
+        `streaming=True`, the checkpoint is pruned block by block into shards of `max_shard_size`, with the calibration
+        activations within `buffer_memory` (spilling to `spill_dir`), and None is returned.
         """
         from ..formats.folder import check_save_dir, save_model_folder
         from ..hub.card import write_card
 
         check_save_dir(save_dir, overwrite)  # before minutes of work: refuse a folder holding the user's files
         config = config or PruningConfig()
+        if self.streamed is not None:
+            from .streamed import prune_streamed
+
+            prune_streamed(self, save_dir, config, calibration_dataset, num_samples, seq_len, batch_size, quantization,
+                           float_dtype, overwrite, card_extra, max_shard_size, buffer_memory, spill_dir)
+            return None
         self.prune_in_place(config, calibration_dataset, num_samples, seq_len, batch_size, quantization)
         model = self.compress(config, float_dtype)
         self.report = sparsity_report(model, self.stats.get("params_before"),

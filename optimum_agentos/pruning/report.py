@@ -37,6 +37,25 @@ def logical_parameters(model: nn.Module) -> int:
     return total
 
 
+def count_zeros(model: nn.Module, names: list[str] | None = None, prefix: str = "", skip: tuple[str, ...] = ()):
+    """`(layers, zeros, total, all_zeros)`: the report's entries for the chosen layers (see `sparsity_report`),
+    their zero and total weights, and the zero weights of every linear layer. Module names get `prefix`; those
+    starting with a `skip` prefix are left out (a streamed model's blocks, counted when they were loaded)."""
+    layers, zeros, total, all_zeros = {}, 0, 0, 0
+    for name, module in model.named_modules(prefix=prefix.rstrip(".")):
+        if not (is_supported_layer(module) or isinstance(module, (SparseLinear, QuantLinear))):
+            continue
+        if skip and name.startswith(skip):
+            continue
+        z, n = layer_zeros(module)
+        all_zeros += z
+        if (name in names) if names is not None else isinstance(module, SparseLinear):
+            layers[name] = {"shape": [module.out_features, module.in_features] if hasattr(module, "out_features")
+                            else list(float_weight(module).shape), "sparsity": z / n}
+            zeros, total = zeros + z, total + n
+    return layers, zeros, total, all_zeros
+
+
 def sparsity_report(
     model: nn.Module, params_before: int | None = None, names: list[str] | None = None, input_features: dict | None = None
 ) -> dict:
@@ -46,16 +65,7 @@ def sparsity_report(
     true fraction of zeros over them, `nonzero_params` counts the whole model. `input_features` (a column prune's
     `ColumnPlan.report()`: per layer the input features removed or zeroed) is passed through.
     """
-    layers, zeros, total, all_zeros = {}, 0, 0, 0
-    for name, module in model.named_modules():
-        if not (is_supported_layer(module) or isinstance(module, (SparseLinear, QuantLinear))):
-            continue
-        z, n = layer_zeros(module)
-        all_zeros += z
-        if (name in names) if names is not None else isinstance(module, SparseLinear):
-            layers[name] = {"shape": [module.out_features, module.in_features] if hasattr(module, "out_features")
-                            else list(float_weight(module).shape), "sparsity": z / n}
-            zeros, total = zeros + z, total + n
+    layers, zeros, total, all_zeros = count_zeros(model, names)
     params_after = logical_parameters(model)
     return {
         "layers": layers,

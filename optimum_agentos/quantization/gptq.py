@@ -43,8 +43,8 @@ def gptq_quantize(
     if keep is not None:
         w *= keep
 
-    scales = torch.zeros(out_features, groups, dtype=torch.float32)
-    zeros = torch.zeros(out_features, groups, dtype=torch.float32)
+    scales = torch.zeros(out_features, groups, dtype=torch.float32, device=w.device)  # on the weight's device:
+    zeros = torch.zeros(out_features, groups, dtype=torch.float32, device=w.device)  # an accelerator works too
     fitted = torch.zeros(groups, dtype=torch.bool)
 
     def fit(g: int, columns: torch.Tensor) -> None:
@@ -63,18 +63,19 @@ def gptq_quantize(
         w, h = w[:, perm], h[perm][:, perm]
         keep_perm = None if keep is None else keep[:, perm]
     else:
-        perm = torch.arange(n)
+        perm = torch.arange(n, device=w.device)
         keep_perm = keep
 
     hinv = inverse_cholesky(h, damp_percent)
-    codes = torch.zeros(out_features, n, dtype=torch.float32)
+    codes = torch.zeros(out_features, n, dtype=torch.float32, device=w.device)
+    columns = perm.tolist()  # one transfer, not one per column
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
+            col = columns[i1 + i]
             g = col // gs
             if not fitted[g]:  # no act_order: columns arrive in order, so this is the group's first column
                 rest = torch.cat([w1[:, i:], w[:, i2:]], dim=1)

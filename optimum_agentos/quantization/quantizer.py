@@ -47,6 +47,9 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
         """Quantize `self.model` in memory and return it (marked quantized, ready for `save_pretrained`).
 
         With `config.smoothquant_alpha` the float model is smoothed first (SmoothQuant), on the calibration data."""
+        if self.streamed is not None:
+            raise ValueError("This Quantizer streams its checkpoint (streaming=True): it holds no model to quantize in "
+                             "memory. Call quantize(save_dir=...) to write the quantized checkpoint block by block.")
         start = time.perf_counter()
         names = resolve_targets(self.model, config.target, config.ignore)
         check_group_size(self.model, names, config)
@@ -73,10 +76,12 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
         else:
             if config.method == "gptq" and not config.awq:
                 leftover = run_blockwise(
-                    self.model, names, ids, lambda layers, h: self._gptq_block(layers, h, config), batch_size, "GPTQ"
+                    self.model, names, ids.to(self.device), lambda layers, h: self._gptq_block(layers, h, config),
+                    batch_size, "GPTQ", stream=self.block_stream(names),
                 )
             else:
-                leftover = quantize_calibrated(self.model, names, ids, config, batch_size, self.stats, awq_layout)
+                leftover = quantize_calibrated(self.model, names, ids.to(self.device), config, batch_size, self.stats,
+                                               awq_layout)
             if leftover:
                 logger.warning(f"{len(leftover)} target layers sit outside the repeated blocks; quantized with RTN: {leftover}")
                 quantize_model_rtn(self.model, config, names=leftover)
@@ -107,13 +112,27 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
         overwrite: bool = True,
         card_extra: dict | None = None,
         file_prefix=None,
+        max_shard_size="200MB",
+        buffer_memory=None,
+        spill_dir=None,
     ):
-        """Quantize and save model, tokenizer and model card to `save_dir` (atomically). Returns the model."""
+        """Quantize and save model, tokenizer and model card to `save_dir` (atomically). Returns the model.
+
+        Opened with `streaming=True`, the checkpoint is quantized block by block into shards of `max_shard_size`
+        (the most output held in memory before it is written), with the calibration activations kept within
+        `buffer_memory` (e.g. "2GB"; the rest spills to `spill_dir`, default the system's temporary folder), and
+        None is returned (no model is held in memory: load `save_dir` to use it)."""
         from ..formats.folder import check_save_dir, save_model_folder
         from ..hub.card import write_card
 
         check_save_dir(save_dir, overwrite)  # before minutes of work: refuse a folder holding the user's files
         config = config or AgentOSConfig()
+        if self.streamed is not None:
+            from .streamed import quantize_streamed
+
+            quantize_streamed(self, save_dir, config, calibration_dataset, num_samples, seq_len, batch_size, overwrite,
+                              card_extra, max_shard_size, buffer_memory, spill_dir)
+            return None
         model = self.quantize_in_place(config, calibration_dataset, num_samples, seq_len, batch_size)
         card_info = {"base_model": self.source, "config": config.to_dict(), **(card_extra or {})}
         save_model_folder(model, self.tokenizer, save_dir, overwrite, extra=lambda d: write_card(d, card_info))

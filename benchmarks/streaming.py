@@ -1,0 +1,299 @@
+"""Streamed versus in-memory compression: peak resident memory and time per block, against model size.
+
+Rows (each a fresh process, one after the other, so a row's peak RSS is its own):
+- `smollm2-gptq-memory` / `smollm2-gptq-streamed`: GPTQ int4 g128 of SmolLM2-135M-Instruct (the library's cached
+  float32 conversion, the folder `Quantizer.from_pretrained("smollm2-135m")` loads), calibration on WikiText-2
+  validation; the two output folders are compared tensor by tensor (bit-identical or the script fails).
+- `smollm2-sparsegpt-memory` / `smollm2-sparsegpt-streamed`: SparseGPT 50% unstructured, the same way.
+- `synth-gptq-streamed`: GPTQ int4 g128 of a synthetic Llama (random initialisation, saved once as bf16 shards
+  into benchmarks/work/, git-ignored), calibration on WikiText-2 validation windows tokenized by SmolLM2's
+  tokenizer (ids taken modulo the vocabulary; quality does not matter here, memory and time do).
+  `--synth-blocks N` stops after N blocks (an estimate of the full run from the first blocks).
+
+    python benchmarks/streaming.py                       # SmolLM2 rows + the synthetic model
+    python benchmarks/streaming.py --rows smollm2-gptq-streamed --calib-windows 8
+    python benchmarks/streaming.py --render-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import REPO, load_for_render, merge_with_saved, peak_rss_mib, publish, run_meta, run_rows
+
+MARK_BEGIN, MARK_END = "<!-- streaming:begin -->", "<!-- streaming:end -->"
+WORK = REPO / "benchmarks" / "work" / "streaming"
+ROWS = ["smollm2-gptq-memory", "smollm2-gptq-streamed", "smollm2-sparsegpt-memory", "smollm2-sparsegpt-streamed",
+        "synth-gptq-streamed"]
+# A Llama of 2.07B parameters: 24 blocks of 2560 wide, MLP 6912, untied 32000-token embeddings and head.
+SYNTH = dict(vocab_size=32000, hidden_size=2560, intermediate_size=6912, num_hidden_layers=24, num_attention_heads=20,
+             num_key_value_heads=20, tie_word_embeddings=False, max_position_embeddings=2048)
+
+
+def synthetic_checkpoint() -> Path:
+    """The synthetic Llama as bf16 safetensors shards (made once, block by block on the meta device, never whole)."""
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = WORK / "synth-llama-bf16"
+    if (folder / "done").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(**SYNTH, dtype="bfloat16")
+    with init_empty_weights():
+        model = LlamaForCausalLM(config)
+    generator = torch.Generator().manual_seed(0)
+    weight_map, shard = {}, 0
+    groups = [[n for n in model.state_dict() if not n.startswith("model.layers.")]]
+    groups += [[n for n in model.state_dict() if n.startswith(f"model.layers.{i}.")] for i in range(config.num_hidden_layers)]
+    for names in groups:
+        shard += 1
+        tensors = {}
+        for name in names:
+            shape = model.get_parameter(name).shape
+            if name.endswith("norm.weight"):
+                tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+        file = f"model-{shard:05d}-of-{len(groups):05d}.safetensors"
+        save_file(tensors, folder / file, metadata={"format": "pt"})
+        weight_map.update({n: file for n in names})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(folder)
+    (folder / "done").write_text("")
+    return folder
+
+
+def worker(row: str, args) -> dict:
+    import torch
+
+    from optimum_agentos import AgentOSConfig, PruningConfig
+    from optimum_agentos.models import resolve_model
+    from optimum_agentos.pruning import Pruner
+    from optimum_agentos.quantization.quantizer import Quantizer
+    from optimum_agentos.streaming.pipeline import current_rss_bytes
+
+    torch.manual_seed(0)
+    result = {"row": row, "rss_start_mib": peak_rss_mib()}
+    streamed = row.endswith("streamed")
+    out = WORK / row
+    gptq = AgentOSConfig(bits=4, group_size=128, method="gptq")
+    if row.startswith("synth"):
+        source = synthetic_checkpoint()
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+        from optimum_agentos.data import calibration_windows
+
+        ids = calibration_windows(tokenizer, "wikitext2", "validation", args.synth_windows, 512) % SYNTH["vocab_size"]
+        result["rss_start_mib"] = peak_rss_mib()
+        quantizer = Quantizer.from_pretrained(str(source), streaming=True)
+        if args.synth_blocks:
+            quantizer.model.model.layers = quantizer.model.model.layers[: args.synth_blocks]
+        result["base_rss_mib"] = current_rss_bytes() / 2**20
+        start = time.perf_counter()
+        quantizer.quantize(out, gptq, ids, batch_size=args.batch_size, buffer_memory=args.buffer_memory)
+        result["blocks_done"] = len(quantizer.model.model.layers)
+    else:
+        source = resolve_model("smollm2-135m")
+        compressor_cls = Quantizer if "gptq" in row else Pruner
+        compressor = compressor_cls.from_pretrained(source, streaming=streamed)
+        result["base_rss_mib"] = current_rss_bytes() / 2**20
+        start = time.perf_counter()
+        kwargs = dict(num_samples=args.calib_windows, seq_len=512, batch_size=args.batch_size)
+        if streamed:
+            kwargs["buffer_memory"] = args.buffer_memory
+        if compressor_cls is Quantizer:
+            compressor.quantize(out, gptq, "wikitext2", **kwargs)
+        else:
+            compressor.prune(out, PruningConfig(method="sparsegpt", sparsity=0.5), "wikitext2", **kwargs)
+        quantizer = compressor
+    result["seconds"] = time.perf_counter() - start
+    result["peak_rss_mib"] = peak_rss_mib()
+    blocks = quantizer.stats.get("blocks") or []
+    result["blocks"] = [{"seconds": b["seconds"], "rss_mib": b["rss_bytes"] / 2**20} for b in blocks]
+    result["spilled_mib"] = quantizer.stats.get("spilled_bytes", 0) / 2**20
+    result["source"] = str(source)
+    return result
+
+
+def identical(a: Path, b: Path) -> bool:
+    """The same tensor names, dtypes and values in two checkpoint folders (shards may differ)."""
+    import torch
+    from safetensors import safe_open
+
+    def names(folder):
+        out = {}
+        for file in folder.glob("*.safetensors"):
+            with safe_open(file, framework="pt") as f:
+                out.update({k: file for k in f.keys()})
+        return out
+
+    na, nb = names(a), names(b)
+    if set(na) != set(nb):
+        return False
+    for key, file in na.items():
+        with safe_open(file, framework="pt") as fa, safe_open(nb[key], framework="pt") as fb:
+            ta, tb = fa.get_tensor(key), fb.get_tensor(key)
+            if ta.dtype != tb.dtype or not torch.equal(ta, tb):
+                return False
+    return True
+
+
+# Llama shapes for the worked table: hidden, intermediate, vocabulary, blocks, key/value width, tied embeddings.
+SCALE_MODELS = {
+    "SmolLM2-135M (measured)": (576, 1536, 49152, 30, 192, True),
+    "synthetic 2.07B (measured)": (2560, 6912, 32000, 24, 2560, False),
+    "Llama-2-7B": (4096, 11008, 32000, 32, 4096, False),
+    "Llama-2-70B": (8192, 28672, 32000, 80, 1024, False),
+}
+GPTQ_A100_HOURS_175B = 4.0  # GPTQ paper (Frantar et al. 2022): 175B parameters in about four hours on one A100
+MB = 2**20
+
+
+def block_params(h, i, v, blocks, kv, tied) -> int:
+    return 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+
+
+def total_params(h, i, v, blocks, kv, tied) -> int:
+    return blocks * block_params(h, i, v, blocks, kv, tied) + v * h * (1 if tied else 2) + h
+
+
+def shard_bytes(shape) -> float:
+    """The output held before a shard is written: 200 MB, or the whole int4 output (half a byte per block weight,
+    a float16 scale and a zero per 128) when smaller."""
+    return min(200e6, shape[3] * block_params(*shape) * (0.5 + 3 / 128))
+
+
+def peak_formula(shape, base: float, tokens: int, buffer_cap: float | None, shard: float) -> dict:
+    """Predicted peak RSS (bytes) of streamed GPTQ: the base (interpreter, libraries, tokenizer, skeleton) plus the
+    largest of three phases, float32 throughout:
+    capture = embedding + buffer; block = block weights + the block's Hessians (one per distinct input) + the widest
+    layer's solve (6 input-width squares: the Hessian copy, its clone, the damped clone, the Cholesky factor, its
+    inverse, the upper factor; weight and codes copies) + buffer + one output shard; rest = embedding and head, and
+    their float16 copies."""
+    h, i, v, blocks, kv, tied = shape
+    buffer = 4 * tokens * h if buffer_cap is None else min(4 * tokens * h, buffer_cap)
+    heads = 1 if tied else 2
+    capture = 4 * v * h + buffer
+    hessians = 4 * (3 * h * h + i * i)
+    solve = 6 * 4 * i * i + 2 * 4 * h * i
+    block = 4 * block_params(*shape) + hessians + solve + buffer + shard
+    rest = (4 + 2) * v * h * heads
+    return {"capture": capture, "block": block, "rest": rest, "peak": base + max(capture, block, rest)}
+
+
+def write_markdown(results: list[dict], meta: dict) -> str:
+    args = meta["args"]
+    lines = [MARK_BEGIN, "## Streamed compression: memory and time per block", "",
+             f"Written by `python benchmarks/streaming.py` on {meta['date']}, {meta['cpu_count']} CPU cores shared "
+             "with other jobs (times are indicative, not speed claims). Each row is a fresh process; peak RSS "
+             "(MiB = 2^20 bytes) is the whole process up to the end of compression (imports, tokenizer, calibration "
+             "data, model load for the in-memory rows); `base` is the RSS just before compressing starts. SmolLM2 is "
+             "the library's cached float32 conversion (the folder `from_pretrained('smollm2-135m')` loads, one "
+             f"float32 file of 538 MB), calibrated on {args['calib_windows']} WikiText-2 validation windows of 512 "
+             f"tokens; the synthetic model on {args['synth_windows']} windows. GPTQ int4 group 128, SparseGPT 50% "
+             f"unstructured; streamed rows keep at most `--buffer-memory {args['buffer_memory']}` of activations "
+             "in memory and write 200 MB shards.", "",
+             "Peak memory of streamed GPTQ (float32 compute; H hidden, I intermediate, V vocabulary, T calibration "
+             "tokens, B = min(4·T·H, buffer budget), S = min(200 MB, the int4 output)): base + max(capture, block, "
+             "rest) with capture = 4·V·H + B (embeddings and the first block's inputs), block = 4·(block parameters) "
+             "+ 4·(3·H² + I²) (the block's Hessians, one per distinct input) + 6·4·I² + 2·4·H·I (the widest layer's "
+             "GPTQ solve: Hessian copy, clones, Cholesky factors) + B + S, rest = 6·V·H per untied matrix "
+             "(float32 embeddings/head and their float16 copies). `predicted peak` is that formula with the row's "
+             "measured base.", "",
+             "| row | blocks | time (s) | s / block (median) | base RSS (MiB) | peak RSS (MiB) | predicted peak (MiB) "
+             "| bit-identical to in-memory |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    from optimum_agentos.streaming.writer import parse_size
+
+    cap = parse_size(args["buffer_memory"])
+    for r in results:
+        secs = sorted(b["seconds"] for b in r.get("blocks", []))
+        median = f"{secs[len(secs) // 2]:.1f}" if secs else "-"
+        predicted = "-"
+        if r["row"].endswith("gptq-streamed"):
+            shape = SCALE_MODELS["synthetic 2.07B (measured)" if r["row"].startswith("synth") else
+                                 "SmolLM2-135M (measured)"]
+            windows = args["synth_windows"] if r["row"].startswith("synth") else args["calib_windows"]
+            f = peak_formula(shape, r["base_rss_mib"] * MB, windows * 512, cap, shard_bytes(shape))
+            predicted = f"{f['peak'] / MB:.0f}"
+        lines.append(f"| {r['row']} | {r.get('blocks_done', len(r.get('blocks', []))) or '-'} | {r['seconds']:.0f} | "
+                     f"{median} | {r['base_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} | {predicted} | "
+                     f"{r.get('identical', '-')} |")
+    synth = next((r for r in results if r["row"] == "synth-gptq-streamed" and r.get("blocks")), None)
+    if synth is not None:
+        lines += _worked_table(synth, args, cap)
+    lines += ["", "Raw results: `benchmarks/results/streaming.json`.", MARK_END]
+    return "\n".join(lines)
+
+
+def _worked_table(synth: dict, args: dict, cap: int) -> list[str]:
+    secs = sorted(b["seconds"] for b in synth["blocks"])
+    per_block = secs[len(secs) // 2]
+    measured_shape = SCALE_MODELS["synthetic 2.07B (measured)"]
+    measured_tokens = args["synth_windows"] * 512
+    tokens = 64 * 512
+    lines = ["", f"Worked table, streamed GPTQ int4 with 64 calibration windows of 512 tokens, from the synthetic "
+             f"model's measured median {per_block:.1f} s per block ({block_params(*measured_shape) / 1e6:.1f}M "
+             f"parameters per block, {measured_tokens} tokens) and its measured base RSS "
+             f"({synth['base_rss_mib']:.0f} MiB). Time scales with parameters per block x calibration tokens (the "
+             "forward passes and Hessians; the GPTQ solve grows faster, with the cube of the input width, so CPU "
+             "hours are a lower bound). Memory is the formula above with the activation buffer capped at "
+             f"{cap / MB:.0f} MiB (spilled beyond). The in-memory path needs the float32 model, 4 bytes per "
+             "parameter, before anything else. The accelerator column scales the GPTQ paper's published figure "
+             f"(about {GPTQ_A100_HOURS_175B:.0f} hours for 175B parameters on one A100) linearly with parameters; "
+             "it was not measured here.", "",
+             "| model | parameters | in-memory float32 (GB) | streamed peak (GB) | CPU hours (this machine) | "
+             "A100 hours (published, scaled) |", "|---|---:|---:|---:|---:|---:|"]
+    for name, shape in SCALE_MODELS.items():
+        params = total_params(*shape)
+        f = peak_formula(shape, synth["base_rss_mib"] * MB, tokens, cap, shard_bytes(shape))
+        hours = (per_block * shape[3] * block_params(*shape) / block_params(*measured_shape)
+                 * tokens / measured_tokens / 3600)
+        gpu = GPTQ_A100_HOURS_175B * params / 175e9
+        lines.append(f"| {name} | {params / 1e9:.2f}B | {4 * params / 1e9:.1f} | {f['peak'] / 1e9:.2f} | "
+                     f"{hours:.1f} | {gpu:.2f} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", nargs="*", default=ROWS)
+    parser.add_argument("--calib-windows", type=int, default=64)
+    parser.add_argument("--synth-windows", type=int, default=16)
+    parser.add_argument("--synth-blocks", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--buffer-memory", default="64MB")
+    parser.add_argument("--worker")
+    parser.add_argument("--out")
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args()
+    if args.worker:
+        Path(args.out).write_text(json.dumps(worker(args.worker, args)))
+        return
+    if args.render_only:
+        results, meta = load_for_render("streaming")
+    else:
+        passthrough = ["--calib-windows", str(args.calib_windows), "--synth-windows", str(args.synth_windows),
+                       "--synth-blocks", str(args.synth_blocks), "--batch-size", str(args.batch_size),
+                       "--buffer-memory", args.buffer_memory]
+        results = run_rows(__file__, args.rows, passthrough)
+        by_row = {r["row"]: r for r in results}
+        for r in results:
+            twin = by_row.get(r["row"].replace("-streamed", "-memory"))
+            if r["row"].endswith("streamed") and twin is not None:
+                r["identical"] = twin["identical"] = identical(WORK / r["row"], WORK / twin["row"])
+        results = merge_with_saved("streaming", results)
+        meta = run_meta(args, ["calib_windows", "synth_windows", "synth_blocks", "batch_size", "buffer_memory"])
+    publish("streaming", results, write_markdown(results, meta), MARK_BEGIN, MARK_END, meta)
+
+
+if __name__ == "__main__":
+    main()

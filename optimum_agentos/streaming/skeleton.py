@@ -1,0 +1,109 @@
+"""A model without weights (parameters on the meta device, computed buffers such as rotary frequencies real) whose
+parts are filled from the checkpoint one at a time and emptied again after use."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from torch import nn
+from transformers.utils import logging
+
+from .reader import CheckpointReader
+
+
+logger = logging.get_logger(__name__)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`"cpu"`, `"cuda"` (or `"cuda:N"`, any torch device) or `"auto"` (the accelerator when there is one)."""
+    if device is None or device == "cpu":
+        return torch.device("cpu")
+    if device == "auto":
+        accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+        if accelerator is not None and torch.accelerator.is_available():
+            return torch.device(accelerator.type)
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a device name; use 'cpu', 'cuda', 'cuda:1' or 'auto'.") from err
+    module = getattr(torch, device.type, None)
+    available = getattr(module, "is_available", lambda: False)()
+    count = getattr(module, "device_count", lambda: 1)() if available else 0
+    if not available or (device.index is not None and device.index >= count):
+        raise ValueError(
+            f"device={str(device)!r} is not available on this machine (torch {torch.__version__} sees "
+            f"{count} {device.type} device(s)). Use device='cpu', or device='auto' to take an accelerator only when "
+            "there is one."
+        )
+    return device
+
+
+def build_skeleton(path: str, config, auto_class, dtype: torch.dtype) -> nn.Module:
+    """The model of `config` with its parameters on the meta device (nothing allocated), in eval mode."""
+    with init_empty_weights(include_buffers=False):
+        model = auto_class.from_config(config, dtype=dtype)
+    model.tie_weights()  # tied parameters are one (counted once, freed together)
+    model.eval()
+    model.name_or_path = path
+    return model
+
+
+class StreamedModel:
+    """A skeleton model and the checkpoint it is filled from, part by part (`load(prefix)` / `free(prefix)`)."""
+
+    def __init__(self, path: str, reader: CheckpointReader, model: nn.Module, dtype: torch.dtype, device="cpu"):
+        self.path = path
+        self.reader = reader
+        self.model = model
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._check_keys()
+
+    def _check_keys(self) -> None:
+        expected = set(self.model.state_dict())
+        stored = set(self.reader.keys())
+        tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
+        missing = sorted(expected - stored - tied)
+        if missing:
+            raise ValueError(
+                f"The checkpoint in {self.path} lacks {len(missing)} tensors the model expects (e.g. "
+                f"{', '.join(missing[:3])}); its names do not match {type(self.model).__name__}'s (a checkpoint "
+                "renamed on load, or another architecture). Pass streaming=False to load it in memory."
+            )
+
+    def tensor_names(self, prefix: str = "", exclude: tuple[str, ...] = ()) -> list[str]:
+        """Checkpoint tensors under `prefix` (all when empty), leaving out those under any `exclude` prefix."""
+        start = f"{prefix}." if prefix else ""
+        return [n for n in self.reader.keys() if n.startswith(start) and not n.startswith(exclude)]
+
+    def load(self, names: list[str]) -> None:
+        """Fill these parameters/buffers from the checkpoint, in the compute dtype, on the compute device."""
+        for name, tensor in self.reader.read(names).items():
+            value = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+            set_module_tensor_to_device(self.model, name, self.device, value=value)
+            del tensor
+        if getattr(self.model.config, "tie_word_embeddings", False) or getattr(
+            self.model.config.get_text_config(), "tie_word_embeddings", False
+        ):
+            self.model.tie_weights()
+
+    def free(self, prefix: str = "", exclude: tuple[str, ...] = ()) -> None:
+        """Put every parameter and persistent buffer under `prefix` (tied copies included) back on the meta device."""
+        module = self.model.get_submodule(prefix) if prefix else self.model
+        start = f"{prefix}." if prefix else ""
+        persistent = set(module.state_dict(keep_vars=True))
+        names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
+        names += [n for n, _ in module.named_buffers(remove_duplicate=False) if n in persistent]
+        for name in names:
+            if exclude and (start + name).startswith(exclude):
+                continue
+            set_module_tensor_to_device(self.model, start + name, "meta")
+
+
+def open_streamed(path: str, config, auto_class, dtype: torch.dtype = torch.float32, device=None) -> StreamedModel:
+    """The checkpoint folder `path` as a `StreamedModel`: nothing but the headers read, the model built on meta."""
+    reader = CheckpointReader(path)
+    model = build_skeleton(path, config, auto_class, dtype)
+    return StreamedModel(path, reader, model, dtype, resolve_device(device))
