@@ -106,6 +106,7 @@ def prune_streamed(pruner, save_dir, config: PruningConfig, calibration_dataset=
         raise ValueError(f"{'method=' + repr(config.method) if config.needs_calibration else 'this setup'} needs "
                          "calibration data: pass calibration_dataset='wikitext2', a list of texts or a tensor of ids.")
     names = resolve_targets(model, config.target, config.ignore) if config.method else []
+    pruner.allocation = None  # uniform over the blocks (OWL is refused above)
     ids = None
     if config.needs_calibration or wants_gptq:
         ids = pruner.calibration_ids(calibration_dataset, num_samples, seq_len)
