@@ -13,8 +13,7 @@ import types
 from .dispatch import WRITERS, export, find_writer, load_for_export
 from .layers import ExportError, Weight, weight_of
 
-
-__all__ = ["ExportError", "WRITERS", "Weight", "export", "find_writer", "load_for_export", "weight_of"]
+__all__ = ["WRITERS", "ExportError", "Weight", "export", "find_writer", "load_for_export", "weight_of"]
 
 
 class _CallableModule(types.ModuleType):

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-
 EXPORT_INFO = "agentos_export.json"
 LIBRARY = {"gguf": "gguf", "onnx": "onnx", "compressed-tensors": "transformers"}
 RUNS_WITH = {

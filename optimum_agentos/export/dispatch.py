@@ -13,15 +13,14 @@ import importlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from transformers.utils import logging
 
 from ..formats.folder import atomic_directory, check_save_dir, folder_size
 from .card import write_export_card
 from .layers import ExportError, agentos_config
-
 
 logger = logging.get_logger(__name__)
 
@@ -57,7 +56,7 @@ def load_for_export(model_or_folder, tokenizer=None):
     from ..models import check_model_source
 
     check_model_source(model_or_folder)
-    model, loaded, path = load_pretrained(str(model_or_folder), dtype="auto")
+    model, loaded, _ = load_pretrained(str(model_or_folder), dtype="auto")
     return model.eval(), tokenizer or loaded, str(model_or_folder)
 
 

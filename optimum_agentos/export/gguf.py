@@ -17,19 +17,16 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..nn import QuantLinear, SparseLinear
 from ..nn.embedding import QuantEmbedding, QuantHead
 from . import gguf_tensors as gt
 from .gguf_vocab import add_vocab
-from .layers import ExportError, weight_of
-
+from .layers import WEIGHT_MODULES, ExportError, weight_of
 
 logger = logging.get_logger(__name__)
 
 # model_type -> (GGUF architecture, q/k rows permuted for llama.cpp's rotary layout)
 ARCHITECTURES = {"llama": (gguf.MODEL_ARCH.LLAMA, True), "mistral": (gguf.MODEL_ARCH.LLAMA, True),
                  "qwen2": (gguf.MODEL_ARCH.QWEN2, False)}
-WEIGHT_MODULES = (QuantLinear, SparseLinear, QuantEmbedding, QuantHead, nn.Linear, nn.Embedding)
 FILE_TYPES = {gguf.GGMLQuantizationType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
               gguf.GGMLQuantizationType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
               gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,

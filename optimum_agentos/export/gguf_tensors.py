@@ -20,7 +20,6 @@ from gguf import quants
 
 from .layers import ExportError, Weight
 
-
 BLOCK = 32
 FLOAT_TYPES = {torch.float32: QType.F32, torch.float16: QType.F16, torch.bfloat16: QType.BF16}
 
@@ -38,7 +37,7 @@ class Encoded:
 
 def exact_type(weight: Weight) -> QType | str:
     """The GGUF type holding `weight`'s codes exactly, or a string saying why none does."""
-    rows, cols = weight.shape
+    cols = weight.shape[1]
     gs = cols if weight.group_size == -1 else weight.group_size
     if cols % BLOCK or gs % BLOCK:
         return (f"GGUF blocks hold 32 weights; group_size={weight.group_size} over {cols} inputs does not split into "

@@ -14,7 +14,6 @@ from gguf import GGUFWriter, TokenType
 
 from .layers import ExportError
 
-
 # The split patterns of Hugging Face pre-tokenizers and the llama.cpp pre-tokenizer applying the same rule.
 _LETTERS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+"
 _REST = r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"

@@ -18,6 +18,9 @@ from ..nn import QuantLinear, SparseLinear, qmath
 from ..nn.embedding import QuantEmbedding, QuantHead
 from ..nn.linear import float_weight, is_conv1d
 
+# The modules holding a layer's weight (each has a `Weight` record); other parameters belong to norms and the like.
+WEIGHT_MODULES = (QuantLinear, SparseLinear, QuantEmbedding, QuantHead, nn.Linear, nn.Embedding)
+
 
 class ExportError(ValueError):
     """A model or configuration the chosen format cannot hold; the message names what can (and `--requantize`)."""

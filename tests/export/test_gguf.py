@@ -11,12 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_agentos import AgentOSConfig
-from optimum_agentos.export import ExportError, Weight, export
+from optimum_agentos.export import Weight, export
 from optimum_agentos.export import gguf_tensors as gt
 
 from ..conftest import build_tiny, run_python
 from .tiny import LLAMA_CPP, TEXT, TRANSFORMERS_GGUF, VOCAB, result_of, tiny_checkpoint, tiny_tokenizer
-
 
 QT = gguf.GGMLQuantizationType
 # llama.cpp quantizes activations to 8 bits inside its Q4/Q8 dot products: its log-probabilities differ from the
@@ -112,7 +111,7 @@ def exports(tmp_path_factory):
 
 @pytest.mark.parametrize("name", CASES)
 def test_exported_types(exports, name):
-    src, out, summary = exports[name]
+    _, out, summary = exports[name]
     assert {k: v for k, v in summary["tensor_types"].items() if k != "F32"} == CASES[name][1]
     # transformers 5 loads a Qwen2 tokenizer with Qwen2's own split pattern, whatever the file says
     assert summary["requantized_tensors"] == []

@@ -14,7 +14,6 @@ from optimum_agentos.quantization.quantizer import Quantizer
 
 from ..conftest import build_tiny
 
-
 TEXT = ("The quick brown fox jumps over the lazy dog. Compressed models run where agents live: laptops, CPUs and "
         "edge boxes. In 2024, 135 million weights fit in 98 megabytes; numbers like 3.14159 and 1,000,000 appear "
         "too. Café déjà vu!  Multiple   spaces, tabs\tand new\nlines.")
