@@ -109,3 +109,11 @@ def test_recipe_export_step(tmp_path, int4):
     recipe.write_text(f"model: {int4}\noutput: {tmp_path / 'run'}\nsteps:\n  - export: {{format: gguf}}\n")
     assert main(["run", str(recipe)]) == 0
     assert (tmp_path / "run" / "01-export" / "model-Q4_1.gguf").is_file()
+
+
+def test_the_package_is_the_function(tmp_path):
+    import optimum_agentos
+
+    assert callable(optimum_agentos.export) and optimum_agentos.export.export is export
+    with pytest.raises(ExportError, match="Unknown export format"):
+        optimum_agentos.export(tmp_path, "tflite", tmp_path / "out")

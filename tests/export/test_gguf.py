@@ -8,11 +8,13 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_agentos import AgentOSConfig
 from optimum_agentos.export import Weight, export
 from optimum_agentos.export import gguf_tensors as gt
+from optimum_agentos.quantization.quantizer import Quantizer
 
 from ..conftest import build_tiny, run_python
 from .tiny import LLAMA_CPP, TEXT, TRANSFORMERS_GGUF, VOCAB, result_of, tiny_checkpoint, tiny_tokenizer
@@ -83,6 +85,15 @@ def _bf16_float(folder):
     return folder
 
 
+def _mistral_int4(folder):
+    config = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=None)
+    torch.manual_seed(0)
+    Quantizer(transformers.MistralForCausalLM(config).eval(), tiny_tokenizer()).quantize(
+        folder, AgentOSConfig(bits=4, group_size=32))
+    return folder
+
+
 # name -> (build the source checkpoint in a folder, GGUF types expected besides F32)
 CASES = {
     "int4-asym-g32": (lambda f: tiny_checkpoint(f, config=AgentOSConfig(bits=4, group_size=32)), {"Q4_1": 14}),
@@ -96,6 +107,7 @@ CASES = {
         {"Q4_1": 14, "Q8_0": 1}),
     "sparse-2:4-int4": (_sparse_int4, {"Q4_1": 14}),
     "float-bf16": (_bf16_float, {"BF16": 16}),
+    "mistral-int4": (_mistral_int4, {"Q4_1": 14}),
 }
 
 
