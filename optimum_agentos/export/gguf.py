@@ -117,7 +117,8 @@ def gguf_tensors(model, requantize: bool) -> list[tuple[str, gt.Encoded]]:
 
 
 def write_gguf(model, tokenizer, out_dir: Path, *, requantize: bool = False) -> dict:
-    """Write `model.gguf`-style file `<name>-<type>.gguf` into `out_dir`; returns the summary (types, errors)."""
+    """Write `model-<TYPE>.gguf` (TYPE: the type of most decoder linears) into `out_dir`; returns the summary:
+    tensor types, the largest weight difference from ours, what was re-quantized, the tokenizer written."""
     arch, _ = check_architecture(model.config)  # named before any work
     tensors = gguf_tensors(model, requantize)
     types = Counter(enc.qtype.name for _, enc in tensors)
