@@ -54,8 +54,9 @@ def _exact_problem(weight: Weight) -> str | None:
         return ("asymmetric codes need zero points, which transformers loads only dequantized "
                 "(CompressedTensorsConfig(dequantize=True)); quantize with sym=True")
     if weight.group_size != -1 and weight.shape[1] % weight.group_size:
+        fits = _dividing_group(weight.shape[1], weight.group_size)
         return (f"group_size={weight.group_size} does not divide in_features={weight.shape[1]}, which "
-                f"compressed-tensors requires; quantize with group_size={_dividing_group(weight.shape[1], weight.group_size)}")
+                f"compressed-tensors requires; quantize with group_size={fits}")
     return None
 
 

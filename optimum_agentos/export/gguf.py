@@ -49,22 +49,45 @@ def check_architecture(config) -> tuple[gguf.MODEL_ARCH, bool]:
     return ARCHITECTURES[model_type]
 
 
-def _add_hparams(writer: gguf.GGUFWriter, config, name: str) -> None:
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def layer_shapes(model) -> dict[str, list[int]]:
+    """Per decoder layer: MLP width and query / key-value head counts, read from the layers themselves (structured
+    pruning with `uniform=False` leaves them different from the config's, and from layer to layer)."""
+    head_dim, shapes = head_dim_of(model.config), {"ffn": [], "q_proj": [], "k_proj": []}
+    for layer in model.model.layers:
+        shapes["ffn"].append(layer.mlp.up_proj.out_features)
+        shapes["q_proj"].append(layer.self_attn.q_proj.out_features // head_dim)
+        shapes["k_proj"].append(layer.self_attn.k_proj.out_features // head_dim)
+    return shapes
+
+
+def check_uniform(shapes: dict[str, list[int]]) -> None:
+    """llama.cpp's llama/qwen2 graphs take one MLP width and one head count for every layer."""
+    uneven = [kind for kind, values in shapes.items() if len(set(values)) > 1]
+    if uneven:
+        widths = "; ".join(f"{k}: {shapes[k]}" for k in uneven)
+        raise ExportError(f"The layers differ in width ({widths}), which llama.cpp cannot load: prune with "
+                          "uniform=True (the same width in every layer).")
+
+
+def _add_hparams(writer: gguf.GGUFWriter, config, shapes: dict[str, list[int]]) -> None:
+    head_dim = head_dim_of(config)
     rope = getattr(config, "rope_parameters", None) or {}
-    writer.add_name(name)
+    writer.add_name("model")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
+    writer.add_feed_forward_length(shapes["ffn"][0])
+    writer.add_head_count(shapes["q_proj"][0])
+    writer.add_head_count_kv(shapes["k_proj"][0])
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // heads:
+    if head_dim * shapes["q_proj"][0] != config.hidden_size:  # e.g. attention groups pruned
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
 
@@ -87,8 +110,8 @@ def gguf_tensors(model, requantize: bool) -> list[tuple[str, gt.Encoded]]:
     config = model.config
     arch, permute = check_architecture(config)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    heads = {"q_proj": config.num_attention_heads,
-             "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+    shapes = layer_shapes(model)
+    check_uniform(shapes)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     out, handled = [], set()
     modules = list(model.named_modules())
@@ -102,7 +125,8 @@ def gguf_tensors(model, requantize: bool) -> list[tuple[str, gt.Encoded]]:
         target = names.get_name(name + ".weight", try_suffixes=(".weight",))
         if target is None:
             raise ExportError(f"{name} ({type(module).__name__}) has no place in a GGUF {arch.name.lower()} model.")
-        n_head = heads.get(name.rsplit(".", 1)[-1]) if permute else None
+        kind = name.rsplit(".", 1)[-1]
+        n_head = shapes[kind][int(target.split(".")[1])] if permute and kind in ("q_proj", "k_proj") else None
         out.append((target, _encode(name, module, n_head, requantize) if is_weight
                     else gt.encode_float(module.weight, force_f32=True)))
         bias = getattr(module, "bias", None)
@@ -126,7 +150,7 @@ def write_gguf(model, tokenizer, out_dir: Path, *, requantize: bool = False) -> 
     main_type = linear.most_common(1)[0][0] if linear else gguf.GGMLQuantizationType.F32
     path = out_dir / f"model-{main_type.name}.gguf"
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
-    _add_hparams(writer, model.config, "model")
+    _add_hparams(writer, model.config, layer_shapes(model))
     writer.add_file_type(FILE_TYPES.get(main_type, gguf.LlamaFileType.GUESSED))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab = add_vocab(writer, tokenizer, model.config.vocab_size)

@@ -39,7 +39,10 @@ def exact_type(weight: Weight) -> QType | str:
     """The GGUF type holding `weight`'s codes exactly, or a string saying why none does."""
     cols = weight.shape[1]
     gs = cols if weight.group_size == -1 else weight.group_size
-    if cols % BLOCK or gs % BLOCK:
+    if cols % BLOCK:
+        return (f"{cols} inputs is not a multiple of 32, the size of every GGUF quantized block: keep this layer in "
+                "float (ignore it when quantizing) or prune to widths that are multiples of 32")
+    if gs % BLOCK:
         return (f"GGUF blocks hold 32 weights; group_size={weight.group_size} over {cols} inputs does not split into "
                 f"them: quantize with group_size=32, 64 or 128 (a multiple of 32)")
     if weight.scales.dtype != torch.float16 and not _fits_fp16(weight.scales):

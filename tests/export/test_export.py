@@ -117,3 +117,16 @@ def test_the_package_is_the_function(tmp_path):
     assert callable(optimum_agentos.export) and optimum_agentos.export.export is export
     with pytest.raises(ExportError, match="Unknown export format"):
         optimum_agentos.export(tmp_path, "tflite", tmp_path / "out")
+
+
+def test_uneven_layer_widths_name_uniform_pruning(tmp_path):
+    from optimum_agentos import Pruner, PruningConfig
+
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt").input_ids[:, :48]
+    Pruner(build_tiny("llama", vocab_size=VOCAB, num_hidden_layers=3), tokenizer).prune(
+        tmp_path / "src", PruningConfig(method=None, mlp_neurons=0.3, uniform=False), calibration_dataset=ids.repeat(
+            2, 1), num_samples=2, seq_len=48, float_dtype="float32")
+    with pytest.raises(ExportError, match=r"differ in width \(ffn: \[.*uniform=True"):
+        export(tmp_path / "src", "gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
