@@ -19,7 +19,7 @@ _DISTILLATION = {"DistillationConfig", "DistillationTrainer", "make_student", "p
 __all__ = [
     "AgentOSConfig", "DistillationConfig", "DistillationTrainer", "Pruner", "PruningConfig", "QuantLinear",
     "Quantizer", "SparseLinear", "FORMAT_VERSION", "__version__", "make_student", "precompute_teacher_topk",
-    "plan_mixed_precision",
+    "plan_mixed_precision", "export",
 ]
 
 
@@ -41,6 +41,10 @@ def __getattr__(name):
         from .pruning.config import PruningConfig
 
         return PruningConfig
+    if name == "export":  # the package is callable: optimum_agentos.export(model, "gguf", out)
+        import importlib
+
+        return importlib.import_module(".export", __name__)
     if name in _DISTILLATION:
         from . import distillation
 

@@ -302,6 +302,7 @@ SUBCOMMANDS = {
     "card": (_lazy(".commands.card", "add_parser"), _lazy(".commands.card", "run")),
     "push": (_lazy(".commands.push", "add_parser"), _lazy(".commands.push", "run")),
     "run": (_lazy(".commands.run", "add_parser"), _lazy(".commands.run", "run")),
+    "export": (_lazy(".commands.export", "add_parser"), _lazy(".commands.export", "run")),
 }
 
 

@@ -1,4 +1,5 @@
-"""Recipes: a YAML list of steps (prune, distill, quantize, eval, card, push) run in order by `optimum-agentos run`.
+"""Recipes: a YAML list of steps (prune, distill, quantize, eval, card, push, export) run in order by
+`optimum-agentos run`.
 
 ```yaml
 model: smollm2-135m              # the starting model (folder, Hub id or alias)
@@ -7,12 +8,14 @@ steps:
   - quantize: {bits: 4, group_size: 128, method: gptq}
   - eval: {tasks: [wikitext2, lambada], limit: 200}
   - card: {}
+  - export: {format: gguf}
 ```
 
 A step's keys are the options of the command of the same name, with `_` for `-` (`optimum-agentos quantize
 --help` lists them). Steps that write a checkpoint (prune, distill, quantize) feed it to the next step; `eval`
 compares the current checkpoint with the recipe's `model` (or its `baseline:` key) and re-renders the card with the
-report. The whole file is validated before anything runs, and errors name the step, the key and the line.
+report; `export` writes the current checkpoint in another format (`format: gguf`) beside it, leaving the current
+checkpoint as it is. The whole file is validated before anything runs, and errors name the step, the key and the line.
 Finished steps are recorded in `<output>/recipe_state.json`; running the recipe again resumes after the last one
 whose settings did not change.
 """
@@ -32,12 +35,12 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 CHECKPOINT_STEPS = ("prune", "distill", "quantize")
-STEPS = CHECKPOINT_STEPS + ("eval", "card", "push")
+STEPS = CHECKPOINT_STEPS + ("eval", "card", "push", "export")
 TOP_KEYS = ("model", "output", "steps", "name", "description")
 # Options the runner sets itself: a recipe may not (model flow and output folders belong to the recipe).
 MANAGED = {"prune": ("model", "output", "overwrite"), "quantize": ("model", "output", "overwrite"),
            "distill": ("output_dir", "overwrite"), "eval": ("model", "output", "overwrite"), "card": ("folder",),
-           "push": ("folder",)}
+           "push": ("folder",), "export": ("model", "output", "overwrite")}
 
 
 class RecipeError(ValueError):
@@ -160,7 +163,8 @@ def _check_arguments(name: str, options: dict) -> None:
     from . import cli
 
     runner_sets = {"quantize": ["--model", "m", "--output", "o"], "prune": ["--model", "m", "--output", "o"],
-                   "eval": ["--model", "m"], "card": ["f"], "push": ["f"]}[name]
+                   "eval": ["--model", "m"], "card": ["f"], "push": ["f"],
+                   "export": ["--model", "m", "--output", "o"]}[name]
     args = step_parser(name).parse_args([*runner_sets, *to_argv(name, options)])
     cli.check_arguments(name, args)
 

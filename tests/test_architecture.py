@@ -36,9 +36,10 @@ ALLOWED = {
     "evaluation": GROUND | {"nn", "formats", "data", "models"},
     "hub": GROUND | {"formats", "models", "evaluation"},
     "distillation": GROUND | {"nn", "formats", "data", "models", "evaluation", "hub"},
+    "export": GROUND | {"nn", "formats", "models", "compressor", "hub"},
     "cli": None,  # the command line (cli.py, commands/, recipes.py) may import any part
     "_moved": set(),
-    "__init__": GROUND | {"nn", "integrations", "_moved", "quantization", "pruning", "distillation"},
+    "__init__": GROUND | {"nn", "integrations", "_moved", "quantization", "pruning", "distillation", "export"},
 }
 CLI_PART = {"cli", "commands", "recipes"}
 # The one way an algorithm package may use another: the pruner composes with quantization's package entry point.

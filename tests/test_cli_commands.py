@@ -65,7 +65,7 @@ def test_quantize_cli_awq_and_learned_rounding(folders, tmp_path):
 def test_optimum_cli_registers_the_agentos_commands():
     proc = subprocess.run([OPTIMUM_CLI, "agentos", "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    for command in ("quantize", "prune", "distill", "eval", "card", "push", "run"):
+    for command in ("quantize", "prune", "distill", "eval", "card", "push", "run", "export"):
         assert command in proc.stdout
     proc = subprocess.run([OPTIMUM_CLI, "agentos", "quantize", "--help"], capture_output=True, text=True,
                           timeout=300)

@@ -73,6 +73,9 @@ def _execute(step, index: int, current: str, recipe, output: Path) -> tuple[dict
         args = step_parser("card").parse_args(
             [current, *argv] + (["--report", str(report)] if (report / "report.json").is_file() else []))
         return cli.SUBCOMMANDS["card"][1](args), None
+    if step.name == "export":  # a leaf: the exported folder sits beside the checkpoints, the current one stays
+        args = step_parser("export").parse_args([*argv, "--model", current, "--output", str(folder), "--overwrite"])
+        return cli.SUBCOMMANDS["export"][1](args), None
     args = step_parser("push").parse_args([current, *argv])
     return cli.SUBCOMMANDS["push"][1](args), None
 

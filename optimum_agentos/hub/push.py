@@ -38,8 +38,9 @@ def push_folder(
     Returns the commit URL. The token is never logged or written to the folder.
     """
     folder = Path(folder)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} holds no config.json: save a checkpoint there before pushing it.")
+    if not (folder / "config.json").exists() and not (folder / "agentos_export.json").exists():
+        raise FileNotFoundError(f"{folder} holds no config.json (nor an export's agentos_export.json): save a "
+                                "checkpoint or an export there before pushing it.")
     token = check_credentials(token)
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)

@@ -144,13 +144,16 @@ class SparseLinear(nn.Module):
             dtype = self.bias.dtype if self.bias is not None else (
                 self.weight.dtype if self.bits is None else torch.float32
             )
-        kept = self.kept()
         if self.bits is None:
             dense = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.weight.device)
-            return dense.masked_scatter_(kept, self.weight.to(dtype))
+            return dense.masked_scatter_(self.kept(), self.weight.to(dtype))
+        return qmath.dequantize_codes(self.dense_codes(), self.weight_scale, self.weight_zero, self.group_size, dtype)
+
+    def dense_codes(self) -> torch.Tensor:
+        """Quantized layers: the dense codes `[out, in]`, pruned positions holding their group's zero point (so they
+        dequantize to exactly 0)."""
         codes = qmath.expand_groups(self.weight_zero, self.in_features, self.group_size).clone()
-        codes.masked_scatter_(kept, packing.unpack(self.weight, self.bits, 1, self.nnz)[0])
-        return qmath.dequantize_codes(codes, self.weight_scale, self.weight_zero, self.group_size, dtype)
+        return codes.masked_scatter_(self.kept(), packing.unpack(self.weight, self.bits, 1, self.nnz)[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.dequantize(x.dtype), self.bias)
