@@ -33,6 +33,7 @@ ALLOWED = {
     "pruning": GROUND | {"nn", "formats", "calibration", "compressor", "hub", "quantization"},
     "evaluation": GROUND | {"nn", "formats", "data", "models"},
     "hub": GROUND | {"formats", "models", "evaluation"},
+    "export": GROUND | {"nn"},
     "distillation": GROUND | {"nn", "formats", "data", "models", "evaluation", "hub"},
     "cli": None,  # the command line (cli.py, commands/, recipes.py) may import any part
     "_moved": set(),

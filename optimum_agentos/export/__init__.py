@@ -1,0 +1,1 @@
+"""Export agentos checkpoints to deployable runtime formats (GGUF, ONNX, compressed-tensors)."""
