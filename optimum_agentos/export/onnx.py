@@ -20,13 +20,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers.utils import logging
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from ..nn import QuantEmbedding, QuantHead, QuantLinear, SparseLinear
 from . import onnx_graph, onnx_nbits
 from .onnx_nbits import NotExportableError, exact_block, layer_codes, not_exportable_message
-
 
 logger = logging.get_logger(__name__)
 
@@ -165,7 +164,7 @@ def _builder_imports():
     import onnxruntime_genai.models as package
 
     root = os.path.dirname(package.__file__)
-    own = lambda module: (getattr(module, "__file__", None) or "").startswith(root)  # noqa: E731
+    own = lambda module: (getattr(module, "__file__", None) or "").startswith(root)
     saved = {name: module for name, module in sys.modules.items()
              if name.split(".")[0] in BUILDER_PARTS and not own(module)}
     for name in saved:

@@ -18,7 +18,6 @@ import torch
 
 from .onnx_nbits import LayerCodes, matmul_nbits
 
-
 DATA_FILE = "model.onnx.data"
 _LAYER = re.compile(r"^(model\.layers\.\d+)\.(attn|mlp)\.(\w+)$")
 
@@ -45,10 +44,10 @@ def fuse_rows(layers: list[LayerCodes], blocks: list[int]) -> tuple[LayerCodes, 
     the stack is exact when they share bits, group size and block."""
     if len(layers) == 1:
         return layers[0], blocks[0]
-    keys = {(layer.bits if layer.bits > 4 else 4, layer.group_size, block) for layer, block in zip(layers, blocks)}
+    keys = {(max(4, layer.bits), layer.group_size, block) for layer, block in zip(layers, blocks)}
     if len(keys) != 1:
         raise ValueError("fused layers need the same bits, group size and block; export them unfused")
-    cat = lambda attr: torch.cat([getattr(layer, attr) for layer in layers], dim=0)  # noqa: E731
+    cat = lambda attr: torch.cat([getattr(layer, attr) for layer in layers], dim=0)
     first = layers[0]
     bits = max(layer.bits for layer in layers)
     return LayerCodes(cat("codes"), cat("scales").float(), cat("zeros"), bits, first.group_size), blocks[0]
@@ -157,7 +156,7 @@ def graph_summary(model) -> dict:
     """Op counts, the bits and block sizes of the `MatMulNBits` nodes and the number of stored tensors."""
     ops = Counter(node.op_type for node in model.graph.node)
     nbits = [node for node in model.graph.node if node.op_type == "MatMulNBits"]
-    attr = lambda node, key: next(a.i for a in node.attribute if a.name == key)  # noqa: E731
+    attr = lambda node, key: next(a.i for a in node.attribute if a.name == key)
     return {
         "ops": dict(sorted(ops.items())),
         "matmul_nbits": len(nbits),

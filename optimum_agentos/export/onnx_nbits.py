@@ -22,7 +22,6 @@ import torch
 
 from ..nn import QuantHead, QuantLinear, SparseLinear, packing, qmath
 
-
 MIN_BLOCK = 16
 MAX_BLOCK = 256  # the largest block ONNX Runtime's CPU kernels (MLAS) run without a dequantize fallback
 

@@ -21,8 +21,8 @@ from optimum_agentos.nn.prepare import prepare_kernels
 from ..conftest import REPO, build_tiny
 
 pytest.importorskip("onnxruntime_genai")
-from optimum_agentos.export.onnx import write_onnx  # noqa: E402
-from optimum_agentos.export.onnx_nbits import NotExportableError  # noqa: E402
+from optimum_agentos.export.onnx import write_onnx
+from optimum_agentos.export.onnx_nbits import NotExportableError
 
 # GroupQueryAttention wants head sizes in multiples of 16: 192 / 4 heads = 48. 192 = 128 + 64 and 320 = 2 * 128 +
 # 64 leave a short last group of 128 on every layer, like SmolLM2's 576.
@@ -200,3 +200,29 @@ def test_unsupported_models_are_refused_naming_what_is_supported(tmp_path):
     with pytest.raises(ValueError, match="needs the model's tokenizer"):
         write_onnx(build_tiny("llama", **TINY), None, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.model("smollm2-135m")
+def test_smollm2_int4_export_matches_ours_in_onnxruntime_and_genai(tmp_path):
+    """The real SmolLM2-135M-Instruct, int4 group 128 (ragged last group of 64 on its 576 inputs), tied float
+    embeddings: onnxruntime's logits within 1e-3 of ours through prefill and decode, the same greedy tokens."""
+    from transformers import AutoTokenizer
+
+    from optimum_agentos.models import resolve_model
+
+    source = resolve_model("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = Quantizer.from_pretrained(source).quantize_in_place(AgentOSConfig(bits=4, group_size=128))
+    prepare_kernels(model, policy="reference")
+    (tmp_path / "onnx").mkdir()
+    summary = write_onnx(model, tokenizer, tmp_path / "onnx")
+    assert summary["matmul_nbits"] == 30 * 5 and summary["block_sizes"] == [128]  # q/k/v fused per layer
+    prompt = tokenizer("The history of the city begins with", return_tensors="pt").input_ids
+    ids = torch.cat([prompt, torch.randint(0, 49152, (1, PROMPT + DECODED - prompt.shape[1]),
+                                           generator=torch.Generator().manual_seed(5))], dim=1)
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits[0].numpy()
+        greedy = model.generate(prompt, max_new_tokens=8, do_sample=False)[0].tolist()
+    assert relative_error(ort_logits(tmp_path / "onnx", ids[0], tmp_path), ours) < 1e-3
+    assert json.loads(_run_script(GENAI_SCRIPT, tmp_path / "onnx", json.dumps(prompt[0].tolist()), "8")) == greedy
