@@ -77,13 +77,6 @@ def tiny_tokenizer():
                                                 eos_token="t2")
 
 
-def load_reference(folder):
-    """Our checkpoint loaded as users load it, computing on the exact reference path (dequantize, float32)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-    prepare_kernels(model, policy="reference")
-    return model
-
-
 def export(model, folder, **kwargs) -> dict:
     folder.mkdir()
     return write_onnx(model, tiny_tokenizer(), folder, **kwargs)
@@ -111,7 +104,7 @@ def relative_error(found: np.ndarray, expected: np.ndarray) -> float:
 
 @pytest.fixture(scope="module", params=[
     pytest.param(dict(bits=4, group_size=128), id="int4-g128-untied"),
-    pytest.param(dict(bits=8, group_size=128, sym=True, embedding_bits=8), id="int8-sym-g128-int8-embeddings-tied"),
+    pytest.param(dict(bits=8, group_size=-1, sym=True, embedding_bits=8), id="int8-sym-per-row-int8-embeddings-tied"),
 ])
 def exported(request, tmp_path_factory):
     """(our reloaded checkpoint, its ONNX export folder, the export summary) for each configuration."""
@@ -119,18 +112,21 @@ def exported(request, tmp_path_factory):
     config = AgentOSConfig(**request.param)
     tied = bool(config.embedding_bits)
     Quantizer(build_tiny("llama", **TINY, tie_word_embeddings=tied), tiny_tokenizer()).quantize(tmp / "ckpt", config)
-    model = load_reference(tmp / "ckpt")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp / "ckpt").eval()  # as users load it: its kernels
+    kernels = {type(m.kernel).__name__ for m in model.modules() if isinstance(m, QuantLinear)}
     summary = export(model, tmp / "onnx")
-    return model, tmp / "onnx", summary, config
+    prepare_kernels(model, policy="reference")  # ours, exactly: dequantize, float32 matmul
+    return model, tmp / "onnx", summary, config, kernels
 
 
 def test_every_quantized_linear_is_matmul_nbits_from_our_codes(exported):
-    model, folder, summary, config = exported
+    model, folder, summary, config, kernels = exported
+    assert kernels != {"NoneType"}  # exported from the fast kernels' layout (int4: the kernel holds the codes)
     quantized = sum(isinstance(m, QuantLinear) for m in model.modules())  # 7 per layer, q/k/v fused into one node
     head = 1 if config.embedding_bits else 0
     assert summary["matmul_nbits"] == quantized - 2 * model.config.num_hidden_layers + head
-    # the int8 head has one scale per row of 192: blocks of 64 repeat it
-    assert summary["bits"] == [config.bits] and summary["block_sizes"] == sorted({config.group_size, 64 * head or 128})
+    # one scale per row of 192 (or 320) inputs: blocks of 64 repeat it
+    assert summary["bits"] == [config.bits] and summary["block_sizes"] == [64 if config.group_size == -1 else 128]
     assert summary["requantized"] == {} and summary["added_error"] is None
     assert summary["float_matmuls"] == 1 - head  # the float head, or none when it is int8 too
     if config.embedding_bits:  # tied int8 rows are gathered from the head's codes: no float copy in the file
@@ -140,7 +136,7 @@ def test_every_quantized_linear_is_matmul_nbits_from_our_codes(exported):
 
 
 def test_onnxruntime_logits_match_ours_through_prefill_and_kv_cache_decode(exported, tmp_path):
-    model, folder, _, _ = exported
+    model, folder, *_ = exported
     ids = torch.randint(3, 128, (1, PROMPT + DECODED), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ours = model(input_ids=ids).logits[0].numpy()
@@ -150,7 +146,7 @@ def test_onnxruntime_logits_match_ours_through_prefill_and_kv_cache_decode(expor
 
 
 def test_onnxruntime_genai_greedy_tokens_match_ours(exported):
-    model, folder, _, _ = exported
+    model, folder, *_ = exported
     prompt = [5, 9, 17, 33, 64, 100, 7]
     with torch.no_grad():
         ours = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0].tolist()
@@ -173,6 +169,27 @@ def test_int3_and_sparse_layers_export_exactly(tmp_path):
     summary = export(model, tmp_path / "onnx")
     assert summary["bits"] == [4, 8] and summary["block_sizes"] == [64]
     ids = torch.randint(3, 128, (1, PROMPT + DECODED), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits[0].numpy()
+    assert relative_error(ort_logits(tmp_path / "onnx", ids[0], tmp_path), ours) < 1e-3
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_qwen2_and_mistral_export_exactly(family, tmp_path):
+    """Qwen2 (q/k/v biases, made non-zero here; tied embeddings) and Mistral go through the same route."""
+    if family == "qwen2":
+        model = build_tiny("qwen2", **TINY)
+        for name, module in model.named_modules():
+            if name.endswith("_proj") and module.bias is not None:
+                torch.nn.init.normal_(module.bias)
+    else:
+        torch.manual_seed(0)
+        config = transformers.MistralConfig(vocab_size=128, num_hidden_layers=2, **TINY)
+        model = transformers.MistralForCausalLM(config).eval()
+    model = Quantizer(model).quantize_in_place(AgentOSConfig(bits=4, group_size=64))
+    prepare_kernels(model, policy="reference")
+    assert export(model, tmp_path / "onnx")["matmul_nbits"] == 10
+    ids = torch.randint(3, 128, (1, PROMPT + DECODED), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         ours = model(input_ids=ids).logits[0].numpy()
     assert relative_error(ort_logits(tmp_path / "onnx", ids[0], tmp_path), ours) < 1e-3
