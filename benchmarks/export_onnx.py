@@ -229,7 +229,10 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         "torch: `generate`); all models timed round-robin in one process, "
         f"{args['repeats']} repeats, medians, on a machine shared with other jobs: read the ratios to fp32 torch "
         "measured beside them, not the absolute rates. `torch agentos` rows: the same quantized models with the "
-        "CPU kernels they load with.",
+        "CPU kernels they load with. Weights: the size of `model.onnx.data`; the graph computes in float32, so "
+        "the float tied embedding / head of these models is stored as 49152 x 576 float32 (113 MB) beside the "
+        "`MatMulNBits` codes (with `embedding_bits=8` it becomes an int8 `MatMulNBits` head that "
+        "`GatherBlockQuantized` also reads the embedding rows from; not measured here).",
         "",
         "| runtime / model | logits rel. error vs ours | ppl | ours ppl | prefill tok/s | prefill / fp32 torch | "
         "decode tok/s | decode / fp32 torch | weights (MB) | export (s) |",
