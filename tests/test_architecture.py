@@ -35,6 +35,7 @@ ALLOWED = {
     "pruning": GROUND | {"nn", "formats", "calibration", "compressor", "hub", "quantization", "streaming"},
     "evaluation": GROUND | {"nn", "formats", "data", "models"},
     "hub": GROUND | {"formats", "models", "evaluation"},
+    "export": GROUND | {"nn"},
     "distillation": GROUND | {"nn", "formats", "data", "models", "evaluation", "hub"},
     "export": GROUND | {"nn", "formats", "models", "compressor", "hub"},
     "cli": None,  # the command line (cli.py, commands/, recipes.py) may import any part
