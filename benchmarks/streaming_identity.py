@@ -5,9 +5,10 @@ machine): prints whether the two checkpoints hold the same tensors (names, dtype
     python benchmarks/streaming_identity.py 3 8      # 3 blocks, 8 calibration windows of 512 tokens
 """
 
+import json
 import sys
-from pathlib import Path
 
+from common import REPO
 from streaming import WORK, identical
 
 from optimum_agentos import AgentOSConfig
@@ -23,7 +24,9 @@ def main() -> None:
         quantizer.model.model.layers = quantizer.model.model.layers[:blocks]
         quantizer.quantize(out / ("streamed" if streamed else "memory"), config, "wikitext2", num_samples=windows,
                            seq_len=512)
-    print("identical", identical(out / "memory", out / "streamed"), "blocks", blocks, "windows", windows)
+    result = {"blocks": blocks, "windows": windows, "identical": identical(out / "memory", out / "streamed")}
+    (REPO / "benchmarks" / "results" / "streaming_identity.json").write_text(json.dumps(result) + "\n")
+    print(result)
 
 
 if __name__ == "__main__":
