@@ -193,7 +193,7 @@ def write_markdown(results: list[dict], meta: dict) -> str:
     args = meta["args"]
     lines = [MARK_BEGIN, "## Streamed compression: memory and time per block", "",
              f"Written by `python benchmarks/streaming.py` on {meta['date']}, {meta['cpu_count']} CPU cores shared "
-             "with other jobs (times are indicative, not speed claims). Each row is a fresh process; peak RSS "
+             "with other jobs, run at `nice 19` (times are indicative, not speed claims). Each row is a fresh process; peak RSS "
              "(MiB = 2^20 bytes) is the whole process up to the end of compression (imports, tokenizer, calibration "
              "data, model load for the in-memory rows); `base` is the RSS just before compressing starts. SmolLM2 is "
              "the library's cached float32 conversion (the folder `from_pretrained('smollm2-135m')` loads, one "
@@ -227,6 +227,12 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         lines.append(f"| {r['row']} | {r.get('blocks_done', len(r.get('blocks', []))) or '-'} | {r['seconds']:.0f} | "
                      f"{median} | {r['base_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} | {predicted} | "
                      f"{r.get('identical', '-')} |")
+    identity = REPO / "benchmarks" / "results" / "streaming_identity.json"
+    if identity.exists():
+        check = json.loads(identity.read_text())
+        lines += ["", f"`python benchmarks/streaming_identity.py {check['blocks']} {check['windows']}` (SmolLM2 GPTQ "
+                  f"in memory and streamed, both cut to the first {check['blocks']} blocks, {check['windows']} "
+                  f"calibration windows): tensors identical: {check['identical']}."]
     synth = next((r for r in results if r["row"] == "synth-gptq-streamed" and r.get("blocks")), None)
     if synth is not None:
         lines += _worked_table(synth, args, cap)
@@ -244,8 +250,10 @@ def _worked_table(synth: dict, args: dict, cap: int) -> list[str]:
              f"model's measured median {per_block:.1f} s per block ({block_params(*measured_shape) / 1e6:.1f}M "
              f"parameters per block, {measured_tokens} tokens) and its measured base RSS "
              f"({synth['base_rss_mib']:.0f} MiB). Time scales with parameters per block x calibration tokens (the "
-             "forward passes and Hessians; the GPTQ solve grows faster, with the cube of the input width, so CPU "
-             "hours are a lower bound). Memory is the formula above with the activation buffer capped at "
+             "forward passes and Hessians; the GPTQ solve grows faster, with the cube of the input width). The block times "
+             "of this run were measured at `nice 19` while other jobs held both cores, which inflates them several "
+             "fold (compare the SmolLM2 GPTQ time in the quantization section, measured on a quieter machine), so the "
+             "CPU hours are indicative only. Memory is the formula above with the activation buffer capped at "
              f"{cap / MB:.0f} MiB (spilled beyond). The in-memory path needs the float32 model, 4 bytes per "
              "parameter, before anything else. The accelerator column scales the GPTQ paper's published figure "
              f"(about {GPTQ_A100_HOURS_175B:.0f} hours for 175B parameters on one A100) linearly with parameters; "
