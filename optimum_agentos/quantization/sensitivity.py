@@ -52,9 +52,10 @@ def layer_sensitivity(model: nn.Module, names: list[str], calibration_ids: torch
     blocks_name, blocks = find_blocks(model, names)
     was_training = model.training
     model.eval()
-    batches = list(torch.split(calibration_ids, batch_size))
+    first = max(1, min(error_samples, len(calibration_ids)))  # the error windows get batches of their own
+    batches = list(torch.split(calibration_ids[:first], batch_size)) + list(torch.split(calibration_ids[first:], batch_size))
     inputs = capture_block_inputs(model, blocks[0], batches)
-    measured = max(1, math.ceil(min(error_samples, len(calibration_ids)) / batch_size))
+    measured = math.ceil(first / batch_size)
     modules = dict(model.named_modules())
     errors: dict[str, list[float]] = {}
     for index in tqdm(range(len(blocks)), desc="Sensitivity", unit="block"):
