@@ -63,13 +63,15 @@ def float16_bytes(model: nn.Module) -> int:
 def plan_mixed_precision(
     model: nn.Module, calibration_ids: torch.Tensor, max_size_mb: float, candidates=DEFAULT_CANDIDATES,
     base: AgentOSConfig | None = None, error_samples: int = 8, batch_size: int = 4, sensitivity: dict | None = None,
+    sensitivity_method: str | None = None,
 ) -> MixedPrecisionPlan:
     """Choose per-layer formats from `candidates` (`(bits, group_size)` pairs) and int8 or float embeddings so that
     the checkpoint's safetensors files take at most `max_size_mb` MB (10^6 bytes) with the least summed
     block-output error (`sensitivity.layer_sensitivity`, GPTQ or RTN as `base.method`).
 
     `sensitivity` (`{layer: [error per candidate]}`, e.g. an earlier plan's `sensitivity`) skips the calibration
-    pass, to plan several budgets from one measurement.
+    pass, to plan several budgets from one measurement. `sensitivity_method="rtn"` measures the candidates with
+    round-to-nearest (no Hessians, only the error windows run: minutes less) even when `base.method` is GPTQ.
 
     Raises `ValueError` for a budget below the smallest plan (every layer at its smallest candidate, int8
     embeddings) or one that holds the whole model unquantized in 16-bit floats."""
@@ -122,7 +124,13 @@ def plan_mixed_precision(
                              "candidates and targets (or pass sensitivity=None).")
         errors = {n: list(sensitivity[n]) for n in names}
     else:
-        errors = layer_sensitivity(model, names, calibration_ids, candidates, base, error_samples, batch_size)
+        measure = base
+        if sensitivity_method not in (None, base.method):
+            measure = copy.deepcopy(base)
+            measure.method = sensitivity_method
+            measure.validate()
+        ids = calibration_ids[:error_samples] if measure.method == "rtn" else calibration_ids
+        errors = layer_sensitivity(model, names, ids, candidates, measure, error_samples, batch_size)
     items = {n: list(zip(sizes[n], errors[n])) for n in names}
     low = min(fixed.values())
     embedding_options = [(fixed[e] - low, 0.0 if e is None else embedding_error) for e in fixed]

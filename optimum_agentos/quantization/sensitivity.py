@@ -53,7 +53,8 @@ def layer_sensitivity(model: nn.Module, names: list[str], calibration_ids: torch
     was_training = model.training
     model.eval()
     first = max(1, min(error_samples, len(calibration_ids)))  # the error windows get batches of their own
-    batches = list(torch.split(calibration_ids[:first], batch_size)) + list(torch.split(calibration_ids[first:], batch_size))
+    batches = [b for part in (calibration_ids[:first], calibration_ids[first:]) for b in torch.split(part, batch_size)
+               if len(b)]
     inputs = capture_block_inputs(model, blocks[0], batches)
     measured = math.ceil(first / batch_size)
     modules = dict(model.named_modules())
