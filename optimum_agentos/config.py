@@ -38,7 +38,8 @@ FIELD_TYPES = {
     "bits": "int?", "group_size": "int", "sym": "bool", "method": "str", "damp_percent": "number", "act_order": "bool",
     "observer": "str?", "activations": "str?", "embedding_bits": "int?", "smoothquant_alpha": "number?",
     "block_size": "int", "target": "patterns?", "ignore": "patterns?", "scale_dtype": "str", "float_dtype": "str?",
-    "sparse_layers": "mapping?", "layer_overrides": "mapping?", "sparsity_pattern": "str?", "module_shapes": "mapping?", "pruning": "mapping?",
+    "sparse_layers": "mapping?", "layer_overrides": "mapping?", "sparsity_pattern": "str?", "module_shapes": "mapping?",
+    "pruning": "mapping?",
     "format_version": "int", "library_version": "str", "quant_method": "str",
 }
 
