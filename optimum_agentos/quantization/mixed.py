@@ -109,7 +109,8 @@ def plan_mixed_precision(
         tensors = saved_tensors(model, config)
         data = sum(dt.itemsize * int(torch.Size(s).numel()) for dt, s in tensors.values())
         # the header's bound, with room for the widest shape digits any candidate could give
-        fixed[embedding_bits] = data - sum(sizes[n][smallest] for n in names) + header_bytes_bound(tensors) + 16 * len(tensors)
+        header = header_bytes_bound(tensors) + 16 * len(tensors)
+        fixed[embedding_bits] = data - sum(sizes[n][smallest] for n in names) + header
     cheapest = min(fixed.values()) + sum(min(s) for s in sizes.values())
     if budget < cheapest:
         raise ValueError(
@@ -144,8 +145,8 @@ def plan_mixed_precision(
         raise RuntimeError(f"mixed-precision plan takes up to {bound} bytes, over the budget {budget}; please report.")
     plan = MixedPrecisionPlan(config=config, max_size_mb=max_size_mb, tensor_bytes=data, size_bound=bound,
                               sensitivity=errors, candidates=candidates)
-    plan.layers = {n: {"bits": b, "group_size": g, "bytes": sizes[n][choice[n]], "predicted_error": errors[n][choice[n]]}
-                   for n, (b, g) in chosen.items()}
+    plan.layers = {n: {"bits": b, "group_size": g, "bytes": sizes[n][choice[n]],
+                       "predicted_error": errors[n][choice[n]]} for n, (b, g) in chosen.items()}
     plan.embedding = {"embedding_bits": embedding_bits, "predicted_error": embedding_error if embedding_bits else 0.0}
     plan.predicted_error = sum(d["predicted_error"] for d in plan.layers.values()) + plan.embedding["predicted_error"]
     plan.seconds = time.perf_counter() - start

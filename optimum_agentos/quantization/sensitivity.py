@@ -45,8 +45,8 @@ def _dequantized(weight, hessian, bits, group_size, config: AgentOSConfig) -> to
 
 
 @torch.no_grad()
-def layer_sensitivity(model: nn.Module, names: list[str], calibration_ids: torch.Tensor, candidates, config: AgentOSConfig,
-                      error_samples: int = 8, batch_size: int = 4) -> dict[str, list[float]]:
+def layer_sensitivity(model: nn.Module, names: list[str], calibration_ids: torch.Tensor, candidates,
+                      config: AgentOSConfig, error_samples: int = 8, batch_size: int = 4) -> dict[str, list[float]]:
     """`{layer: [block-output error of each candidate]}`: each layer quantized alone (GPTQ on the block's float
     inputs from all calibration windows, or RTN), its block run on the first `error_samples` windows."""
     blocks_name, blocks = find_blocks(model, names)
