@@ -56,15 +56,18 @@ def worker(row: str, args) -> dict:
         else:
             cached = json.loads(CACHE.read_text()) if CACHE.exists() else None
             usable = cached if cached and cached["candidates"] == args.candidates and \
-                cached["error_samples"] == args.error_samples else None
+                cached["error_samples"] == args.error_samples and cached.get("method") == args.sensitivity_method \
+                else None
             quantizer.quantize_to_budget(
                 folder, ROWS[row], "wikitext2", num_samples=args.calib_windows, seq_len=512, candidates=candidates,
                 error_samples=args.error_samples, sensitivity=usable["sensitivity"] if usable else None,
+                sensitivity_method=args.sensitivity_method,
             )
             report = quantizer.mixed_report
             if usable is None:
                 CACHE.parent.mkdir(parents=True, exist_ok=True)
                 CACHE.write_text(json.dumps({"candidates": args.candidates, "error_samples": args.error_samples,
+                                             "method": args.sensitivity_method,
                                              "sensitivity": report["sensitivity"], "seconds": report["seconds"]}))
             result.update(
                 budget_mb=ROWS[row], formats=report["formats"], embedding_bits=report["embedding"]["embedding_bits"],
@@ -132,7 +135,8 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         "is saved, reloaded with `AutoModelForCausalLM.from_pretrained` and evaluated. Size = the safetensors files "
         "(MB = 10^6 bytes). Automatic rows: `Quantizer.quantize_to_budget(max_size_mb=...)` with candidates "
         f"{', '.join(args['candidates'])} (bits:group) per layer and int8 or float16 embeddings; sensitivity = "
-        f"block-output error of each candidate (GPTQ), measured on {args['error_samples']} calibration windows; the "
+        f"block-output error of each candidate ({args.get('sensitivity_method', 'gptq').upper()}), measured on "
+        f"{args['error_samples']} calibration windows; plans quantized with GPTQ; the "
         "predicted error is the plan's sum of those, the measured one the same quantity on the saved model "
         "(each block fed the float model's inputs).",
         "",
@@ -164,6 +168,8 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=64)
     parser.add_argument("--error-samples", type=int, default=4)
     parser.add_argument("--candidates", nargs="*", default=["8:-1", "4:64", "4:128", "3:128"])
+    parser.add_argument("--sensitivity-method", default="gptq", choices=["gptq", "rtn"],
+                        help="how each candidate is quantized to measure its error (the plans are quantized with GPTQ)")
     parser.add_argument("--render-only", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -177,9 +183,10 @@ def main() -> None:
         if CACHE.exists():
             CACHE.unlink()  # a fresh run measures the sensitivity again
         passthrough = ["--eval-windows", str(args.eval_windows), "--calib-windows", str(args.calib_windows),
-                       "--error-samples", str(args.error_samples), "--candidates", *args.candidates]
+                       "--error-samples", str(args.error_samples), "--sensitivity-method", args.sensitivity_method,
+                       "--candidates", *args.candidates]
         results = run_rows(__file__, args.rows, passthrough)
-        meta = run_meta(args, ["eval_windows", "calib_windows", "error_samples", "candidates"])
+        meta = run_meta(args, ["eval_windows", "calib_windows", "error_samples", "candidates", "sensitivity_method"])
     publish("mixed_precision", results, write_markdown(results, meta), MARK_BEGIN, MARK_END, meta)
 
 

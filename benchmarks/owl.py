@@ -92,6 +92,9 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         sparsities = ", ".join(f"{b['sparsity']:.3f}" for b in owl["owl_blocks"])
         lines += ["", f"Outlier ratio per decoder block, % (`{owl['row']}`): {ratios}.",
                   "", f"Sparsity given to each block: {sparsities}."]
+    missing = [row for row in ROWS if row not in by_row]
+    if missing:
+        lines += ["", f"Not run yet: {', '.join(missing)} (`python benchmarks/owl.py --rows {' '.join(missing)}`)."]
     lines += ["", "Raw results: `benchmarks/results/owl.json`.", MARK_END]
     return "\n".join(lines)
 

@@ -181,7 +181,8 @@ class AgentOSConfig(QuantizationConfigMixin):
         self.target = list(self.target) if self.target is not None else None
         self.ignore = list(self.ignore)
         if self.layer_overrides is not None:
-            self.layer_overrides = {k: dict(v) if isinstance(v, Mapping) else v for k, v in self.layer_overrides.items()}
+            self.layer_overrides = {k: dict(v) if isinstance(v, Mapping) else v
+                                    for k, v in self.layer_overrides.items()}
         if self.module_shapes is not None:
             self.module_shapes = {k: list(v) if isinstance(v, tuple) else v for k, v in self.module_shapes.items()}
         self.validate()

@@ -63,13 +63,15 @@ def float16_bytes(model: nn.Module) -> int:
 def plan_mixed_precision(
     model: nn.Module, calibration_ids: torch.Tensor, max_size_mb: float, candidates=DEFAULT_CANDIDATES,
     base: AgentOSConfig | None = None, error_samples: int = 8, batch_size: int = 4, sensitivity: dict | None = None,
+    sensitivity_method: str | None = None,
 ) -> MixedPrecisionPlan:
     """Choose per-layer formats from `candidates` (`(bits, group_size)` pairs) and int8 or float embeddings so that
     the checkpoint's safetensors files take at most `max_size_mb` MB (10^6 bytes) with the least summed
     block-output error (`sensitivity.layer_sensitivity`, GPTQ or RTN as `base.method`).
 
     `sensitivity` (`{layer: [error per candidate]}`, e.g. an earlier plan's `sensitivity`) skips the calibration
-    pass, to plan several budgets from one measurement.
+    pass, to plan several budgets from one measurement. `sensitivity_method="rtn"` measures the candidates with
+    round-to-nearest (no Hessians, only the error windows run: minutes less) even when `base.method` is GPTQ.
 
     Raises `ValueError` for a budget below the smallest plan (every layer at its smallest candidate, int8
     embeddings) or one that holds the whole model unquantized in 16-bit floats."""
@@ -107,7 +109,8 @@ def plan_mixed_precision(
         tensors = saved_tensors(model, config)
         data = sum(dt.itemsize * int(torch.Size(s).numel()) for dt, s in tensors.values())
         # the header's bound, with room for the widest shape digits any candidate could give
-        fixed[embedding_bits] = data - sum(sizes[n][smallest] for n in names) + header_bytes_bound(tensors) + 16 * len(tensors)
+        header = header_bytes_bound(tensors) + 16 * len(tensors)
+        fixed[embedding_bits] = data - sum(sizes[n][smallest] for n in names) + header
     cheapest = min(fixed.values()) + sum(min(s) for s in sizes.values())
     if budget < cheapest:
         raise ValueError(
@@ -122,7 +125,13 @@ def plan_mixed_precision(
                              "candidates and targets (or pass sensitivity=None).")
         errors = {n: list(sensitivity[n]) for n in names}
     else:
-        errors = layer_sensitivity(model, names, calibration_ids, candidates, base, error_samples, batch_size)
+        measure = base
+        if sensitivity_method not in (None, base.method):
+            measure = copy.deepcopy(base)
+            measure.method = sensitivity_method
+            measure.validate()
+        ids = calibration_ids[:error_samples] if measure.method == "rtn" else calibration_ids
+        errors = layer_sensitivity(model, names, ids, candidates, measure, error_samples, batch_size)
     items = {n: list(zip(sizes[n], errors[n])) for n in names}
     low = min(fixed.values())
     embedding_options = [(fixed[e] - low, 0.0 if e is None else embedding_error) for e in fixed]
@@ -136,8 +145,8 @@ def plan_mixed_precision(
         raise RuntimeError(f"mixed-precision plan takes up to {bound} bytes, over the budget {budget}; please report.")
     plan = MixedPrecisionPlan(config=config, max_size_mb=max_size_mb, tensor_bytes=data, size_bound=bound,
                               sensitivity=errors, candidates=candidates)
-    plan.layers = {n: {"bits": b, "group_size": g, "bytes": sizes[n][choice[n]], "predicted_error": errors[n][choice[n]]}
-                   for n, (b, g) in chosen.items()}
+    plan.layers = {n: {"bits": b, "group_size": g, "bytes": sizes[n][choice[n]],
+                       "predicted_error": errors[n][choice[n]]} for n, (b, g) in chosen.items()}
     plan.embedding = {"embedding_bits": embedding_bits, "predicted_error": embedding_error if embedding_bits else 0.0}
     plan.predicted_error = sum(d["predicted_error"] for d in plan.layers.values()) + plan.embedding["predicted_error"]
     plan.seconds = time.perf_counter() - start

@@ -141,7 +141,7 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
     def quantize_in_place_to_budget(
         self, max_size_mb: float, calibration_dataset="wikitext2", num_samples: int = 64, seq_len: int = 512,
         candidates=None, base: AgentOSConfig | None = None, error_samples: int = 8, batch_size: int = 4,
-        sensitivity: dict | None = None,
+        sensitivity: dict | None = None, sensitivity_method: str | None = None,
     ):
         """Mixed precision in memory: plan per-layer formats that fit `max_size_mb` on disk (`plan_mixed_precision`),
         quantize with them (GPTQ unless `base.method="rtn"`) and measure each block's output error against the float
@@ -156,7 +156,7 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
                              "calibration_dataset='wikitext2' or texts.")
         ids = self.calibration_ids(calibration_dataset, num_samples, seq_len)
         plan = plan_mixed_precision(self.model, ids, max_size_mb, candidates or DEFAULT_CANDIDATES, base,
-                                    error_samples, batch_size, sensitivity)
+                                    error_samples, batch_size, sensitivity, sensitivity_method)
         float_model = copy.deepcopy(self.model)
         self.quantize_in_place(plan.config, ids, num_samples, seq_len, batch_size)
         measured = block_errors(float_model, self.model, list(plan.layers), ids[:error_samples], batch_size)

@@ -45,16 +45,18 @@ def _dequantized(weight, hessian, bits, group_size, config: AgentOSConfig) -> to
 
 
 @torch.no_grad()
-def layer_sensitivity(model: nn.Module, names: list[str], calibration_ids: torch.Tensor, candidates, config: AgentOSConfig,
-                      error_samples: int = 8, batch_size: int = 4) -> dict[str, list[float]]:
+def layer_sensitivity(model: nn.Module, names: list[str], calibration_ids: torch.Tensor, candidates,
+                      config: AgentOSConfig, error_samples: int = 8, batch_size: int = 4) -> dict[str, list[float]]:
     """`{layer: [block-output error of each candidate]}`: each layer quantized alone (GPTQ on the block's float
     inputs from all calibration windows, or RTN), its block run on the first `error_samples` windows."""
     blocks_name, blocks = find_blocks(model, names)
     was_training = model.training
     model.eval()
-    batches = list(torch.split(calibration_ids, batch_size))
+    first = max(1, min(error_samples, len(calibration_ids)))  # the error windows get batches of their own
+    batches = [b for part in (calibration_ids[:first], calibration_ids[first:]) for b in torch.split(part, batch_size)
+               if len(b)]
     inputs = capture_block_inputs(model, blocks[0], batches)
-    measured = max(1, math.ceil(min(error_samples, len(calibration_ids)) / batch_size))
+    measured = math.ceil(first / batch_size)
     modules = dict(model.named_modules())
     errors: dict[str, list[float]] = {}
     for index in tqdm(range(len(blocks)), desc="Sensitivity", unit="block"):

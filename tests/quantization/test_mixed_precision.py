@@ -74,6 +74,9 @@ def test_a_larger_budget_buys_less_error_and_one_sensitivity_pass_serves_both():
     assert small.size_bound <= 0.12e6 and large.size_bound <= 0.2e6
     assert large.predicted_error < small.predicted_error
     assert sum(d["bits"] for d in large.layers.values()) > sum(d["bits"] for d in small.layers.values())
+    rtn = plan_mixed_precision(model, CALIBRATION, 0.12, CANDIDATES, error_samples=4, sensitivity_method="rtn")
+    assert rtn.size_bound <= 0.12e6  # RTN-measured errors: larger than GPTQ's (which minimizes them) at 2 bits
+    assert sum(e[-1] for e in rtn.sensitivity.values()) > sum(e[-1] for e in small.sensitivity.values())
 
 
 def test_the_solver_gives_a_sensitive_layer_more_bits():
