@@ -1,7 +1,8 @@
 """Measured kernel choice: which path computes each compressed layer, per token count, on this machine.
 
 For each distinct layer signature (kind, shape, bits, group size, activation mode, activation dtype) the candidate
-paths are timed once on this machine at `BUCKETS` token counts (round-robin, medians of a few calls), after a check
+paths are timed once on this machine at `BUCKETS` token counts (round-robin, the fastest of a few calls: other
+work on the machine only ever adds time, so the minimum is the steadiest estimate), after a check
 that each one stays within its accuracy bound against the exact reference. The fastest path of each bucket serves
 calls of up to that many tokens; calls above the last bucket use its choice. The choices are cached as JSON per
 machine (CPU model, torch version, thread count) under the Hugging Face cache directory, so later loads only read
@@ -15,7 +16,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -136,7 +136,7 @@ def accurate(layer, paths: list, dtype: torch.dtype) -> tuple[list, list[str]]:
 
 
 def time_paths(layer, paths: list, dtype: torch.dtype) -> dict[int, dict[str, float]]:
-    """Median microseconds of each path at each bucket's token count, timed round-robin."""
+    """Microseconds of each path at each bucket's token count: the fastest of its calls, timed round-robin."""
     timings = {}
     for tokens in BUCKETS:
         x = torch.randn(tokens, layer.in_features).to(dtype)
@@ -152,7 +152,7 @@ def time_paths(layer, paths: list, dtype: torch.dtype) -> dict[int, dict[str, fl
                 start = time.perf_counter()
                 path.run(layer, x.view_as(x))
                 samples[path.name].append(time.perf_counter() - start)
-        timings[tokens] = {name: round(statistics.median(s) * 1e6, 1) for name, s in samples.items()}
+        timings[tokens] = {name: round(min(s) * 1e6, 1) for name, s in samples.items()}
     return timings
 
 
