@@ -1,8 +1,8 @@
 """Long-input paths of `QuantLinear` and `QuantHead` without AMX: dequantize into a reused scratch buffer, then one
 matmul.
 
-- `dequant-bf16`: the weight dequantized to bfloat16 times bfloat16 activations (oneDNN's bf16 GEMM; with
-  AVX512-BF16 about twice the float32 rate on a 2-core AMD EPYC, see benchmarks/kernel_layers.py). Tolerance:
+- `dequant-bf16`: the weight dequantized to bfloat16 times bfloat16 activations (oneDNN's bf16 GEMM, on
+  AVX512-BF16 or AMX where the CPU has them; benchmarks/kernel_layers.py times it per layer). Tolerance:
   bfloat16 rounding of activations and weights, about 1% of the output's magnitude, as the packed kernels.
 - `dequant-exact`: the weight dequantized in the activations' dtype; the same numbers as the reference path
   (`F.linear(x, layer.dequantize(x.dtype))`), without its temporaries.
