@@ -161,3 +161,17 @@ def test_sparse_layers_compute_dense_and_save_compressed(bits):
     prepare_kernels(module, policy="reference")
     with torch.no_grad():
         assert torch.equal(module(x), ref)
+
+
+def test_the_load_log_names_the_choices_their_source_and_the_memory(caplog):
+    model = torch.nn.Sequential(layer(), _sparse())
+    with caplog.at_level(logging.INFO, logger="optimum_agentos"):
+        assert prepare_kernels(model) == {"0": "int4pack-bf16", "1": "dense"}
+    text = caplog.text
+    assert "Kernel choices (measured 1 layer signature(s) now" in text and "QuantLinear:192x576:b4:g128" in text
+    dense_mib = 192 * 576 * 4 / 2**20
+    assert f"sparse layers computing dense {dense_mib:.1f} MiB" in text and "kernel layouts" in text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="optimum_agentos"):
+        prepare_kernels(torch.nn.Sequential(layer(seed=4)))
+    assert "Kernel choices (read from the cache" in caplog.text
