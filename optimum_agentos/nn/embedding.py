@@ -73,7 +73,6 @@ class QuantHead(nn.Module):
 
     kernel = None  # set by prepare.prepare_kernels
     routes = None  # likewise (see `QuantLinear`)
-    dynamic = False
     bias = None  # bias-free by construction (`from_float` refuses a head with one)
 
     def __init__(self, in_features: int, out_features: int, device=None):

@@ -217,11 +217,11 @@ def choose_kernel(layer, activations: str | None = None, candidates=KERNELS):
 
 
 def forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """`QuantLinear.forward` (and `QuantHead`'s): the path `prepare_kernels` measured fastest for this many tokens
-    (`layer.routes`), for calls without autograd through the input; else the exact reference path. Paths that
-    quantize activations serve only with autograd off."""
+    """`QuantLinear.forward` (and `QuantHead`'s): with autograd off (`torch.no_grad`, `inference_mode`, `generate`),
+    the path `prepare_kernels` measured fastest for this many tokens (`layer.routes`); with autograd on (training,
+    LoRA, gradient checkpointing's recomputation), the exact reference path, which autograd differentiates."""
     routes = layer.routes
-    if routes is not None and x.numel() and not (torch.is_grad_enabled() and (x.requires_grad or layer.dynamic)):
+    if routes is not None and x.numel() and not torch.is_grad_enabled():
         tokens = x.numel() // layer.in_features
         for limit, run in routes:
             if tokens <= limit:

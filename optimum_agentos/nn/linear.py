@@ -22,12 +22,11 @@ class QuantLinear(nn.Module):
 
     Forward: after `prepare.prepare_kernels` (run at load), each call takes the path measured fastest on this machine
     for its number of tokens (a packed CPU kernel, or the weight dequantized into a reused buffer, see `dequant`);
-    autograd through the input, and `policy="reference"`, take the reference path: dequantize, then `F.linear`.
+    calls with autograd on (training), and `policy="reference"`, take the reference path: dequantize, then `F.linear`.
     """
 
     kernel = None  # set per layer by prepare.prepare_kernels
     routes = None  # likewise: ((max_tokens, run), ...), the measured fastest path per token count (None: reference)
-    dynamic = False  # likewise: True when a route quantizes activations (served with autograd off only)
     weight_in_kernel = False  # True when the kernel's layout holds the only copy of the codes (`weight` is empty)
 
     def __init__(

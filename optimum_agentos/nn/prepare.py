@@ -88,7 +88,6 @@ def _install(module, routes: list[list]) -> None:
     module.routes = None if exact else tuple((float("inf") if high is None else high, PATHS[name].run)
                                              for high, name in routes)
     module.route_names = tuple((high, name) for high, name in routes)
-    module.dynamic = any(getattr(PATHS.get(name), "quantizes_activations", False) for _, name in routes)
 
 
 def _prepare_sparse(module: SparseLinear, planner: _Planner, dtype: torch.dtype) -> tuple[str, int]:

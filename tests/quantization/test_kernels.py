@@ -68,7 +68,7 @@ def test_dispatch_int8_weight_only_by_default_w8a8_when_asked_and_the_int4_kerne
     assert choose_kernel(layer(4, 128, in_features=576))[0] is Int4PackKernel
 
 
-def test_long_inputs_take_a_measured_path_within_tolerance_and_autograd_the_exact_reference_path():
+def test_long_inputs_take_a_measured_path_within_tolerance_and_autograd_mode_the_exact_reference_path():
     module = layer(4, 128)
     prepare_kernels(module)
     assert {name for _, name in module.route_names} <= {"int4pack-bf16", "dequant-bf16", "dequant-exact"}
@@ -77,7 +77,8 @@ def test_long_inputs_take_a_measured_path_within_tolerance_and_autograd_the_exac
     with torch.no_grad():
         fast, ref = module(x), reference(module, x)
     assert (fast - ref).abs().max() <= TOLERANCE * ref.abs().max()
-    x = torch.randn(1, 1, 256, requires_grad=True)  # autograd through the input: the exact reference
+    assert torch.equal(module(x), ref)  # autograd on, even for an input without grad: the exact reference
+    x = torch.randn(1, 1, 256, requires_grad=True)
     out = module(x)
     assert torch.equal(out, reference(module, x))
     out.sum().backward()
@@ -202,7 +203,7 @@ def test_layers_without_a_kernel_say_why_and_stay_correct(bits, group_size, in_f
     with torch.no_grad():
         fast, ref = module(x), reference(module, x)
     assert (fast - ref).abs().max() <= TOLERANCE * ref.abs().max()  # a dequant path (bf16 or exact)
-    assert torch.equal(module(x.requires_grad_()), ref)  # autograd: the exact reference
+    assert torch.equal(module(x), ref)  # autograd on: the exact reference
 
 
 def test_reference_policy_and_unknown_policy():
