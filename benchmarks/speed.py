@@ -47,7 +47,7 @@ SWEEP_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 COMPILED_ROWS = ("fp32+compile", "agentos-int8-sym-e8+compile")
 
 
-def build_checkpoints(work: Path) -> None:
+def build_checkpoints(work: Path, rows: list[str]) -> None:
     """Quantize once (RTN, no calibration needed for a speed measurement) into folders the rows load."""
     import torch  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -57,8 +57,9 @@ def build_checkpoints(work: Path) -> None:
     from optimum_agentos.models import resolve_model
 
     source = resolve_model("smollm2-135m")
+    wanted = {row.removesuffix("+compile") for row in rows}
     for row, kwargs in ROWS.items():
-        if kwargs is None or (work / row).exists():
+        if kwargs is None or row not in wanted or (work / row).exists():
             continue
         if "prune" in kwargs:
             from optimum_agentos.pruning import Pruner, PruningConfig
@@ -278,7 +279,8 @@ def sweep_markdown(results: list[dict]) -> list[str]:
     if not counts:
         return []
     lines = ["", "Prefill sweep: one forward over the first N WikiText-2 tokens (logits of the last position only, as "
-             "`generate` computes them), every row round-robin; ratio of tokens/s to fp32 in the same run. "
+             "`generate` computes them; llama.cpp rows: the prompt plus one generated token), every row round-robin; "
+             "ratio of tokens/s to fp32 in the same run. "
              "`worst` is the row's lowest ratio over all N.", "",
              "| row | " + " | ".join(f"N={n}" for n in counts) + " | worst |",
              "|---|" + "---:|" * (len(counts) + 1)]
@@ -336,6 +338,11 @@ def write_markdown(results: list[dict], args, meta: dict) -> str:
             f"{r['decode_tok_s']:.2f} | {r['decode_tok_s'] / fp32['decode_tok_s']:.2f} | {r['model_rss_mib']:.0f} | "
             f"{r['model_rss_mib'] / fp32['model_rss_mib']:.2f} | {quality}{r['load_s']:.1f} | {r['warmup_s']:.0f} |"
         )
+    for anchor in (r for r in results if r["row"].startswith("llamacpp-")):
+        ratios = ", ".join(f"{r['row']} {r['decode_tok_s'] / anchor['decode_tok_s']:.2f}" for r in results
+                           if r["row"].startswith("agentos-int4"))
+        if ratios:
+            lines += ["", f"Decode relative to {anchor['row']} in the same run: {ratios}."]
     lines += sweep_markdown(results)
     lines += ["", "Raw results: `benchmarks/results/speed.json`.", MARK_END]
     return "\n".join(lines)
@@ -378,7 +385,7 @@ def main() -> None:
     rows = available_rows(args.rows + [r for r in GGUF_ROWS if r not in args.rows])
     with tempfile.TemporaryDirectory() as work:
         args.work = work
-        build_checkpoints(Path(work))
+        build_checkpoints(Path(work), rows)
         passthrough = ["--work", work, "--threads", str(args.threads), "--ppl-windows", str(args.ppl_windows)]
         passthrough += [f"--gguf={spec}" for spec in args.gguf]
         memory = {r["row"]: r for r in run_rows(__file__, rows, passthrough)}
