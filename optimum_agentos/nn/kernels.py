@@ -1,15 +1,13 @@
-"""Fast CPU paths for `QuantLinear`: repack once after loading, choose per call by the number of tokens.
+"""Packed CPU kernels for `QuantLinear` and `QuantHead`: repacked once after loading; which calls each one serves is
+measured on the machine (`dispatch`, `prepare.prepare_kernels`), against the dequant paths (`dequant`).
 
-- int8, one scale per row: `Int8PackKernel` (`_weight_int8pack_mm`, bf16 activations) for calls of at most
-  `DECODE_MAX_TOKENS` tokens without autograd; with `activations="int8-dynamic"` (W8A8)
-  `dynamic_int8.Int8DynamicKernel`, int8 x int8 with the activations quantized per call and per token (fbgemm up
-  to 31 tokens, oneDNN from 32) for every inference call, since it rounds the activations.
+- int8, one scale per row: `Int8PackKernel` (`_weight_int8pack_mm`, bf16 activations); with
+  `activations="int8-dynamic"` (W8A8) `dynamic_int8.Int8DynamicKernel`, int8 x int8 with the activations quantized
+  per call and per token (fbgemm up to 31 tokens, oneDNN from 32) for every inference call, since it rounds the
+  activations.
 - int4 whose group size and `in_features` share a factor 32/64/128/256: `_weight_int4pack_mm_for_cpu` with bf16
-  activations, for calls of at most `DECODE_MAX_TOKENS` tokens without autograd (longer calls dequantize).
-- the int8 output head (`embedding.QuantHead`): `Int8RowsKernel`, `_weight_int8pack_mm` on its symmetric rows, for
-  calls of at most `DECODE_MAX_TOKENS` tokens without autograd.
-- longer inference calls of the other layers: on CPUs with AMX, the weight dequantized to bf16 times bf16
-  activations (`bf16_matmul_is_fast`; no committed run on an AMX CPU measures its gain);
+  activations.
+- the int8 output head (`embedding.QuantHead`): `Int8RowsKernel`, `_weight_int8pack_mm` on its symmetric rows.
 - training and `policy="reference"`: the reference path (dequantize, then `F.linear` in the activation dtype),
   which is always exact.
 
@@ -21,8 +19,6 @@ activation rounding step per input, see `dynamic_int8`.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -31,12 +27,7 @@ from .dynamic_int8 import Int8DynamicKernel, per_row_int8_unsupported
 from .memory import keep_only_kernel_copy
 
 
-KERNELS_ENV = "OPTIMUM_AGENTOS_KERNELS"  # "auto" (default) or "reference" (always dequantize)
-# Calls of up to this many tokens go to the bf16 packed kernels, so a chat prompt's prefill does not dequantize every
-# layer. With the weights streamed from memory (as in a model), on a 2-core AMD EPYC without AMX, int8 and int4 both
-# beat dequantizing at every length measured up to 64 tokens (`benchmarks/kernel_layers.py --threads 2 --copies 40
-# --repeats 7`); the crossover on AMX CPUs is not measured by a committed run.
-DECODE_MAX_TOKENS = 32
+KERNELS_ENV = "OPTIMUM_AGENTOS_KERNELS"  # "auto" (default), "reference" (always dequantize) or a path name
 
 
 def bf16_input(x: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -89,7 +80,6 @@ class Int4PackKernel:
     """int4 whose group size and `in_features` share a factor 32/64/128/256: `torch._weight_int4pack_mm_for_cpu`."""
 
     name = "int4pack-bf16"
-    max_tokens = DECODE_MAX_TOKENS
 
     @staticmethod
     def unsupported(layer) -> str | None:
@@ -121,7 +111,8 @@ class Int4PackKernel:
         layer.register_buffer("kernel_scales", pairs, persistent=False)
         layer.kernel_group = group
         unpacked = unpack_int4pack(packed, layer.out_features, layer.in_features)
-        if unpacked is not None and torch.equal(unpacked, codes):  # the kernel's copy is exact: keep only it
+        layer.int4_layout_known = unpacked is not None and torch.equal(unpacked, codes)
+        if layer.int4_layout_known:  # the kernel's copy is exact: keep only it
             keep_only_kernel_copy(layer)
 
     @staticmethod
@@ -146,7 +137,6 @@ class Int8PackKernel:
     as `-(z - 128) s * sum(x)`, exact in real arithmetic."""
 
     name = "int8pack-bf16"
-    max_tokens = DECODE_MAX_TOKENS
 
     @staticmethod
     def unsupported(layer) -> str | None:
@@ -187,7 +177,6 @@ class Int8RowsKernel:
     as they are (shared with the tied embedding), with unit scales; the float32 scales are applied to its output."""
 
     name = "int8rows-bf16"
-    max_tokens = DECODE_MAX_TOKENS
 
     @staticmethod
     def unsupported(head) -> str | None:
@@ -227,26 +216,15 @@ def choose_kernel(layer, activations: str | None = None, candidates=KERNELS):
     return None, "; ".join(reasons)
 
 
-def _kernel_serves(kernel, layer, x: torch.Tensor) -> bool:
-    if getattr(kernel, "quantizes_activations", False):  # changes numerics: inference only
-        return not torch.is_grad_enabled() and x.numel() > 0
-    return 0 < x.numel() <= kernel.max_tokens * layer.in_features and not _grad_needed(x)
-
-
-@functools.cache
-def bf16_matmul_is_fast() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX tiles): then a dequantized bf16 weight times
-    bf16 activations beats the float32 reference at prefill."""
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-
-
 def forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """`QuantLinear.forward`: the layer's kernel where it serves the call, else the reference path (in bfloat16 for
-    inference on CPUs with fast bf16 matmuls, when `prepare_kernels` allowed it)."""
-    kernel = layer.kernel
-    if kernel is not None and _kernel_serves(kernel, layer, x):
-        return kernel.run(layer, x)
-    if layer.prefill_bf16 and not torch.is_grad_enabled():
-        bias = None if layer.bias is None else layer.bias.to(torch.bfloat16)
-        return F.linear(x.to(torch.bfloat16), layer.dequantize(torch.bfloat16), bias).to(x.dtype)
-    return F.linear(x, layer.dequantize(x.dtype), layer.bias)
+    """`QuantLinear.forward` (and `QuantHead`'s): with autograd off (`torch.no_grad`, `inference_mode`, `generate`),
+    the path `prepare_kernels` measured fastest for this many tokens (`layer.routes`); with autograd on (training,
+    LoRA, gradient checkpointing's recomputation), the exact reference path, which autograd differentiates."""
+    routes = layer.routes
+    if routes is not None and x.numel() and not torch.is_grad_enabled():
+        tokens = x.numel() // layer.in_features
+        for limit, run in routes:
+            if tokens <= limit:
+                return run(layer, x)
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return F.linear(x, layer.dequantize(x.dtype), bias)

@@ -20,12 +20,13 @@ class QuantLinear(nn.Module):
     - `weight_zero`: `[out_features, groups]` uint8 zero points;
     - `bias`: optional, in the model's dtype.
 
-    Forward: after `kernels.prepare_kernels` (run at load), short inputs go to a packed CPU kernel when one fits the
-    layer; otherwise, and for long inputs or autograd, the reference path: dequantize, then `F.linear`.
+    Forward: after `prepare.prepare_kernels` (run at load), each call takes the path measured fastest on this machine
+    for its number of tokens (a packed CPU kernel, or the weight dequantized into a reused buffer, see `dequant`);
+    calls with autograd on (training), and `policy="reference"`, take the reference path: dequantize, then `F.linear`.
     """
 
-    kernel = None  # set per layer by kernels.prepare_kernels
-    prefill_bf16 = False  # likewise: long inference inputs dequantize to bfloat16 (fast on CPUs with AMX)
+    kernel = None  # set per layer by prepare.prepare_kernels
+    routes = None  # likewise: ((max_tokens, run), ...), the measured fastest path per token count (None: reference)
     weight_in_kernel = False  # True when the kernel's layout holds the only copy of the codes (`weight` is empty)
 
     def __init__(

@@ -48,7 +48,11 @@ class SparseLinear(nn.Module):
     - `weight_scale` / `weight_zero`: `[out, groups]` quantization parameters, only with `bits`;
     - `bias`: optional.
 
-    Forward is the reference path: rebuild the dense weight, then `F.linear`.
+    Forward: after `prepare.prepare_kernels` (run at load) a float layer computes with a dense copy of its weight in
+    the model's dtype (a non-persistent buffer: the checkpoint stays compressed), a quantized one through a
+    `QuantLinear` of its dense codes (zero points where pruned) with that layer's measured paths. Before that, with
+    `policy="reference"`, or for inputs in another dtype or device, the reference path: rebuild the dense weight
+    from the bitmask, then `F.linear`.
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class SparseLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device))
         else:
             self.register_parameter("bias", None)
+        self.register_load_state_dict_post_hook(_recompute_after_loading)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, kept: torch.Tensor, bias: torch.Tensor | None) -> "SparseLinear":
@@ -138,6 +143,11 @@ class SparseLinear(nn.Module):
                     f"{name}: the bitmask does not follow the recorded {n}:{m} pattern; the checkpoint is corrupt."
                 )
 
+    def dense_codes(self) -> torch.Tensor:
+        """Quantized layers: the codes `[out, in]` of the dense weight, pruned positions at their group's zero point."""
+        codes = qmath.expand_groups(self.weight_zero, self.in_features, self.group_size).clone()
+        return codes.masked_scatter_(self.kept(), packing.unpack(self.weight, self.bits, 1, self.nnz)[0])
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense `[out, in]` weight, zeros where pruned."""
         if dtype is None:
@@ -149,13 +159,29 @@ class SparseLinear(nn.Module):
             return dense.masked_scatter_(self.kept(), self.weight.to(dtype))
         return qmath.dequantize_codes(self.dense_codes(), self.weight_scale, self.weight_zero, self.group_size, dtype)
 
-    def dense_codes(self) -> torch.Tensor:
-        """Quantized layers: the dense codes `[out, in]`, pruned positions holding their group's zero point (so they
-        dequantize to exactly 0)."""
-        codes = qmath.expand_groups(self.weight_zero, self.in_features, self.group_size).clone()
-        return codes.masked_scatter_(self.kept(), packing.unpack(self.weight, self.bits, 1, self.nnz)[0])
+    def materialize(self, dtype: torch.dtype) -> int:
+        """Keep the dense weight in `dtype` for the forward (not saved); returns the bytes it takes."""
+        self.register_buffer("dense_weight", self.dequantize(dtype), persistent=False)
+        return self.dense_weight.numel() * self.dense_weight.element_size()
+
+    def use_compute_layer(self, layer: nn.Module) -> None:
+        """Compute through `layer` (a prepared `QuantLinear` of the dense codes, without bias; not a submodule, so
+        it stays out of `state_dict` and module walks)."""
+        self.__dict__["compute_layer"] = layer
+
+    def release_dense(self) -> None:
+        """Back to the reference path (drops the dense copy or compute layer)."""
+        self._buffers.pop("dense_weight", None)
+        self.__dict__.pop("compute_layer", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dense = self._buffers.get("dense_weight")
+        if dense is not None and dense.dtype == x.dtype and dense.device == x.device:
+            return nn.functional.linear(x, dense, self.bias)
+        inner = self.__dict__.get("compute_layer")
+        if inner is not None and x.device.type == "cpu":
+            y = inner(x)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         return nn.functional.linear(x, self.dequantize(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
@@ -164,3 +190,13 @@ class SparseLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"sparsity={sparsity:.3f}, bits={self.bits}"
         )
+
+
+def _recompute_after_loading(module: SparseLinear, incompatible_keys) -> None:
+    """New values loaded into a prepared layer: rebuild its dense copy or compute layer from them."""
+    dense = module._buffers.get("dense_weight")
+    if dense is not None:
+        module.materialize(dense.dtype)
+    inner = module.__dict__.get("compute_layer")
+    if inner is not None:
+        inner.load_codes(module.dense_codes(), module.weight_scale, module.weight_zero)
