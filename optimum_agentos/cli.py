@@ -47,6 +47,9 @@ def _quantize_parser(sub, name: str = "quantize") -> None:
                    help="Mixed precision: BITS:GROUP choices per layer (default 8:-1 4:64 4:128 3:64 3:128 2:64).")
     p.add_argument("--sensitivity-samples", type=int, default=8,
                    help="Mixed precision: calibration windows on which each choice's block-output error is measured.")
+    p.add_argument("--sensitivity-method", default=None, choices=["gptq", "rtn"],
+                   help="Mixed precision: how each choice is quantized to measure its error (default: --method; "
+                   "rtn is minutes faster).")
     _common_arguments(p)
     return p
 

@@ -134,7 +134,7 @@ def test_auto_cli_and_recipe_step(tmp_path):
 
     model = tiny_lm_folder(tmp_path / "fp32")
     args = ["--model", str(model), "--max-size-mb", "8", "--num-samples", "4", "--seq-len", "64",
-            "--sensitivity-samples", "2", "--candidates", "8:-1", "4:32", "2:32"]
+            "--sensitivity-samples", "2", "--sensitivity-method", "rtn", "--candidates", "8:-1", "4:32", "2:32"]
     assert main(["auto", *args, "--output", str(tmp_path / "auto")]) == 0
     summary = json.loads((tmp_path / "auto" / "agentos_summary.json").read_text())
     assert summary["size_bytes"] <= 8e6 and summary["embeddings"] == "int8"
