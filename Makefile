@@ -41,6 +41,14 @@ benchmark: install
 	OMP_NUM_THREADS=2 $(PY) benchmarks/kernel_layers.py --threads 2 --copies 40 --repeats 7
 	# also renders model_cards/<recipe>/ from the recipe checkpoints and the report
 	$(PY) benchmarks/evaluation.py
+	# this round's sections: exports read by their runtimes, streamed compression, new methods
+	$(PY) benchmarks/export.py --threads 2
+	$(PY) benchmarks/export_onnx.py
+	$(PY) benchmarks/decode_profile.py --threads 2
+	$(PY) benchmarks/streaming.py
+	$(PY) benchmarks/advanced_quantization.py
+	$(PY) benchmarks/owl.py
+	$(PY) benchmarks/mixed_precision.py
 
 model-cards: install
 	$(PY) benchmarks/evaluation.py --cards-only
