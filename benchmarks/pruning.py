@@ -43,6 +43,10 @@ ROWS = {
     # column sums (float32), rounded to 0.1.
     **{f"columns-{pct}": (dict(method="column_magnitude", threshold=threshold, scope="global", target=["down_proj"]), None)
        for pct, threshold in ((10, 75.7), (25, 81.8), (50, 86.2))},
+    # The same criterion with Wanda's calibration (importance times the input's RMS over the calibration tokens), by
+    # fraction per layer, like `mlp-neurons-25`.
+    **{f"columns-calibrated-{pct}": (dict(method="column_magnitude", sparsity=pct / 100, calibrated=True,
+                                          target=["down_proj"]), None) for pct in (10, 25, 50)},
 }
 
 
@@ -274,7 +278,9 @@ def write_markdown(results: list[dict], args) -> str:
             "original design's criterion (importance of input j = sum over outputs of |W[:, j]|, no calibration) "
             "with one absolute threshold T for all layers, chosen as the N% quantile of the model's down_proj column "
             "sums; the inputs below it are removed with their gate/up rows, so layers end up with different widths "
-            "(`module_shapes`). `MLP inputs removed` is the measured fraction.",
+            "(`module_shapes`). `columns-calibrated-N` rows: the same importance times each input's RMS over the "
+            "calibration tokens (`calibrated=True`, as Wanda scores weights), N% of each layer's inputs removed "
+            "(`sparsity=N/100`). `MLP inputs removed` is the measured fraction.",
             "",
             "| row | threshold | MLP inputs removed | params / dense | forward latency / dense | ppl | recovery steps | "
             "recovery time (s) | ppl after recovery |",
