@@ -33,18 +33,18 @@ SYNTH = dict(vocab_size=32000, hidden_size=2560, intermediate_size=6912, num_hid
              num_key_value_heads=20, tie_word_embeddings=False, max_position_embeddings=2048)
 
 
-def synthetic_checkpoint() -> Path:
-    """The synthetic Llama as bf16 safetensors shards (made once, block by block on the meta device, never whole)."""
+def synthetic_checkpoint(shape: dict = SYNTH, folder: Path = WORK / "synth-llama-bf16") -> Path:
+    """A synthetic Llama of `shape` (LlamaConfig fields) as bf16 safetensors shards, made once into `folder`, block
+    by block on the meta device, never whole."""
     import torch
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = WORK / "synth-llama-bf16"
     if (folder / "done").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**SYNTH, dtype="bfloat16")
+    config = LlamaConfig(**shape, dtype="bfloat16")
     with init_empty_weights():
         model = LlamaForCausalLM(config)
     generator = torch.Generator().manual_seed(0)
