@@ -46,6 +46,7 @@ def worker(row: str, args) -> dict:
     source = synthetic_checkpoint(shape, WORK / f"synth-{row}-{args.blocks}")
     ids = torch.randint(0, fields["vocab_size"], (args.windows, 512), generator=torch.Generator().manual_seed(0))
     quantizer = Quantizer.from_pretrained(str(source), streaming=True, device=args.device)
+    block_params = sum(p.numel() for p in quantizer.model.model.layers[0].parameters())  # before packing
     start = time.perf_counter()
     quantizer.quantize(WORK / f"out-{row}", AgentOSConfig(bits=4, group_size=128, method="gptq"), ids,
                        batch_size=args.batch_size, buffer_memory=args.buffer_memory)
@@ -54,7 +55,7 @@ def worker(row: str, args) -> dict:
     result = {
         "row": row, "blocks": len(blocks), "real_blocks": real_blocks, "seconds": seconds, "block_seconds": blocks,
         "block_median_s": statistics.median(blocks), "rest_s": seconds - sum(blocks),
-        "block_params": sum(p.numel() for p in quantizer.model.model.layers[0].parameters()),
+        "block_params": block_params,
         "peak_rss_mib": peak_rss_mib(), "device": args.device, "torch": torch.__version__,
         "tokens": args.windows * 512,
     }
@@ -86,7 +87,7 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         hours = (r["block_median_s"] * r["real_blocks"] + r["rest_s"]) / 3600
         lines.append(f"| {r['row']} | {r['block_params'] / 1e6:.0f}M | {r['blocks']} | {r['block_median_s']:.1f} | "
                      f"{r['rest_s']:.1f} | {r['real_blocks']} | {hours:.2f} | {r['peak_rss_mib']:.0f} | "
-                     (f"{r['peak_device_mib']:.0f} |" if "peak_device_mib" in r else "- |"))
+                     + (f"{r['peak_device_mib']:.0f} |" if "peak_device_mib" in r else "- |"))
     lines += ["", "Raw results: `benchmarks/results/streaming_accelerator.json`.", MARK_END]
     return "\n".join(lines)
 

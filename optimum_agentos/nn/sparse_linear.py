@@ -99,6 +99,7 @@ class SparseLinear(nn.Module):
     def from_dense(cls, weight: torch.Tensor, kept: torch.Tensor, bias: torch.Tensor | None) -> "SparseLinear":
         """Float sparse layer from a dense `[out, in]` weight and its kept-position mask."""
         out_features, in_features = weight.shape
+        kept = kept.to(weight.device)
         layer = cls(in_features, out_features, int(kept.sum()), bias is not None, dtype=weight.dtype, device=weight.device)
         layer.weight_mask.data = pack_bitmask(kept)
         layer.weight.data = weight.detach()[kept].contiguous()

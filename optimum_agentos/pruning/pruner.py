@@ -220,8 +220,9 @@ class Pruner(ModelCompressor):
                 weight = weight.masked_fill(mask, 0)
             else:
                 mask = self.masks.get(name)  # magnitude pruned before, or not pruned at all
+                mask = None if mask is None else mask.to(weight.device)
             if mask is not None:
-                self.masks[name] = mask
+                self.masks[name] = mask.cpu()  # the model is on the CPU again after its block: so are its masks
             if quantization is not None and quantization.method == "gptq":
                 bits, group_size = quantization.layer_qparams(name)
                 codes, scales, zeros = gptq_quantize(
