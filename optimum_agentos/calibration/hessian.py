@@ -9,22 +9,26 @@ import torch
 from .accumulators import HessianAccumulator  # noqa: F401  (its home before accumulators.py)
 
 
-def inverse_cholesky(hessian: torch.Tensor, damp_percent: float) -> torch.Tensor:
+def inverse_cholesky(hessian: torch.Tensor, damp_percent: float, inplace: bool = False) -> torch.Tensor:
     """Upper Cholesky factor of `(H + damp * mean(diag H) * I)^-1`, as GPTQ and SparseGPT consume it.
 
-    Raises a clear error when the damped Hessian is still not positive definite.
+    Every step (damping, factor, inverse, upper factor) runs in one matrix's storage (torch's `out=`), so this
+    needs no input-width square beyond that one: with `inplace=True` the storage of `hessian` itself (which then
+    holds the result), else a copy. Raises a clear error when the damped Hessian is still not positive definite.
     """
-    h = hessian.clone()
+    h = hessian if inplace else hessian.clone()
     diag = torch.arange(h.shape[0], device=h.device)
     h[diag, diag] += damp_percent * torch.mean(torch.diag(h))
     try:
-        lower = torch.linalg.cholesky(h)
+        torch.linalg.cholesky(h, out=h)
     except torch.linalg.LinAlgError as err:
         raise ValueError(
             f"The calibration Hessian is not positive definite even with damp_percent={damp_percent}; "
             "raise damp_percent (e.g. 0.1) or use more calibration samples."
         ) from err
-    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+    torch.cholesky_inverse(h, out=h)
+    torch.linalg.cholesky(h, upper=True, out=h)
+    return h
 
 
 def prepare_dead_columns(weight: torch.Tensor, hessian: torch.Tensor) -> None:

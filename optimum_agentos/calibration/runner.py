@@ -131,8 +131,8 @@ def run_blocks(
             stream.load_block(f"{blocks_name}.{index}")
         if names:
             covered.update(names)
-            modules = dict(model.named_modules())
-            process(block, {n: modules[n] for n in names}, inputs)
+            # only this dict holds the layers, so a `process` that pops what it replaced frees it at once
+            process(block, {n: model.get_submodule(n) for n in names}, inputs)
         if index + 1 < len(blocks):
             for i, (args, kwargs) in enumerate(inputs):  # in place: each batch's old input is freed at once
                 inputs[i] = ((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs)

@@ -76,6 +76,7 @@ class BlockStream:
         state = state_dict_for_save(block, self.float_dtype)
         self.writer.add({f"{name}.{key}": tensor for key, tensor in state.items()})
         del state
+        self.writer.flush()  # the block's output goes to disk now: memory holds one block's output at most
         self.streamed.free(name)
         release_free_memory()
         self.block_stats.append({"block": name, "seconds": time.perf_counter() - self._start,
