@@ -112,7 +112,7 @@ def run_blocks(
     `process` that trains enables gradients itself.
 
     `stream` (a `streaming.BlockStream`, for checkpoints larger than memory) keeps the block inputs in its
-    `buffer()`, loads each block before it runs (`load_block(name)`) and writes and frees it after
+    `buffer(calibration_ids)`, loads each block before it runs (`load_block(name)`) and writes and frees it after
     (`done_block(name)`).
     """
     if calibration_ids.numel() == 0:
@@ -121,7 +121,8 @@ def run_blocks(
     model.eval()
     blocks_name, blocks = find_blocks(model, layer_names)
     batches = list(torch.split(calibration_ids, batch_size))
-    inputs = capture_block_inputs(model, blocks[0], batches, into=stream.buffer() if stream is not None else None)
+    inputs = capture_block_inputs(model, blocks[0], batches,
+                                  into=stream.buffer(calibration_ids) if stream is not None else None)
     covered = set()
     for index in tqdm(range(len(blocks)), desc=desc, unit="block"):
         prefix = f"{blocks_name}.{index}."
