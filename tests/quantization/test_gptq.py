@@ -60,3 +60,31 @@ def test_dead_inputs_get_zero_weight():
 def test_empty_calibration_is_an_error():
     with pytest.raises(ValueError, match="calibration"):
         HessianAccumulator(4).hessian()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_shared_inverse_hessian_equals_one_inversion_per_layer(act_order):
+    """q/k/v share one input: one `invert_hessian`, made in the accumulator's own storage, gives every layer exactly
+    the codes a separate inversion of the same Hessian gives, and leaves a Hessian passed to `gptq_quantize` as
+    it was."""
+    from optimum_agentos.calibration.hessian import inverse_cholesky
+    from optimum_agentos.quantization.gptq import invert_hessian
+
+    x = correlated_inputs()
+    x[:, 7] = 0  # a dead input
+    acc = HessianAccumulator(96)
+    acc.add(x)
+    hessian = acc.hessian()
+    before = hessian.clone()
+    shared = invert_hessian(acc.take_hessian(), 0.01, act_order, inplace=True)
+    assert acc.sum is None  # the accumulator gave its storage away
+    for seed in range(3):
+        w = torch.randn(32, 96, generator=torch.Generator().manual_seed(seed))
+        alone = gptq_quantize(w, hessian, 4, 32, sym=False, act_order=act_order)
+        together = gptq_quantize(w, None, 4, 32, sym=False, act_order=act_order, inverse=shared)
+        assert all(torch.equal(a, b) for a, b in zip(alone, together))
+        assert alone[0].dtype == torch.uint8 and bool((alone[0][:, 7] == alone[2][:, 0]).all())
+    assert torch.equal(hessian, before)
+    assert torch.equal(inverse_cholesky(hessian, 0.01), inverse_cholesky(hessian.clone(), 0.01, inplace=True))
+    with pytest.raises(ValueError, match="act_order"):
+        gptq_quantize(torch.randn(32, 96), None, 4, 32, sym=False, act_order=not act_order, inverse=shared)
