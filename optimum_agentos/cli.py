@@ -199,7 +199,8 @@ def _evaluator(args, tokenizer):
         return None
     from .evaluation import perplexity
 
-    return lambda model: perplexity(model, tokenizer, args.eval, "test", args.seq_len, args.eval_windows)
+    return lambda model: perplexity(model, tokenizer, args.eval, "test", args.seq_len, args.eval_windows,
+                                    device=getattr(args, "device", None))
 
 
 def _save_with_card(args, model, tokenizer, info: dict, baseline, evaluate, files: dict | None = None) -> dict:
