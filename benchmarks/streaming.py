@@ -150,22 +150,23 @@ def identical(a: Path, b: Path) -> bool:
     return True
 
 
-# Llama shapes for the worked table: hidden, intermediate, vocabulary, blocks, key/value width, tied embeddings.
+# Llama shapes for the worked table: hidden, intermediate, vocabulary, blocks, key/value width, tied embeddings,
+# attention heads.
 SCALE_MODELS = {
-    "SmolLM2-135M (measured)": (576, 1536, 49152, 30, 192, True),
-    "synthetic 2.07B (measured)": (2560, 6912, 32000, 24, 2560, False),
-    "Llama-2-7B": (4096, 11008, 32000, 32, 4096, False),
-    "Llama-2-70B": (8192, 28672, 32000, 80, 1024, False),
+    "SmolLM2-135M (measured)": (576, 1536, 49152, 30, 192, True, 9),
+    "synthetic 2.07B (measured)": (2560, 6912, 32000, 24, 2560, False, 20),
+    "Llama-2-7B": (4096, 11008, 32000, 32, 4096, False, 32),
+    "Llama-2-70B": (8192, 28672, 32000, 80, 1024, False, 64),
 }
 GPTQ_A100_HOURS_175B = 4.0  # GPTQ paper (Frantar et al. 2022): 175B parameters in about four hours on one A100
 MB = 2**20
 
 
-def block_params(h, i, v, blocks, kv, tied) -> int:
+def block_params(h, i, v, blocks, kv, tied, heads=None) -> int:
     return 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
 
 
-def total_params(h, i, v, blocks, kv, tied) -> int:
+def total_params(h, i, v, blocks, kv, tied, heads=None) -> int:
     return blocks * block_params(h, i, v, blocks, kv, tied) + v * h * (1 if tied else 2) + h
 
 
@@ -175,22 +176,24 @@ def block_output_bytes(shape) -> float:
     return block_params(*shape) * (0.5 + 3 / 128)
 
 
-def peak_formula(shape, base: float, tokens: int, buffer_cap: float | None, distinct: int | None = None) -> dict:
+def peak_formula(shape, base: float, tokens: int, buffer_cap: float | None, distinct: int | None = None,
+                 batch: int = 4, seq_len: int = 512) -> dict:
     """Predicted peak RSS (bytes) of streamed GPTQ: the base (interpreter, libraries, tokenizer, skeleton) plus the
     largest of three phases, float32 compute:
     capture = the embedding rows of the `distinct` calibration tokens + buffer;
     block = the block's float weights + its Hessians (one per distinct input: 3 H² + I², all alive at the end of
-    the statistics pass) + buffer + the largest of one layer's solve extras (the widest layer's weight copy and
-    codes, 5·H·I; its Hessian is inverted in place) and one batch's activations through the block (b·T·(3·I + 4·H)
-    floats, b = 4 windows of T = 512) + one block's output before its part file is written;
+    the statistics pass) + buffer + the larger of one batch's activations through the block (4 bytes x b·T·(4·I +
+    8·H), the MLP's four intermediate-wide tensors and eight hidden-wide ones, + b·heads·T² attention scores) and
+    the widest layer's solve extras (its weight copy and codes, 5·H·I; its Hessian is inverted in place) + the
+    block's int4 output before its part file is written;
     rest = one kept matrix at a time: its float16 copy + a 16 MiB chunk read and cast."""
-    h, i, v, blocks, kv, tied = shape
+    h, i, v, blocks, kv, tied, heads = shape
     buffer = 4 * tokens * h if buffer_cap is None else min(4 * tokens * h, buffer_cap)
     distinct = v if distinct is None else distinct
     capture = 4 * h * distinct + buffer
     hessians = 4 * (3 * h * h + i * i)
-    extra = max(5 * h * i, 4 * 4 * 512 * (3 * i + 4 * h))
-    block = 4 * block_params(*shape) + hessians + buffer + extra + block_output_bytes(shape)
+    activations = 4 * batch * seq_len * (4 * i + 8 * h) + 4 * batch * heads * seq_len**2
+    block = 4 * block_params(*shape) + hessians + buffer + max(5 * h * i, activations) + block_output_bytes(shape)
     rest = 2 * v * h + 2 * 16 * MB
     return {"capture": capture, "block": block, "rest": rest, "peak": base + max(capture, block, rest)}
 
@@ -209,16 +212,16 @@ def write_markdown(results: list[dict], meta: dict) -> str:
              "in memory (the rest spills to disk) and write each block to disk as soon as it is quantized (joined "
              "into 200 MB shards at the end).", "",
              "Peak memory of streamed GPTQ (float32 compute; H hidden, I intermediate, V vocabulary, P parameters "
-             "per block, T calibration tokens, U distinct calibration tokens, B = min(4·T·H, buffer budget)): base + "
-             "max(capture, block, rest) with capture = 4·U·H + B (only the calibration tokens' embedding rows are "
-             "read), block = 4·P (the block's float weights) + 4·(3·H² + I²) (its Hessians, one per distinct input, "
-             "all alive at the end of the statistics pass; each is inverted in its own storage and freed with its "
-             "last layer, each float weight as soon as its layer is quantized) + B + max(5·H·I, 4·4·512·(3·I + 4·H)) "
-             "(the widest layer's weight copy and codes, or one batch's activations through the block) + P·(0.5 + "
-             "3/128) (the block's int4 output before it is written), rest = 2·V·H + 32 MiB (one embedding or head "
-             "matrix at a time, cast to float16 in 16 MiB chunks). `predicted peak` is that formula with the row's "
-             "measured base; the peak RSS also covers what happens before compression starts (tokenizing the "
-             "calibration text).", "",
+             "per block, T calibration tokens, U distinct calibration tokens, B = min(4·T·H, buffer budget), b = 4 "
+             "windows of t = 512 tokens per batch, a attention heads): base + max(capture, block, rest) with capture "
+             "= 4·U·H + B (only the calibration tokens' embedding rows are read), block = 4·P (the block's float "
+             "weights) + 4·(3·H² + I²) (its Hessians, one per distinct input, all alive at the end of the statistics "
+             "pass; each is then inverted in its own storage and freed with its last layer, each float weight as soon "
+             "as its layer is quantized) + B + max(4·b·t·(4·I + 8·H) + 4·b·a·t², 5·H·I) (one batch's activations "
+             "through the block, or the widest layer's weight copy and codes) + P·(0.5 + 3/128) (the block's int4 "
+             "output before it is written), rest = 2·V·H + 32 MiB (one embedding or head matrix at a time, cast to "
+             "float16 in 16 MiB chunks). `predicted peak` is that formula with the row's measured base; the peak RSS "
+             "also covers what happens before compression starts (tokenizing the calibration text).", "",
              "| row | blocks | time (s) | s / block (median) | base RSS (MiB) | peak RSS (MiB) | predicted peak (MiB) "
              "| bit-identical to in-memory |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]

@@ -1,19 +1,21 @@
-"""Where the peak memory of streamed GPTQ goes: the process's peak resident memory (`ru_maxrss`, exact, no sampling
-gap) read when each phase starts and ends, so every rise of the peak is charged to the phase it happened in.
+"""Where the peak memory of streamed GPTQ goes: the kernel's resident high-water mark (`VmHWM`, exact, no sampling
+gap) is reset when a phase starts (`/proc/self/clear_refs`) and read when it ends, so each phase gets its own true
+peak; the run's peak is the largest of them (and of the gaps between phases). Linux only.
 
-Phases: imports, open (skeleton + tokenizer), calib-data, capture (embeddings and the first block's inputs),
-load (a block's weights), stats (a block's Hessian accumulation), solve (one layer's GPTQ), write (a block's state into the shard writer), flush (a shard written), rest (embeddings/head
-at the end), finish.
+Phases: imports, open (skeleton + tokenizer), calib-data (tokenizing), capture (embedding rows and the first
+block's inputs), load (tensors read), stats (a block's Hessian accumulation), invert (a Hessian's inverse factor),
+solve (one layer's GPTQ), write (a block's state to its part file), flush (a part file written), rest-pieces /
+rest-load (the tensors outside the blocks), finish (parts joined into shards).
 
     python benchmarks/streaming_profile.py --blocks 3 --windows 8            # SmolLM2, first 3 blocks
-    python benchmarks/streaming_profile.py --synth --blocks 1 --windows 4    # the synthetic 2.07B Llama
+    python benchmarks/streaming_profile.py --synth --blocks 1 --windows 16   # the synthetic 2.07B Llama
+    python benchmarks/streaming_profile.py --folder path/to/checkpoint --blocks 2 --windows 8   # random ids
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from contextlib import contextmanager
@@ -24,28 +26,48 @@ def rss_mib() -> float:
         return int(statm.read().split()[1]) * 4096 / 2**20
 
 
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-RISES: dict[str, float] = {}  # phase -> MiB the peak rose while it ran
+PEAKS: dict[str, float] = {}  # phase -> its highest resident memory (MiB), over all its calls
 EVENTS: list[tuple] = []
+_OPEN: list[list] = []  # the phases running now (nested), each [name, peak so far]
+_RUN_PEAK = [0.0]
+
+
+def hwm_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _collect() -> None:
+    """Charge the high-water mark since the last reset to every open phase and to the run, then reset it."""
+    high = hwm_mib()
+    for entry in _OPEN:
+        entry[1] = max(entry[1], high)
+    _RUN_PEAK[0] = max(_RUN_PEAK[0], high)
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
 
 
 @contextmanager
 def phase(name: str):
-    before, rss_before = peak_mib(), rss_mib()
+    _collect()
+    rss_before = rss_mib()
+    _OPEN.append([name, rss_before])
     try:
         yield
     finally:
-        after = peak_mib()
-        if after > before:
-            RISES[name] = RISES.get(name, 0.0) + after - before
-        EVENTS.append((name, round(rss_before), round(rss_mib()), round(after)))
+        _collect()
+        _, peak = _OPEN.pop()
+        PEAKS[name] = max(PEAKS.get(name, 0.0), peak)
+        EVENTS.append((name, round(rss_before), round(rss_mib()), round(peak)))
 
 
 def wrap(owner, attr: str, name: str) -> None:
-    original = getattr(owner, attr)
+    original = getattr(owner, attr, None)
+    if original is None:  # an older tree without this step
+        return
 
     def wrapped(*args, **kwargs):
         with phase(name):
@@ -57,6 +79,7 @@ def wrap(owner, attr: str, name: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--synth", action="store_true")
+    parser.add_argument("--folder", default=None, help="Any float checkpoint folder, calibrated on random token ids.")
     parser.add_argument("--blocks", type=int, default=3)
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--buffer-memory", default="64MB")
@@ -78,14 +101,20 @@ def main() -> None:
     wrap(pipeline.StreamedModel, "load", "load")
     wrap(Quantizer, "calibration_ids", "calib-data")
     wrap(pipeline.BlockStream, "done_block", "write")
-    wrap(pipeline.BlockStream, "load_rest", "rest")
+    wrap(pipeline.BlockStream, "load_rest", "rest-load")
     wrap(writer.ShardWriter, "flush", "flush")
     wrap(writer.ShardWriter, "finish", "finish")
+    wrap(quantizer_module, "invert_hessian", "invert")
+    wrap(pipeline, "_write_rest_in_pieces", "rest-pieces")
 
     torch.manual_seed(0)
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     with phase("open"):
-        if args.synth:
+        if args.folder:
+            quantizer = Quantizer.from_pretrained(args.folder, streaming=True)
+            vocab = quantizer.model.config.vocab_size
+            data = torch.randint(0, vocab, (args.windows, 512), generator=torch.Generator().manual_seed(0))
+        elif args.synth:
             from streaming import SYNTH, synthetic_checkpoint
             from transformers import AutoTokenizer
 
@@ -108,12 +137,13 @@ def main() -> None:
     with phase("quantize"):
         quantizer.quantize(WORK / "profile", AgentOSConfig(bits=4, group_size=128, method="gptq"), data,
                            num_samples=args.windows, seq_len=512, buffer_memory=args.buffer_memory)
-    result = {"model": "synth" if args.synth else "smollm2", "blocks": args.blocks, "windows": args.windows,
-              "base_rss_mib": round(base), "peak_rss_mib": round(peak_mib()), "seconds": time.perf_counter() - start,
-              "peak_rises_mib": {k: round(v) for k, v in RISES.items()}, "events": EVENTS}
+    _collect()
+    result = {"model": args.folder or ("synth" if args.synth else "smollm2"), "blocks": args.blocks, "windows": args.windows,
+              "base_rss_mib": round(base), "peak_rss_mib": round(_RUN_PEAK[0]), "seconds": time.perf_counter() - start,
+              "phase_peaks_mib": {k: round(v) for k, v in PEAKS.items()}, "events": EVENTS}
     print(json.dumps({k: v for k, v in result.items() if k != "events"}, indent=1))
     for event in EVENTS:
-        print("%-10s rss %5d -> %5d  peak %5d" % event)
+        print("%-10s rss %5d -> %5d  phase peak %5d" % event)
     if args.out:
         open(args.out, "w").write(json.dumps(result))
 
