@@ -7,6 +7,7 @@ and SmoothQuant's activation maxima plug in through `process_block`.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -75,19 +76,19 @@ class _SharedInputStats:
     def __init__(self, accumulator: Callable = HessianAccumulator):
         self.accumulator = accumulator
         self.of_layer: dict[str, Any] = {}
-        self._seen: list[tuple[torch.Tensor, Any]] = []
+        self._seen: list[tuple[weakref.ref, Any]] = []
 
     def new_batch(self) -> None:
         self._seen = []
 
     def add(self, name: str, x: torch.Tensor) -> None:
         for ref, acc in self._seen:
-            if ref is x:  # the reference keeps the tensor alive, so identity cannot be a reused address
-                self.of_layer.setdefault(name, acc)
+            if ref() is x:  # a weak reference: the input is freed when the block is done with it, and a dead
+                self.of_layer.setdefault(name, acc)  # reference never matches a new tensor at a reused address
                 return
         acc = self.of_layer.setdefault(name, self.accumulator(x.shape[-1], device=x.device))
         acc.add(x)
-        self._seen.append((x, acc))
+        self._seen.append((weakref.ref(x), acc))
 
 
 def _block_output(output):

@@ -16,6 +16,7 @@ from ..config import AgentOSConfig
 from ..formats.mark import mark_compressed
 from ..formats.replace import check_group_size, check_layer_overrides
 from ..nn.linear import SCALE_DTYPES, QuantLinear, float_weight
+from ..nn.memory import release_free_memory
 from ..nn.modeling import set_module
 from ..nn.targets import resolve_targets
 from .awq import awq_groups
@@ -103,6 +104,7 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
             module, acc = layers.pop(name), hessians.pop(name)
             key = id(acc)
             if key not in inverses:
+                release_free_memory()  # what the statistics pass and the last solve freed goes back to the system
                 inverses[key] = invert_hessian(acc.take_hessian(), config.damp_percent, config.act_order, inplace=True)
             bits, group_size = config.layer_qparams(name)
             codes, scales, zeros = gptq_quantize(

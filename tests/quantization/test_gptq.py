@@ -88,3 +88,24 @@ def test_shared_inverse_hessian_equals_one_inversion_per_layer(act_order):
     assert torch.equal(inverse_cholesky(hessian, 0.01), inverse_cholesky(hessian.clone(), 0.01, inplace=True))
     with pytest.raises(ValueError, match="act_order"):
         gptq_quantize(torch.randn(32, 96), None, 4, 32, sym=False, act_order=not act_order, inverse=shared)
+
+
+def test_layers_reading_one_input_share_one_hessian():
+    """q/k/v and gate/up get one accumulator each (held weakly while the block runs, so the inputs are freed as the
+    block goes); o and down get their own."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from optimum_agentos.calibration.runner import collect_input_stats
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval()
+    block = model.model.layers[0]
+    inputs = []
+    handle = block.register_forward_pre_hook(lambda m, args, kwargs: inputs.append((args, kwargs)), with_kwargs=True)
+    model(torch.randint(0, 64, (2, 8)))
+    handle.remove()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers.0." in n}
+    stats = {n.split(".")[-1]: acc for n, acc in collect_input_stats(block, layers, inputs * 2).items()}
+    assert stats["q_proj"] is stats["k_proj"] is stats["v_proj"] and stats["gate_proj"] is stats["up_proj"]
+    assert len({id(a) for a in stats.values()}) == 4 and stats["q_proj"].tokens == 2 * 16
