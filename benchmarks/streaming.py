@@ -116,6 +116,10 @@ def worker(row: str, args) -> dict:
         quantizer = compressor
     result["seconds"] = time.perf_counter() - start
     result["peak_rss_mib"] = peak_rss_mib()
+    if streamed and "gptq" in row:  # after the peak is read: the formula's capture term needs the distinct tokens
+        if not row.startswith("synth"):
+            ids = quantizer.calibration_ids("wikitext2", args.calib_windows, 512)
+        result["distinct_tokens"] = int(ids.unique().numel())
     blocks = quantizer.stats.get("blocks") or []
     result["blocks"] = [{"seconds": b["seconds"], "rss_mib": b["rss_bytes"] / 2**20} for b in blocks]
     result["spilled_mib"] = quantizer.stats.get("spilled_bytes", 0) / 2**20
@@ -146,46 +150,51 @@ def identical(a: Path, b: Path) -> bool:
     return True
 
 
-# Llama shapes for the worked table: hidden, intermediate, vocabulary, blocks, key/value width, tied embeddings.
+# Llama shapes for the worked table: hidden, intermediate, vocabulary, blocks, key/value width, tied embeddings,
+# attention heads.
 SCALE_MODELS = {
-    "SmolLM2-135M (measured)": (576, 1536, 49152, 30, 192, True),
-    "synthetic 2.07B (measured)": (2560, 6912, 32000, 24, 2560, False),
-    "Llama-2-7B": (4096, 11008, 32000, 32, 4096, False),
-    "Llama-2-70B": (8192, 28672, 32000, 80, 1024, False),
+    "SmolLM2-135M (measured)": (576, 1536, 49152, 30, 192, True, 9),
+    "synthetic 2.07B (measured)": (2560, 6912, 32000, 24, 2560, False, 20),
+    "Llama-2-7B": (4096, 11008, 32000, 32, 4096, False, 32),
+    "Llama-2-70B": (8192, 28672, 32000, 80, 1024, False, 64),
 }
 GPTQ_A100_HOURS_175B = 4.0  # GPTQ paper (Frantar et al. 2022): 175B parameters in about four hours on one A100
 MB = 2**20
 
 
-def block_params(h, i, v, blocks, kv, tied) -> int:
+def block_params(h, i, v, blocks, kv, tied, heads=None) -> int:
     return 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
 
 
-def total_params(h, i, v, blocks, kv, tied) -> int:
+def total_params(h, i, v, blocks, kv, tied, heads=None) -> int:
     return blocks * block_params(h, i, v, blocks, kv, tied) + v * h * (1 if tied else 2) + h
 
 
-def shard_bytes(shape) -> float:
-    """The output held before a shard is written: 200 MB, or the whole int4 output (half a byte per block weight,
-    a float16 scale and a zero per 128) when smaller."""
-    return min(200e6, shape[3] * block_params(*shape) * (0.5 + 3 / 128))
+def block_output_bytes(shape) -> float:
+    """One block's int4 output (half a byte per weight, a float16 scale and a zero per 128): what is held before
+    the block's part file is written."""
+    return block_params(*shape) * (0.5 + 3 / 128)
 
 
-def peak_formula(shape, base: float, tokens: int, buffer_cap: float | None, shard: float) -> dict:
+def peak_formula(shape, base: float, tokens: int, buffer_cap: float | None, distinct: int | None = None,
+                 batch: int = 4, seq_len: int = 512) -> dict:
     """Predicted peak RSS (bytes) of streamed GPTQ: the base (interpreter, libraries, tokenizer, skeleton) plus the
-    largest of three phases, float32 throughout:
-    capture = embedding + buffer; block = block weights + the block's Hessians (one per distinct input) + the widest
-    layer's solve (6 input-width squares: the Hessian copy, its clone, the damped clone, the Cholesky factor, its
-    inverse, the upper factor; weight and codes copies) + buffer + one output shard; rest = embedding and head, and
-    their float16 copies."""
-    h, i, v, blocks, kv, tied = shape
+    largest of three phases, float32 compute:
+    capture = the embedding rows of the `distinct` calibration tokens + buffer;
+    block = the block's float weights + its Hessians (one per distinct input: 3 H² + I², all alive at the end of
+    the statistics pass) + buffer + the larger of one batch's activations through the block (4 bytes x b·T·(4·I +
+    8·H), the MLP's four intermediate-wide tensors and eight hidden-wide ones, + b·heads·T² attention scores) and
+    the widest layer's solve extras (its weight copy and codes, 5·H·I; its Hessian is inverted in place) + the
+    block's int4 output before its part file is written;
+    rest = one kept matrix at a time: its float16 copy + a 16 MiB chunk read and cast."""
+    h, i, v, blocks, kv, tied, heads = shape
     buffer = 4 * tokens * h if buffer_cap is None else min(4 * tokens * h, buffer_cap)
-    heads = 1 if tied else 2
-    capture = 4 * v * h + buffer
+    distinct = v if distinct is None else distinct
+    capture = 4 * h * distinct + buffer
     hessians = 4 * (3 * h * h + i * i)
-    solve = 6 * 4 * i * i + 2 * 4 * h * i
-    block = 4 * block_params(*shape) + hessians + solve + buffer + shard
-    rest = (4 + 2) * v * h * heads
+    activations = 4 * batch * seq_len * (4 * i + 8 * h) + 4 * batch * heads * seq_len**2
+    block = 4 * block_params(*shape) + hessians + buffer + max(5 * h * i, activations) + block_output_bytes(shape)
+    rest = 2 * v * h + 2 * 16 * MB
     return {"capture": capture, "block": block, "rest": rest, "peak": base + max(capture, block, rest)}
 
 
@@ -200,14 +209,19 @@ def write_markdown(results: list[dict], meta: dict) -> str:
              f"float32 file of 538 MB), calibrated on {args['calib_windows']} WikiText-2 validation windows of 512 "
              f"tokens; the synthetic model on {args['synth_windows']} windows. GPTQ int4 group 128, SparseGPT 50% "
              f"unstructured; streamed rows keep at most `--buffer-memory {args['buffer_memory']}` of activations "
-             "in memory and write 200 MB shards.", "",
-             "Peak memory of streamed GPTQ (float32 compute; H hidden, I intermediate, V vocabulary, T calibration "
-             "tokens, B = min(4·T·H, buffer budget), S = min(200 MB, the int4 output)): base + max(capture, block, "
-             "rest) with capture = 4·V·H + B (embeddings and the first block's inputs), block = 4·(block parameters) "
-             "+ 4·(3·H² + I²) (the block's Hessians, one per distinct input) + 6·4·I² + 2·4·H·I (the widest layer's "
-             "GPTQ solve: Hessian copy, clones, Cholesky factors) + B + S, rest = 6·V·H per untied matrix "
-             "(float32 embeddings/head and their float16 copies). `predicted peak` is that formula with the row's "
-             "measured base.", "",
+             "in memory (the rest spills to disk) and write each block to disk as soon as it is quantized (joined "
+             "into 200 MB shards at the end).", "",
+             "Peak memory of streamed GPTQ (float32 compute; H hidden, I intermediate, V vocabulary, P parameters "
+             "per block, T calibration tokens, U distinct calibration tokens, B = min(4·T·H, buffer budget), b = 4 "
+             "windows of t = 512 tokens per batch, a attention heads): base + max(capture, block, rest) with capture "
+             "= 4·U·H + B (only the calibration tokens' embedding rows are read), block = 4·P (the block's float "
+             "weights) + 4·(3·H² + I²) (its Hessians, one per distinct input, all alive at the end of the statistics "
+             "pass; each is then inverted in its own storage and freed with its last layer, each float weight as soon "
+             "as its layer is quantized) + B + max(4·b·t·(4·I + 8·H) + 4·b·a·t², 5·H·I) (one batch's activations "
+             "through the block, or the widest layer's weight copy and codes) + P·(0.5 + 3/128) (the block's int4 "
+             "output before it is written), rest = 2·V·H + 32 MiB (one embedding or head matrix at a time, cast to "
+             "float16 in 16 MiB chunks). `predicted peak` is that formula with the row's measured base; the peak RSS "
+             "also covers what happens before compression starts (tokenizing the calibration text).", "",
              "| row | blocks | time (s) | s / block (median) | base RSS (MiB) | peak RSS (MiB) | predicted peak (MiB) "
              "| bit-identical to in-memory |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -222,7 +236,7 @@ def write_markdown(results: list[dict], meta: dict) -> str:
             shape = SCALE_MODELS["synthetic 2.07B (measured)" if r["row"].startswith("synth") else
                                  "SmolLM2-135M (measured)"]
             windows = args["synth_windows"] if r["row"].startswith("synth") else args["calib_windows"]
-            f = peak_formula(shape, r["base_rss_mib"] * MB, windows * 512, cap, shard_bytes(shape))
+            f = peak_formula(shape, r["base_rss_mib"] * MB, windows * 512, cap, r.get("distinct_tokens"))
             predicted = f"{f['peak'] / MB:.0f}"
         lines.append(f"| {r['row']} | {r.get('blocks_done', len(r.get('blocks', []))) or '-'} | {r['seconds']:.0f} | "
                      f"{median} | {r['base_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} | {predicted} | "
@@ -254,7 +268,7 @@ def _worked_table(synth: dict, args: dict, cap: int) -> list[str]:
              "of this run were measured at `nice 19` while other jobs held both cores, which inflates them several "
              "fold (compare the SmolLM2 GPTQ time in the quantization section, measured on a quieter machine), so the "
              "CPU hours are indicative only. Memory is the formula above with the activation buffer capped at "
-             f"{cap / MB:.0f} MiB (spilled beyond). The in-memory path needs the float32 model, 4 bytes per "
+             f"{cap / MB:.0f} MiB (spilled beyond) and every vocabulary row counted in the capture (U = V). The in-memory path needs the float32 model, 4 bytes per "
              "parameter, before anything else. The accelerator column scales the GPTQ paper's published figure "
              f"(about {GPTQ_A100_HOURS_175B:.0f} hours for 175B parameters on one A100) linearly with parameters; "
              "it was not measured here.", "",
@@ -262,7 +276,7 @@ def _worked_table(synth: dict, args: dict, cap: int) -> list[str]:
              "A100 hours (published, scaled) |", "|---|---:|---:|---:|---:|---:|"]
     for name, shape in SCALE_MODELS.items():
         params = total_params(*shape)
-        f = peak_formula(shape, synth["base_rss_mib"] * MB, tokens, cap, shard_bytes(shape))
+        f = peak_formula(shape, synth["base_rss_mib"] * MB, tokens, cap)
         hours = (per_block * shape[3] * block_params(*shape) / block_params(*measured_shape)
                  * tokens / measured_tokens / 3600)
         gpu = GPTQ_A100_HOURS_175B * params / 175e9

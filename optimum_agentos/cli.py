@@ -61,6 +61,18 @@ def _common_arguments(p) -> None:
     p.add_argument("--eval", default=None, help="Perplexity dataset to evaluate before/after (e.g. wikitext2).")
     p.add_argument("--eval-windows", type=int, default=64, help="Number of eval windows.")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
+    p.add_argument("--device", default="cpu",
+                   help="Where each block is calibrated and compressed: cpu, cuda, cuda:1, or auto (an accelerator "
+                   "when there is one, else the CPU).")
+    p.add_argument("--streaming", action="store_true",
+                   help="Read the checkpoint (safetensors) block by block and write each compressed block at once, "
+                   "for models larger than memory (quantize: rtn and gptq).")
+    p.add_argument("--buffer-memory", default=None,
+                   help="With --streaming: the most calibration activations kept in memory (e.g. 2GB); the rest "
+                   "spills to --spill-dir.")
+    p.add_argument("--spill-dir", default=None,
+                   help="With --streaming: where activations beyond --buffer-memory go (default: the system's "
+                   "temporary folder).")
 
 
 def _prune_parser(sub) -> None:
@@ -113,13 +125,14 @@ def _check_output(args) -> Path:
     return output
 
 
-def _load(compressor_cls, model: str):
-    """`Quantizer`/`Pruner.from_pretrained(model)`, a missing model named as such before transformers is called."""
+def _load(compressor_cls, model: str, **kwargs):
+    """`Quantizer`/`Pruner.from_pretrained(model, **kwargs)`, a missing model named as such before transformers is
+    called."""
     from .models import ModelNotFoundError, check_model_source, how_to_name_a_model
 
     check_model_source(model)
     try:
-        return compressor_cls.from_pretrained(model)
+        return compressor_cls.from_pretrained(model, **kwargs)
     except OSError as err:  # transformers' "not a valid model identifier", a failed download, a gated repo, ...
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelNotFoundError(f"Model {model!r} could not be loaded: {reason} {how_to_name_a_model()}") from err
@@ -168,6 +181,13 @@ def check_arguments(command: str, args) -> None:
             parse_candidates(args.candidates)
     else:
         prune_configs(args)
+    if getattr(args, "streaming", False):
+        if args.eval:
+            raise ValueError("--eval compares the model in memory before and after compression; with --streaming "
+                             "no model is held in memory. Drop --eval and evaluate the output folder afterwards "
+                             "(optimum-agentos eval).")
+        if command == "auto" or getattr(args, "max_size_mb", None) is not None:
+            raise ValueError("--max-size-mb (mixed precision) does not run with --streaming; drop one of them.")
     for name, least in (("num_samples", 1), ("seq_len", 1), ("eval_windows", 0)):
         value = getattr(args, name)
         if value < least:
@@ -179,7 +199,8 @@ def _evaluator(args, tokenizer):
         return None
     from .evaluation import perplexity
 
-    return lambda model: perplexity(model, tokenizer, args.eval, "test", args.seq_len, args.eval_windows)
+    return lambda model: perplexity(model, tokenizer, args.eval, "test", args.seq_len, args.eval_windows,
+                                    device=getattr(args, "device", None))
 
 
 def _save_with_card(args, model, tokenizer, info: dict, baseline, evaluate, files: dict | None = None) -> dict:
@@ -226,11 +247,18 @@ def run_quantize(args) -> dict:
     check_arguments("quantize", args)
     output = _check_output(args)
     config = quantize_config(args)
-    quantizer = _load(Quantizer, args.model)
+    quantizer = _load(Quantizer, args.model, streaming=args.streaming, device=args.device)
+    calibration = args.calibration_dataset if args.method != "rtn" or args.smoothquant_alpha is not None else None
+    if args.streaming:
+        start = time.perf_counter()
+        quantizer.quantize(output, config, calibration, args.num_samples, args.seq_len, overwrite=args.overwrite,
+                           card_extra=_card_extra(args), buffer_memory=args.buffer_memory, spill_dir=args.spill_dir)
+        return {"output": str(output), "method": config.method, "bits": config.bits, "group_size": config.group_size,
+                "layers": quantizer.stats["layers"], "quantize_seconds": round(time.perf_counter() - start, 1),
+                "streaming": True, **_streamed_sizes(output, quantizer)}
     evaluate = _evaluator(args, quantizer.tokenizer)
     baseline = evaluate(quantizer.model) if evaluate else None
     info = {"base_model": args.model, "sizes": {"baseline": _source_size(quantizer.model)}}
-    calibration = args.calibration_dataset if args.method != "rtn" or args.smoothquant_alpha is not None else None
     model = quantizer.quantize_in_place(config, calibration, args.num_samples, args.seq_len)
     info["config"] = config.stamped().to_dict()
     summary = {
@@ -248,12 +276,23 @@ def run_prune(args) -> dict:
     check_arguments("prune", args)
     output = _check_output(args)
     config, quantization = prune_configs(args)
-    pruner = _load(Pruner, args.model)
+    pruner = _load(Pruner, args.model, streaming=args.streaming, device=args.device)
+    needs_data = config.needs_calibration or config.layers or (quantization and quantization.method == "gptq")
+    calibration = args.calibration_dataset if needs_data or config.is_structured else None
+    if args.streaming:
+        start = time.perf_counter()
+        pruner.prune(output, config, calibration, args.num_samples, args.seq_len, quantization=quantization,
+                     float_dtype=args.float_dtype, overwrite=args.overwrite, card_extra=_card_extra(args),
+                     buffer_memory=args.buffer_memory, spill_dir=args.spill_dir)
+        report = pruner.report
+        return {"output": str(output), "method": args.method, "pattern": args.pattern or "unstructured",
+                "sparsity_measured": round(report["sparsity"], 4), "params_before": report["params_before"],
+                "params_after": report["params_after"], "nonzero_params": report["nonzero_params"],
+                "prune_seconds": round(time.perf_counter() - start, 1), "streaming": True,
+                **_streamed_sizes(output, pruner)}
     evaluate = _evaluator(args, pruner.tokenizer)
     baseline = evaluate(pruner.model) if evaluate else None
     info = {"base_model": args.model, "sizes": {"baseline": _source_size(pruner.model)}, "pruning": config.to_dict()}
-    needs_data = config.needs_calibration or config.layers or (quantization and quantization.method == "gptq")
-    calibration = args.calibration_dataset if needs_data or config.is_structured else None
     pruner.prune_in_place(config, calibration, args.num_samples, args.seq_len, quantization=quantization)
     model = pruner.compress(config, args.float_dtype)
     report = sparsity_report(model, pruner.stats["params_before"], input_features=pruner.stats["input_features"])
@@ -270,6 +309,20 @@ def run_prune(args) -> dict:
     files = {"agentos_sparsity.json": json.dumps(report, indent=2)}
     summary.update(_save_with_card(args, model, pruner.tokenizer, info, baseline, evaluate, files))
     return summary
+
+
+def _card_extra(args) -> dict:
+    """What the card of a streamed run records beside its config: the command and the calibration data."""
+    return {"command": "optimum-agentos " + " ".join(shlex.quote(a) for a in getattr(args, "argv", None) or sys.argv[1:]),
+            "datasets": ["wikitext"] if args.calibration_dataset == "wikitext2" else None}
+
+
+def _streamed_sizes(output: Path, compressor) -> dict:
+    from .formats.folder import folder_size
+
+    source = compressor.streamed.reader
+    return {"size_mb": round(folder_size(output) / 1e6, 1),
+            "baseline_size_mb": round(source.nbytes(source.keys()) / 1e6, 1)}
 
 
 def _source_size(model) -> int | None:

@@ -24,6 +24,16 @@ class HessianAccumulator:
             raise ValueError("No calibration tokens reached this layer; the calibration set is empty.")
         return self.sum * (2.0 / self.tokens)
 
+    def take_hessian(self) -> torch.Tensor:
+        """`hessian()` computed in the accumulator's own storage, which the caller then owns (the accumulator is
+        spent): no second input-width square in memory."""
+        if self.tokens == 0:
+            raise ValueError("No calibration tokens reached this layer; the calibration set is empty.")
+        if self.sum is None:
+            raise RuntimeError("take_hessian() was already called on this accumulator.")
+        hessian, self.sum = self.sum, None
+        return hessian.mul_(2.0 / self.tokens)
+
 
 class AbsMaxAccumulator:
     """Per-input-channel max |x| over the calibration tokens (the `accumulator` of `run_blockwise`)."""

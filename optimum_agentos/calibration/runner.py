@@ -7,6 +7,7 @@ and SmoothQuant's activation maxima plug in through `process_block`.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -75,19 +76,19 @@ class _SharedInputStats:
     def __init__(self, accumulator: Callable = HessianAccumulator):
         self.accumulator = accumulator
         self.of_layer: dict[str, Any] = {}
-        self._seen: list[tuple[torch.Tensor, Any]] = []
+        self._seen: list[tuple[weakref.ref, Any]] = []
 
     def new_batch(self) -> None:
         self._seen = []
 
     def add(self, name: str, x: torch.Tensor) -> None:
         for ref, acc in self._seen:
-            if ref is x:  # the reference keeps the tensor alive, so identity cannot be a reused address
-                self.of_layer.setdefault(name, acc)
+            if ref() is x:  # a weak reference: the input is freed when the block is done with it, and a dead
+                self.of_layer.setdefault(name, acc)  # reference never matches a new tensor at a reused address
                 return
         acc = self.of_layer.setdefault(name, self.accumulator(x.shape[-1], device=x.device))
         acc.add(x)
-        self._seen.append((x, acc))
+        self._seen.append((weakref.ref(x), acc))
 
 
 def _block_output(output):
@@ -112,7 +113,7 @@ def run_blocks(
     `process` that trains enables gradients itself.
 
     `stream` (a `streaming.BlockStream`, for checkpoints larger than memory) keeps the block inputs in its
-    `buffer()`, loads each block before it runs (`load_block(name)`) and writes and frees it after
+    `buffer(calibration_ids)`, loads each block before it runs (`load_block(name)`) and writes and frees it after
     (`done_block(name)`).
     """
     if calibration_ids.numel() == 0:
@@ -121,7 +122,8 @@ def run_blocks(
     model.eval()
     blocks_name, blocks = find_blocks(model, layer_names)
     batches = list(torch.split(calibration_ids, batch_size))
-    inputs = capture_block_inputs(model, blocks[0], batches, into=stream.buffer() if stream is not None else None)
+    inputs = capture_block_inputs(model, blocks[0], batches,
+                                  into=stream.buffer(calibration_ids) if stream is not None else None)
     covered = set()
     for index in tqdm(range(len(blocks)), desc=desc, unit="block"):
         prefix = f"{blocks_name}.{index}."
@@ -131,8 +133,8 @@ def run_blocks(
             stream.load_block(f"{blocks_name}.{index}")
         if names:
             covered.update(names)
-            modules = dict(model.named_modules())
-            process(block, {n: modules[n] for n in names}, inputs)
+            # only this dict holds the layers, so a `process` that pops what it replaced frees it at once
+            process(block, {n: model.get_submodule(n) for n in names}, inputs)
         if index + 1 < len(blocks):
             for i, (args, kwargs) in enumerate(inputs):  # in place: each batch's old input is freed at once
                 inputs[i] = ((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs)

@@ -36,6 +36,7 @@ def perplexity_from_ids(
     batch_size: int = 1,
     bos_token_id: int | None = None,
     show_progress: bool = True,
+    device=None,
 ) -> float:
     """Perplexity of a causal LM over non-overlapping windows of precomputed token ids.
 
@@ -52,16 +53,35 @@ def perplexity_from_ids(
         batch_size (`int`, *optional*, defaults to `1`): windows per forward pass.
         bos_token_id (`int`, *optional*): id to prepend to each window.
         show_progress (`bool`, *optional*, defaults to `True`): show a tqdm bar over windows.
+        device (`str` or `torch.device`, *optional*): where to evaluate (`"cpu"`, `"cuda"`, `"cuda:1"`, `"auto"`);
+            the model moves there for the evaluation and back after. `None`: where the model is.
 
     Raises:
-        `ValueError`: fewer than `num_windows` full windows, or `seq_len` too short to predict anything.
+        `ValueError`: fewer than `num_windows` full windows, `seq_len` too short to predict anything, or a
+            `device` this machine does not have.
     """
     if bos_token_id is None and seq_len < 2:
         raise ValueError("seq_len must be >= 2 to predict at least one token per window.")
     windows = windows_from_ids(torch.as_tensor(input_ids), num_windows, seq_len)
     if bos_token_id is not None:
         windows = torch.cat([torch.full((windows.shape[0], 1), bos_token_id, dtype=torch.long), windows], dim=1)
-    device = _model_device(model)
+    home = _model_device(model)
+    if device is not None:
+        from ..streaming.skeleton import resolve_device
+
+        device = resolve_device(device)  # a missing accelerator is a clear error before anything moves
+    if device is None or device == home:
+        device = home
+    else:
+        model.to(device)
+    try:
+        return _perplexity_on_device(model, windows, batch_size, show_progress, device)
+    finally:
+        if device != home:
+            model.to(home)
+
+
+def _perplexity_on_device(model, windows: torch.Tensor, batch_size: int, show_progress: bool, device) -> float:
     extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
     was_training = model.training
     model.eval()
@@ -98,6 +118,7 @@ def perplexity(
     batch_size: int = 1,
     add_bos: bool = False,
     show_progress: bool = True,
+    device=None,
 ) -> float:
     """Perplexity of a causal LM on a dataset split (GPTQ protocol, see the module docstring).
 
@@ -111,6 +132,7 @@ def perplexity(
         batch_size (`int`, *optional*, defaults to `1`): windows per forward pass.
         add_bos (`bool`, *optional*, defaults to `False`): prepend the tokenizer's BOS to each window.
         show_progress (`bool`, *optional*, defaults to `True`): show a tqdm bar over windows.
+        device (`str` or `torch.device`, *optional*): where to evaluate (see `perplexity_from_ids`).
     """
     bos = None
     if add_bos:
@@ -118,4 +140,4 @@ def perplexity(
         if bos is None:
             raise ValueError("add_bos=True but the tokenizer has no bos_token_id.")
     ids = tokenize_text(tokenizer, load_text(dataset, split))
-    return perplexity_from_ids(model, ids, seq_len, num_windows, batch_size, bos, show_progress)
+    return perplexity_from_ids(model, ids, seq_len, num_windows, batch_size, bos, show_progress, device)

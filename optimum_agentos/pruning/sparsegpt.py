@@ -37,7 +37,7 @@ def sparsegpt_prune(
     h = hessian.detach().float().clone()
     n = w.shape[1]
     prepare_dead_columns(w, h)
-    hinv = inverse_cholesky(h, damp_percent)
+    hinv = inverse_cholesky(h, damp_percent, inplace=True)  # h is this call's own copy
     mask = torch.zeros_like(w, dtype=torch.bool)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)

@@ -36,8 +36,8 @@ class _PruneStream:
         self.sparse: dict[str, int] = {}
         self.layers, self.zeros, self.total, self.all_zeros = {}, 0, 0, 0
 
-    def buffer(self):
-        return self.stream.buffer()
+    def buffer(self, calibration_ids=None):
+        return self.stream.buffer(calibration_ids)
 
     def load_block(self, name: str) -> None:
         self.stream.load_block(name)

@@ -2,10 +2,39 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..calibration.hessian import inverse_cholesky, prepare_dead_columns
+from ..calibration.hessian import inverse_cholesky
 from ..nn.qmath import compute_qparams, effective_group_size
+
+
+@dataclass
+class InverseHessian:
+    """What GPTQ needs of one calibration Hessian, shared by every layer that reads the same input (q/k/v,
+    gate/up): `factor`, the upper Cholesky factor of the damped inverse (rows and columns in `perm` order with
+    `act_order`); `dead`, the inputs that never fire (their weights are zeroed); `perm`, the `act_order` column
+    order (None without it)."""
+
+    factor: torch.Tensor
+    dead: torch.Tensor
+    perm: torch.Tensor | None
+
+
+def invert_hessian(hessian: torch.Tensor, damp_percent: float = 0.01, act_order: bool = False,
+                   inplace: bool = False) -> InverseHessian:
+    """The `InverseHessian` of `hessian` (`[in, in]`, float32). `inplace=True` works in `hessian`'s storage (the
+    caller gives it up), so a layer's solve holds one input-width square, not a copy of it too."""
+    h = hessian.detach()
+    h = h.float() if h.dtype != torch.float32 else (h if inplace else h.clone())
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1  # a dead input gets a unit diagonal (its weights are zeroed)
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        h = h[perm][:, perm]
+    return InverseHessian(inverse_cholesky(h, damp_percent, inplace=True), dead, perm)
 
 
 def gptq_quantize(
@@ -20,6 +49,7 @@ def gptq_quantize(
     scale_dtype: torch.dtype = torch.float16,
     mse_grid: int = 0,
     pruned: torch.Tensor | None = None,
+    inverse: InverseHessian | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize `weight` (`[out, in]`) column by column, pushing each column's rounding error onto the columns not
     yet quantized through the inverse Hessian. Returns `(codes [out, in] uint8, scales [out, groups], zeros)`.
@@ -31,14 +61,21 @@ def gptq_quantize(
 
     `pruned` (bool `[out, in]`, True = removed) fixes a sparsity mask: those weights get their zero point's code, so
     they decode to exactly 0, and their error flows on like any other (SparseGPT's joint prune + quantize pass).
+
+    `inverse` (from `invert_hessian`, made with the same `damp_percent` and `act_order`) replaces `hessian` (pass
+    None): layers reading the same input then share one inversion.
     """
+    if inverse is None:
+        inverse = invert_hessian(hessian, damp_percent, act_order)
+    elif (inverse.perm is not None) != act_order:
+        raise ValueError(f"The InverseHessian was made with act_order={inverse.perm is not None}, this call has "
+                         f"act_order={act_order}; make it with invert_hessian(..., act_order={act_order}).")
     w = weight.detach().float().clone(memory_format=torch.contiguous_format)
-    h = hessian.detach().float().clone()
     out_features, n = w.shape
     gs = effective_group_size(n, group_size)
     groups = -(-n // gs)
     maxq = (1 << bits) - 1
-    prepare_dead_columns(w, h)
+    w[:, inverse.dead] = 0
     keep = None if pruned is None else (~pruned).float()
     if keep is not None:
         w *= keep
@@ -59,15 +96,15 @@ def gptq_quantize(
     if act_order:
         for g in range(groups):
             fit(g, w[:, g * gs : (g + 1) * gs])
-        perm = torch.argsort(torch.diag(h), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
+        perm = inverse.perm
+        w = w[:, perm]
         keep_perm = None if keep is None else keep[:, perm]
     else:
         perm = torch.arange(n, device=w.device)
         keep_perm = keep
 
-    hinv = inverse_cholesky(h, damp_percent)
-    codes = torch.zeros(out_features, n, dtype=torch.float32, device=w.device)
+    hinv = inverse.factor
+    codes = torch.zeros(out_features, n, dtype=torch.uint8, device=w.device)  # whole numbers 0..maxq: exact
     columns = perm.tolist()  # one transfer, not one per column
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
@@ -91,5 +128,6 @@ def gptq_quantize(
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
-    codes = codes[:, torch.argsort(perm)]
-    return codes.to(torch.uint8), scales.to(scale_dtype), zeros.to(torch.uint8)
+    if act_order:
+        codes = codes[:, torch.argsort(perm)]
+    return codes, scales.to(scale_dtype), zeros.to(torch.uint8)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import Counter
 
 from optimum.quantization_base import OptimumQuantizer
 from transformers.utils import logging
@@ -15,12 +16,13 @@ from ..config import AgentOSConfig
 from ..formats.mark import mark_compressed
 from ..formats.replace import check_group_size, check_layer_overrides
 from ..nn.linear import SCALE_DTYPES, QuantLinear, float_weight
+from ..nn.memory import release_free_memory
 from ..nn.modeling import set_module
 from ..nn.targets import resolve_targets
 from .awq import awq_groups
 from .calibrated import quantize_calibrated
 from .embedding import quantize_embeddings
-from .gptq import gptq_quantize
+from .gptq import gptq_quantize, invert_hessian
 from .rtn import quantize_model_rtn
 from .smoothquant import smooth_model
 
@@ -92,14 +94,28 @@ class Quantizer(ModelCompressor, OptimumQuantizer):
         return self.model
 
     def _gptq_block(self, layers: dict, hessians: dict, config: AgentOSConfig) -> None:
-        for name, module in layers.items():
+        """GPTQ every layer of a block, in order. Consumes `layers` and `hessians` (entries are popped): layers
+        reading one input share one inverted Hessian, made in the accumulator's own storage, and each Hessian and
+        each float weight is released as soon as its last layer is quantized, so a block holds its Hessians and
+        weights only until they are used (what bounds streamed compression's memory)."""
+        users = Counter(id(acc) for acc in hessians.values())
+        inverses = {}
+        for name in list(layers):
+            module, acc = layers.pop(name), hessians.pop(name)
+            key = id(acc)
+            if key not in inverses:
+                release_free_memory()  # what the statistics pass and the last solve freed goes back to the system
+                inverses[key] = invert_hessian(acc.take_hessian(), config.damp_percent, config.act_order, inplace=True)
             bits, group_size = config.layer_qparams(name)
             codes, scales, zeros = gptq_quantize(
-                float_weight(module), hessians[name].hessian(), bits, group_size, config.sym,
-                config.damp_percent, config.act_order, config.block_size, SCALE_DTYPES[config.scale_dtype],
-                config.mse_grid,
+                float_weight(module), None, bits, group_size, config.sym, config.damp_percent, config.act_order,
+                config.block_size, SCALE_DTYPES[config.scale_dtype], config.mse_grid, inverse=inverses[key],
             )
             set_module(self.model, name, QuantLinear.from_codes(codes, scales, zeros, module.bias, bits, group_size))
+            del module, acc, codes, scales, zeros
+            users[key] -= 1
+            if not users[key]:
+                del inverses[key]
 
     def quantize(
         self,

@@ -72,7 +72,8 @@ def quantize_streamed(quantizer, save_dir, config: AgentOSConfig, calibration_da
 
     card_info = {"base_model": quantizer.source, "config": config.to_dict(), **(card_extra or {})}
     stream = run_streamed(
-        quantizer.streamed, save_dir, names, compress_blocks, compress_rest, config.stamped, config.float_dtype,
+        quantizer.streamed, save_dir, names, compress_blocks,
+        compress_rest if leftover or config.embedding_bits else None, config.stamped, config.float_dtype,
         quantizer.tokenizer, overwrite, lambda d: write_card(d, card_info), max_shard_size, buffer_memory, spill_dir,
     )
     quantizer.stats = {"layers": len(names), "blocks": stream.block_stats, "spilled_bytes": stream.spilled_bytes,

@@ -27,6 +27,31 @@ def _tensor_bytes(value) -> int:
     return 0
 
 
+_SPILL_TAG = "agentos-activations-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_spills(parent: Path) -> list[Path]:
+    """Remove the spill folders that killed runs left in `parent` (`agentos-activations-<pid>-...` of a process that
+    is gone: this library wrote them, and nothing else reads them); returns them."""
+    removed = []
+    for path in parent.glob(f"{_SPILL_TAG}*"):
+        pid = path.name[len(_SPILL_TAG):].split("-")[0]
+        if path.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 class BufferBudgetError(MemoryError):
     """The calibration activations cannot be held within the memory budget."""
 
@@ -109,7 +134,8 @@ class ActivationBuffer:
         if self._dir is None:
             parent = self._parent or Path(tempfile.gettempdir())
             parent.mkdir(parents=True, exist_ok=True)
-            self._dir = Path(tempfile.mkdtemp(prefix=f"agentos-activations-{uuid.uuid4().hex[:6]}-", dir=parent))
+            remove_stale_spills(parent)
+            self._dir = Path(tempfile.mkdtemp(prefix=f"{_SPILL_TAG}{os.getpid()}-{uuid.uuid4().hex[:6]}-", dir=parent))
         return str(self._dir / f"batch-{i:06d}.safetensors")
 
     def _check_disk(self, size: int) -> None:

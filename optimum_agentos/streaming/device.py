@@ -28,7 +28,7 @@ class DeviceBlocks:
         self.rest = [n for n in every if not n.startswith(prefix)]
         self._rest_on_device = False
 
-    def buffer(self) -> list:
+    def buffer(self, calibration_ids=None) -> list:
         _move(self.model, self.rest, self.device)
         self._rest_on_device = True
         return []

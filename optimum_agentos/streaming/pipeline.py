@@ -14,7 +14,8 @@ import torch
 from transformers.utils import logging
 
 from ..formats.folder import atomic_directory
-from ..formats.kept_weights import state_dict_for_save
+from ..formats.kept_weights import kept_float_weights, state_dict_for_save
+from ..nn.linear import SCALE_DTYPES
 from ..nn.memory import release_free_memory
 from .buffer import ActivationBuffer
 from .skeleton import StreamedModel
@@ -40,15 +41,29 @@ class BlockStream:
         self.block_stats: list[dict] = []
         self.rss_after_capture = 0
 
-    def buffer(self) -> ActivationBuffer:
-        self.load_rest(with_head=False)  # the embeddings compute the first block's inputs; the head is not needed
+    def buffer(self, calibration_ids=None) -> ActivationBuffer:
+        """Load what computes the first block's inputs (not the head) and return the store for them. Given the
+        `calibration_ids`, the input embedding gets only their rows (see `StreamedModel.load_rows`)."""
+        embedding = self._input_embedding() if calibration_ids is not None else None
+        self.load_rest(with_head=False, skip=(embedding,) if embedding else ())
+        if embedding:
+            self.streamed.load_rows(embedding, calibration_ids)
         return self._buffer
 
-    def load_rest(self, with_head: bool = True) -> None:
+    def load_rest(self, with_head: bool = True, skip: tuple[str, ...] = ()) -> None:
         if not self.rest_loaded:
             exclude = (f"{self.blocks_name}.",) + (() if with_head else self._untied_head())
-            self.streamed.load(self.streamed.tensor_names(exclude=exclude))
+            self.streamed.load([n for n in self.streamed.tensor_names(exclude=exclude) if n not in skip])
             self.rest_loaded = True
+
+    def _input_embedding(self) -> str | None:
+        """The checkpoint name of the input embedding matrix, when it is a plain `nn.Embedding` stored there."""
+        model = self.streamed.model
+        embedding = model.get_input_embeddings()
+        if type(embedding) is not torch.nn.Embedding:  # a subclass may read more than the looked-up rows
+            return None
+        name = next((f"{n}.weight" for n, m in model.named_modules() if m is embedding), None)
+        return name if name in self.streamed.reader.weight_map else None
 
     def _untied_head(self) -> tuple[str, ...]:
         model = self.streamed.model
@@ -76,6 +91,7 @@ class BlockStream:
         state = state_dict_for_save(block, self.float_dtype)
         self.writer.add({f"{name}.{key}": tensor for key, tensor in state.items()})
         del state
+        self.writer.flush()  # the block's output goes to disk now: memory holds one block's output at most
         self.streamed.free(name)
         release_free_memory()
         self.block_stats.append({"block": name, "seconds": time.perf_counter() - self._start,
@@ -102,7 +118,7 @@ def run_streamed(
     save_dir,
     layer_names: list[str],
     compress_blocks: Callable[[BlockStream], None],
-    compress_rest: Callable[[], None],
+    compress_rest: Callable[[], None] | None,
     stored_config: Callable[[], object],
     float_dtype: str | None,
     tokenizer=None,
@@ -130,12 +146,15 @@ def run_streamed(
         stream = BlockStream(streamed, writer, buffer, float_dtype, blocks_name)
         compress_blocks(stream)
         writer.flush()  # the blocks' last shard leaves memory before the embeddings come in
-        stream.load_rest()
-        compress_rest()
-        rest = _rest_state(streamed, blocks_name, float_dtype)
-        stream.free_rest()
-        writer.add(rest)
-        del rest
+        if compress_rest is None:  # nothing to compute outside the blocks: each tensor read, cast and written alone
+            _write_rest_in_pieces(streamed, blocks_name, float_dtype, writer)
+        else:
+            stream.load_rest()
+            compress_rest()
+            rest = _rest_state(streamed, blocks_name, float_dtype)
+            stream.free_rest()
+            writer.add(rest)
+            del rest
         writer.finish()
         _write_config(streamed, tmp, stored_config())
         if tokenizer is not None:
@@ -145,6 +164,29 @@ def run_streamed(
         stream.spilled_bytes = buffer.spilled_bytes
         stream.peak_buffer_bytes = buffer.peak_resident_bytes
     return stream
+
+
+def _write_rest_in_pieces(streamed: StreamedModel, blocks_name: str, float_dtype: str | None,
+                          writer: ShardWriter) -> None:
+    """The tensors outside the blocks as `_rest_state` gives them, read (and cast to `float_dtype`, for the kept
+    float weights, a few rows at a time) and written one by one."""
+    model = streamed.model
+    saved = set(model.state_dict())  # meta tensors: names only
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    kept_ids = {id(w) for w in kept_float_weights(model)}
+    kept = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in kept_ids}
+    target = SCALE_DTYPES[float_dtype] if float_dtype is not None else None
+    for name in streamed.tensor_names(exclude=(f"{blocks_name}.",)):
+        if name not in saved or name in tied:
+            continue
+        if name in kept and target is not None and streamed.dtype.itemsize > target.itemsize:
+            tensor = streamed.read_cast(name, target)
+        else:
+            tensor = streamed.reader.read([name])[name]
+            tensor = tensor.to(streamed.dtype) if tensor.is_floating_point() else tensor
+        writer.add({name: tensor})
+        del tensor
+        writer.flush()
 
 
 def _rest_state(streamed: StreamedModel, blocks_name: str, float_dtype: str | None) -> dict:

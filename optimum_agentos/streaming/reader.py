@@ -4,6 +4,7 @@ for, in the checkpoint's own dtype, and no file stays mapped between reads."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -79,6 +80,26 @@ class CheckpointReader:
                     tensor = raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
                     out[name] = tensor.to(device) if str(device) != "cpu" else tensor
         return out
+
+    def shape(self, name: str) -> tuple[torch.dtype, list[int]]:
+        """The stored dtype and shape of `name` (from the header, nothing read)."""
+        entry = self._header(self.weight_map[name])[0][name]
+        return _DTYPES[entry["dtype"]], entry["shape"]
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of the tensor `name` (along its first dimension), in its stored dtype: a part of a large
+        matrix without the rest of it in memory."""
+        file = self.weight_map[name]
+        header, data_start = self._header(file)
+        entry = header[name]
+        dtype, shape = _DTYPES[entry["dtype"]], entry["shape"]
+        row_bytes = dtype.itemsize * math.prod(shape[1:])
+        raw = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        with open(self.folder / file, "rb") as f:
+            f.seek(data_start + entry["data_offsets"][0] + start * row_bytes)
+            if f.readinto(memoryview(raw.numpy())) != raw.numel():
+                raise OSError(f"{self.folder / file} is truncated: {name} is cut short. Re-download it.")
+        return raw.view(dtype).reshape([stop - start, *shape[1:]])
 
     def _header(self, file: str) -> tuple[dict, int]:
         if file not in self._headers:

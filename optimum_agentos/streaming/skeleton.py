@@ -3,6 +3,8 @@ parts are filled from the checkpoint one at a time and emptied again after use."
 
 from __future__ import annotations
 
+import math
+
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
@@ -84,6 +86,38 @@ class StreamedModel:
             value = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
             set_module_tensor_to_device(self.model, name, self.device, value=value)
             del tensor
+        self._tie()
+
+    def load_rows(self, name: str, rows: torch.Tensor) -> None:
+        """Fill the matrix `name` (an input embedding) with only the rows `rows` read, the others left unwritten:
+        on the CPU their pages are never touched, so they take no resident memory. For a lookup that reads only
+        those rows (the calibration tokens' embeddings), exactly what a full load gives."""
+        _, shape = self.reader.shape(name)
+        weight = torch.empty(shape, dtype=self.dtype, device=self.device)
+        rows = torch.unique(rows.reshape(-1).cpu()).tolist()
+        run_start = 0
+        for i in range(1, len(rows) + 1):  # contiguous runs of rows, one read each
+            if i == len(rows) or rows[i] != rows[i - 1] + 1:
+                first, last = rows[run_start], rows[i - 1] + 1
+                weight[first:last] = self.reader.read_rows(name, first, last).to(self.dtype)
+                run_start = i
+        set_module_tensor_to_device(self.model, name, self.device, value=weight)
+        self._tie()
+
+    def read_cast(self, name: str, dtype: torch.dtype, chunk_bytes: int = 16 * 2**20) -> torch.Tensor:
+        """The tensor `name` as a full load in the compute dtype then `.to(dtype)` gives it, converted a few rows at
+        a time: memory holds the result and one chunk, never the whole tensor in the compute dtype."""
+        _, shape = self.reader.shape(name)
+        out = torch.empty(shape, dtype=dtype)
+        if not shape:
+            return self.reader.read([name])[name].to(self.dtype).to(dtype)
+        step = max(1, chunk_bytes // max(1, self.dtype.itemsize * math.prod(shape[1:])))
+        for start in range(0, shape[0], step):
+            stop = min(start + step, shape[0])
+            out[start:stop] = self.reader.read_rows(name, start, stop).to(self.dtype).to(dtype)
+        return out
+
+    def _tie(self) -> None:
         if getattr(self.model.config, "tie_word_embeddings", False) or getattr(
             self.model.config.get_text_config(), "tie_word_embeddings", False
         ):

@@ -45,6 +45,7 @@ IDS = torch.randint(0, 128, (12, 32), generator=torch.Generator().manual_seed(0)
 @pytest.mark.parametrize("kind,dtype,config", [
     ("llama", torch.bfloat16, dict(method="gptq")),
     ("qwen2", torch.float32, dict(method="gptq", embedding_bits=8)),  # tied int8 embeddings and head
+    ("qwen2", torch.float32, dict(method="gptq")),  # tied float16 embeddings, written a few rows at a time
     ("gpt2", torch.bfloat16, dict(method="rtn")),  # Conv1D layers
 ])
 def test_streamed_quantize_equals_in_memory(tmp_path, kind, dtype, config):
