@@ -74,7 +74,8 @@ def main(out: Path, mode: str, per_device_batch: int, device: str = "cpu") -> No
     if mode in FSDP and device == "cpu":
         lift_accelerates_cpu_gate(args)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=lm_data(n=32))
-    placed = {"teacher_type": type(trainer.teacher).__name__, "teacher_local_numel": local_numel(trainer.teacher)}
+    placed = {"teacher_type": type(trainer.teacher).__name__, "teacher_local_numel": local_numel(trainer.teacher),
+              "teacher_device": str(next(trainer.teacher.parameters()).device)}
     trainer.train()
     with torch.no_grad():  # every process joins the forward: FSDP gathers the student's shards
         logits = trainer.model(input_ids=PROBE.to(trainer.accelerator.device)).logits

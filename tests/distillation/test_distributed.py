@@ -30,18 +30,30 @@ ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) o
 CUDA_DEVICES = torch.cuda.device_count()
 
 
+def launcher(mode: str, device: str) -> list[str]:
+    """accelerate launch's back-end flags: on CPU `--multi_gpu` gives MULTI_CPU over gloo; on CUDA the launch users
+    run (`--use_fsdp` also starts a single process as a distributed one)."""
+    if device == "cpu" or mode == "ddp":
+        return ["--multi_gpu"]
+    if mode == "zero3":
+        return ["--use_deepspeed", "--zero_stage", "3"]
+    return ["--use_fsdp", "--fsdp_version", mode[-1]]
+
+
 def train(out: Path, mode: str, processes: int, per_device_batch: int, device: str = "cpu") -> list[dict]:
-    """Run distributed_train.py (under `accelerate launch` for more than one process); return each rank's report."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    """Run distributed_train.py (under `accelerate launch` unless MODE is single); return each rank's report."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     command = [str(SCRIPT), str(out), mode, str(per_device_batch), device]
-    if processes == 1:
+    if mode == "single":
         command = [sys.executable, *command]
     else:
         if device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
         port = str(29500 + os.getpid() % 1000)
-        command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port, *command]
+        command = [ACCELERATE, "launch", *launcher(mode, device), "--num_processes", str(processes),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", port, *command]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
@@ -75,13 +87,14 @@ def check_against_one_process(out: Path, reports: list[dict], reference: Path, r
     """)
 
 
-def check_teacher_sharded(reports: list[dict]) -> None:
-    total = reports[0]["teacher_total_numel"]
+def check_teacher_sharded(reports: list[dict], after_training: bool = True, padded: bool = False) -> None:
+    total, world = reports[0]["teacher_total_numel"], len(reports)
     local = [r["teacher_local_numel"] for r in reports]
-    assert sum(local) == total, (local, total)  # each element of the teacher lives on exactly one process
-    assert max(local) <= 0.55 * total, (local, total)  # an even split, give or take a row
-    # ...and still after training: the teacher's gathered weights are freed after each forward (it has no backward).
-    assert [r["teacher_local_numel_after_training"] for r in reports] == local
+    if not padded:  # ZeRO-3 pads each parameter's partitions to equal sizes
+        assert sum(local) == total, (local, total)  # each element of the teacher lives on exactly one process
+    assert max(local) <= 1.1 * total / world, (local, total)  # an even split, give or take a row
+    if after_training:  # the gathered weights are freed after each forward (the teacher has no backward to do it)
+        assert [r["teacher_local_numel_after_training"] for r in reports] == local
 
 
 @pytest.fixture(scope="module")
@@ -106,19 +119,21 @@ def test_fsdp2_on_cpu_shards_the_teacher_like_the_student_and_matches_one_proces
     check_teacher_sharded(reports)
 
 
-@pytest.mark.skipif(CUDA_DEVICES < 2, reason=f"needs 2 CUDA devices (found {CUDA_DEVICES}): accelerate 1.x enables "
-                    "FSDP and DeepSpeed only on accelerators; on CPU it runs DDP and its FSDP1 plugin raises 'There are "
-                    "currently no available devices found'")
+@pytest.mark.skipif(CUDA_DEVICES == 0, reason="needs CUDA: accelerate 1.x enables FSDP and DeepSpeed only on "
+                    "accelerators; on CPU it runs DDP and its FSDP1 plugin raises 'There are currently no available "
+                    "devices found'")
 @pytest.mark.parametrize("mode", ["fsdp1", "fsdp2", "zero3"])
 def test_sharded_teacher_on_cuda(mode, one_process, tmp_path):
+    """Launched as users launch it, on up to 2 GPUs (one GPU: a world of one, still through FSDP / DeepSpeed)."""
     if mode == "zero3" and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("needs deepspeed")
-    reports = train(tmp_path, mode, 2, 4, device="cuda")
+    reports = train(tmp_path, mode, min(2, CUDA_DEVICES), 4 if CUDA_DEVICES > 1 else 8, device="cuda")
     reference_report = one_process[1]
-    for report in reports:  # CUDA kernels differ from CPU ones: compare losses only, loosely
-        torch.testing.assert_close(report["losses"][0], reference_report["losses"][0], rtol=1e-3, atol=1e-4)
-    if mode == "fsdp2":
-        check_teacher_sharded(reports)
-    else:  # FSDP1 flat parameters and ZeRO-3 partitions pad to equal sizes, and FSDP1 keeps the root gathered
-        total = reports[0]["teacher_total_numel"]
-        assert all(r["teacher_local_numel"] < 0.6 * total for r in reports)
+    for report in reports:
+        assert report["teacher_device"].startswith("cuda"), report
+        assert report["teacher_type"] != "LlamaForCausalLM", report  # wrapped (FSDP) or an engine (DeepSpeed)
+        # CUDA kernels differ from CPU ones: the same losses, within a looser tolerance
+        torch.testing.assert_close(torch.tensor(report["losses"]), torch.tensor(reference_report["losses"]),
+                                   rtol=2e-3, atol=1e-4)
+    # FSDP1's root unit (embeddings, final norm, head) stays gathered after a forward that has no backward
+    check_teacher_sharded(reports, after_training=mode == "fsdp2", padded=mode == "zero3")
