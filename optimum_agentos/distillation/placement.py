@@ -2,8 +2,8 @@
 
 The Trainer's accelerator decides; the teacher follows it:
 
-- one process or DDP: a plain eval module on every process's device. It has no gradients, so there is nothing to
-  synchronize and no `DistributedDataParallel` wrapper.
+- one process or DDP: a plain eval module on every process's device (or where `from_pretrained(device_map=...)`
+  put it). It has no gradients, so there is nothing to synchronize and no `DistributedDataParallel` wrapper.
 - FSDP2 (`fsdp_config={"version": 2}`, the default): `fully_shard` through accelerate's own FSDP2 preparation (same
   wrap policy, mixed-precision and offload settings as the student), then told to re-shard after every forward:
   the teacher never runs a backward, which is where FSDP would otherwise free the units it keeps gathered.
@@ -44,6 +44,8 @@ def prepare_teacher(accelerator, teacher: nn.Module) -> nn.Module:
         finally:
             plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = saved
         return teacher.eval()
+    if getattr(teacher, "hf_device_map", None):  # placed by from_pretrained(device_map=...): leave it where it is
+        return teacher
     return teacher.to(accelerator.device)
 
 
