@@ -21,10 +21,6 @@ import copy
 
 import torch.nn as nn
 from accelerate.utils import DistributedType
-from transformers.utils import logging
-
-
-logger = logging.get_logger(__name__)
 
 
 def prepare_teacher(accelerator, teacher: nn.Module) -> nn.Module:
