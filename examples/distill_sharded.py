@@ -4,7 +4,8 @@ sharded like the student (FSDP2, ZeRO-3) or kept whole on each process (DDP).
 
     accelerate launch --config_file examples/accelerate/fsdp2.yaml examples/distill_sharded.py --output out
     accelerate launch --config_file examples/accelerate/zero3.yaml examples/distill_sharded.py --output out
-    accelerate launch --multi_gpu --num_processes 2 examples/distill_sharded.py --output out     # DDP (gloo on CPU)
+    accelerate launch --multi_gpu --num_processes 2 examples/distill_sharded.py --output out     # DDP
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/distill_sharded.py  # DDP, CPU, gloo
 """
 
 import argparse

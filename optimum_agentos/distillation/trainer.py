@@ -173,8 +173,8 @@ class DistillationTrainer(Trainer):
         if fsdp_asked and not self.is_fsdp_enabled:
             logger.warning(
                 f"fsdp is set but accelerate runs this as {self.accelerator.distributed_type}: accelerate enables FSDP "
-                "on accelerators (CUDA, XPU, NPU, ...) only, so these processes train with DDP and every process "
-                "holds the whole student and teacher."
+                "on accelerators (CUDA, XPU, NPU, ...) only. CPU processes train with DDP over gloo when launched "
+                "with use_cpu=True or ACCELERATE_USE_CPU=1, each holding the whole student and teacher."
             )
         self.teacher = None if self.uses_cache else prepare_teacher(self.accelerator, teacher_model)
 
