@@ -1,12 +1,14 @@
 """`DistillationTrainer`: a `transformers.Trainer` whose loss mixes the hard labels with a frozen teacher's outputs.
 
 Only `compute_loss` changes; data loading, optimizers, checkpointing, resuming, logging and the distributed back ends
-(DDP, FSDP, DeepSpeed through accelerate) are the Trainer's own.
+(DDP, FSDP, DeepSpeed through accelerate) are the Trainer's own. The teacher is laid out like the student
+(`placement.py`): replicated under DDP, sharded under FSDP and DeepSpeed ZeRO-3. Launch a script that builds the
+trainer with `accelerate launch --config_file fsdp.yaml train.py` (see the README's "Sharded training").
 """
 
 from __future__ import annotations
 
-import copy
+import os
 
 import torch
 import torch.nn as nn
@@ -16,6 +18,7 @@ from transformers.utils import logging
 from .cache import TOPK_INDICES, TOPK_LOGITS
 from .config import DistillationConfig
 from .losses import attention_loss, distillation_loss, hidden_state_loss, topk_distillation_loss
+from .placement import prepare_teacher
 
 
 logger = logging.get_logger(__name__)
@@ -166,7 +169,14 @@ class DistillationTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         # Each loss below is a mean over its own batch; the Trainer then divides by the accumulation steps.
         self.model_accepts_loss_kwargs = False
-        self.teacher = None if self.uses_cache else self._prepare_teacher(teacher_model)
+        fsdp_asked = args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        if fsdp_asked and not self.is_fsdp_enabled:
+            logger.warning(
+                f"fsdp is set but accelerate runs this as {self.accelerator.distributed_type}: accelerate enables FSDP "
+                "on accelerators (CUDA, XPU, NPU, ...) only. CPU processes train with DDP over gloo when launched "
+                "with use_cpu=True or ACCELERATE_USE_CPU=1, each holding the whole student and teacher."
+            )
+        self.teacher = None if self.uses_cache else prepare_teacher(self.accelerator, teacher_model)
 
     # ------------------------------------------------------------------------------------------------- set-up
 
@@ -189,28 +199,6 @@ class DistillationTrainer(Trainer):
             if args.attention_layer_map is None:
                 args.attention_layer_map = {s_layers - 1: t_layers - 1}
             _check_layer_map(args.attention_layer_map, s_layers - 1, t_layers - 1, "attention_layer_map (layer indices)")
-
-    def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
-        """Freeze the teacher and place it as accelerate places models for evaluation; under DeepSpeed ZeRO-3 it
-        is sharded like the student."""
-        teacher.eval()
-        teacher.requires_grad_(False)
-        if self.is_deepspeed_enabled:
-            return self._prepare_deepspeed_teacher(teacher)
-        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
-
-    def _prepare_deepspeed_teacher(self, teacher: nn.Module) -> nn.Module:
-        import deepspeed
-
-        config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
-        stage = config.get("zero_optimization", {}).get("stage", 0)
-        if stage != 3:
-            config["zero_optimization"] = {"stage": 0}  # only ZeRO-3 shards parameters; others replicate the teacher
-        config.pop("optimizer", None)
-        config.pop("scheduler", None)
-        engine, *_ = deepspeed.initialize(model=teacher, config=config)
-        engine.eval()
-        return engine
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -256,7 +244,7 @@ class DistillationTrainer(Trainer):
             )
             parts["kd"] = (args.alpha_kd, kd)
         elif self.teacher is not None:
-            with torch.no_grad():
+            with torch.no_grad(), self.accelerator.autocast():
                 teacher_out = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}, **extra)
             if args.alpha_kd:
                 parts["kd"] = (args.alpha_kd, distillation_loss(
