@@ -15,6 +15,7 @@ from optimum_agentos.distillation import DistillationConfig, DistillationTrainer
 from optimum_agentos.formats.mark import mark_compressed
 from optimum_agentos.nn.linear import QuantLinear
 from optimum_agentos.nn.prepare import prepare_kernels
+from optimum_agentos.nn.sparse_linear import SparseLinear
 from optimum_agentos.nn.qmath import dequantize_codes, group_qparams, quantize_codes
 from optimum_agentos.quantization.fake_quant import FakeQuantLinear, fake_quantize
 from optimum_agentos.quantization.qat import QATCallback, convert_qat, prepare_qat, qat_layers
@@ -192,6 +193,13 @@ def test_errors_name_the_problem_and_fix(tmp_path):
     mark_compressed(w8a8, config)
     with pytest.raises(ValueError, match="activations='int8-dynamic'"):
         prepare_qat(w8a8)
+    pruned = _quantized_tiny()
+    dense = pruned.model.layers[0].mlp.down_proj
+    kept = torch.rand(dense.out_features, dense.in_features) > 0.5
+    pruned.model.layers[0].mlp.down_proj = SparseLinear.from_codes(dense.codes(), dense.weight_scale,
+                                                                   dense.weight_zero, kept, None, 4, 64)
+    with pytest.raises(ValueError, match="pruned \\(sparse\\) layers"):
+        prepare_qat(pruned)
     prepared = prepare_qat(_quantized_tiny())
     with pytest.raises(ValueError, match="already prepared"):
         prepare_qat(prepared)
