@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import time
 from pathlib import Path
@@ -49,9 +50,9 @@ def _training_args(args, out):
 
     return DistillationConfig(
         output_dir=str(out), max_steps=args.max_steps, per_device_train_batch_size=args.batch,
-        learning_rate=args.lr, warmup_steps=max(args.max_steps // 20, 1), lr_scheduler_type="cosine",
+        learning_rate=args.lr, lr_scheduler_type="constant",  # the Budget callback sets the rate
         weight_decay=0.0, save_strategy="no", report_to=[], use_cpu=True, seed=0,
-        logging_steps=max(args.max_steps // 10, 1), disable_tqdm=True, temperature=1.0, alpha_kd=args.alpha_kd,
+        logging_steps=10, disable_tqdm=True, temperature=1.0, alpha_kd=args.alpha_kd,
         kd_chunk_size=512,
     )
 
@@ -93,9 +94,18 @@ def worker(row: str, args) -> dict:
     mode = row.split("-", 1)[1]
     teacher = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_pretrained(work / "start", dtype=torch.float32)
-    train = lm_dataset(tokenizer, "wikitext2", "validation", 512, args.max_steps * args.batch)
+    train = lm_dataset(tokenizer, "wikitext2", "validation", 512)  # every window of the split, in order
 
-    class Budget(TrainerCallback):  # a wall-clock stop, so a slow (shared) machine still ends in time
+    class Budget(TrainerCallback):
+        """The learning rate follows a cosine over the wall-clock budget (after a short warmup) and training stops
+        when the budget is spent, so a slow (shared) machine still ends in time with a decayed learning rate."""
+
+        def on_step_begin(self, a, state, control, optimizer=None, **kwargs):
+            done = min((time.perf_counter() - began) / args.train_budget_s, 1.0)
+            warm = min((state.global_step + 1) / 5, 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr * warm * 0.5 * (1 + math.cos(math.pi * done))
+
         def on_step_end(self, a, state, control, **kwargs):
             if time.perf_counter() - began > args.train_budget_s:
                 control.should_training_stop = True
@@ -135,8 +145,9 @@ def write_markdown(results: list[dict], meta: dict) -> str:
            if start and start_name != "rtn" else "")
         + f". QAT: `prepare_qat(model, scale_mode=...)`, then `DistillationTrainer` (teacher: the fp32 model, "
         f"temperature 1, alpha_kd {args['alpha_kd']}, hard-label weight {1 - args['alpha_kd']:g}) with "
-        f"`QATCallback`, AdamW lr {args['lr']:g} cosine, batch {args['batch']} x 512 tokens, at most "
-        f"{args['max_steps']} steps or {args['train_budget_s']} s, on WikiText-2 **validation** windows (consecutive, "
+        f"`QATCallback`, AdamW lr {args['lr']:g} (5 warmup steps, then a cosine over the wall-clock budget), batch "
+        f"{args['batch']} x 512 tokens, for {args['train_budget_s']} s of training (at most {args['max_steps']} "
+        "steps), on WikiText-2 **validation** windows (consecutive, "
         "from the start of the split; the same text GPTQ calibrates on, never the test split). Only the quantized "
         "layers train (embeddings, norms and head frozen). The converted model is saved as a normal agentos "
         "checkpoint (same format), reloaded with `AutoModelForCausalLM.from_pretrained` and evaluated: WikiText-2 "
@@ -167,8 +178,7 @@ def write_markdown(results: list[dict], meta: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(f"{a:.3f}" for a in accs) + f" | {sum(accs) / len(accs):.3f} |")
     trained = [r for r in results if r["row"].startswith("qat")]
     if trained:
-        lines += ["", "Training loss (the DistillationTrainer's, logged every tenth of the steps), first -> last "
-                  "logged: " + "; ".join(f"{r['row']} {r['first_loss']:.3f} -> {r['last_loss']:.3f}"
+        lines += ["", "Training loss (the DistillationTrainer's, mean over each 10 steps), first -> last logged: " + "; ".join(f"{r['row']} {r['first_loss']:.3f} -> {r['last_loss']:.3f}"
                                          for r in trained) + "."]
     lines += ["", f"Raw results: `benchmarks/results/{NAME}.json`.", MARK_END]
     return "\n".join(lines)
@@ -180,8 +190,8 @@ def main() -> None:
     parser.add_argument("--start", default="gptq", choices=["gptq", "rtn"], help="How the start checkpoint is made.")
     parser.add_argument("--calib-windows", type=int, default=64)
     parser.add_argument("--eval-windows", type=int, default=64)
-    parser.add_argument("--max-steps", type=int, default=150)
-    parser.add_argument("--train-budget-s", type=int, default=900)
+    parser.add_argument("--max-steps", type=int, default=10000, help="Step cap; the wall-clock budget ends runs first.")
+    parser.add_argument("--train-budget-s", type=int, default=600, help="Training wall-clock budget (seconds).")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--alpha-kd", type=float, default=0.5)

@@ -219,3 +219,23 @@ def test_fake_quant_layer_state_dict_is_float():
     """A Trainer checkpoint saved mid-training holds the float weights only (frozen scales are buffers)."""
     layer = FakeQuantLinear.from_quant_linear(QuantLinear.from_float(torch.randn(16, 64), None, 4, 32, False))
     assert set(layer.state_dict()) == {"weight"}
+
+
+def test_int8_embeddings_stay_frozen_and_quantized():
+    """With `embedding_bits=8` the int8 embedding and head stay as they are (frozen) while gradients reach the
+    fake-quantized layers through them; convert_qat keeps the int8 head."""
+    from optimum_agentos.nn.embedding import QuantHead
+    from optimum_agentos.quantization.embedding import quantize_embeddings
+
+    model = build_tiny("llama")
+    config = AgentOSConfig(bits=4, group_size=64, embedding_bits=8)
+    quantize_model_rtn(model, config)
+    quantize_embeddings(model)
+    mark_compressed(model, config)
+    prepare_qat(model).train()
+    ids = sample_ids()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(layer.weight.grad.abs().sum() > 0 for layer in qat_layers(model).values())
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "embed" in n or "lm_head" in n)
+    convert_qat(model)
+    assert isinstance(model.lm_head, QuantHead) and model.config.quantization_config.embedding_bits == 8
