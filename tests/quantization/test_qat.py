@@ -127,11 +127,12 @@ def test_trainer_qat_then_reload_in_fresh_process(tmp_path, scale_mode):
     prepare_qat(model, scale_mode=scale_mode)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".self_attn." in n or ".mlp." in n for n in trainable)  # embeddings, norms frozen
-    Trainer(model=model, args=_args(tmp_path, 12), train_dataset=batches[:-4], callbacks=[QATCallback()]).train()
+    trainer = Trainer(model=model, args=_args(tmp_path, 12), train_dataset=batches[:-4], callbacks=[QATCallback()])
+    trainer.train()
     assert not qat_layers(model) and model.is_quantized  # converted by the callback
     after = _mean_loss(model, held_out)
     assert after < before - 0.05, (before, after)
-    model.save_pretrained(tmp_path / "qat")
+    trainer.save_model(str(tmp_path / "qat"))  # the Trainer's own save writes the agentos checkpoint
     ids = sample_ids()
     torch.save(model_output(model, ids), tmp_path / "expected.pt")
     torch.save(ids, tmp_path / "ids.pt")
