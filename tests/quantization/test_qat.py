@@ -15,8 +15,8 @@ from optimum_agentos.distillation import DistillationConfig, DistillationTrainer
 from optimum_agentos.formats.mark import mark_compressed
 from optimum_agentos.nn.linear import QuantLinear
 from optimum_agentos.nn.prepare import prepare_kernels
-from optimum_agentos.nn.sparse_linear import SparseLinear
 from optimum_agentos.nn.qmath import dequantize_codes, group_qparams, quantize_codes
+from optimum_agentos.nn.sparse_linear import SparseLinear
 from optimum_agentos.quantization.fake_quant import FakeQuantLinear, fake_quantize
 from optimum_agentos.quantization.qat import QATCallback, convert_qat, prepare_qat, qat_layers
 from optimum_agentos.quantization.rtn import quantize_model_rtn
