@@ -95,7 +95,7 @@ class FakeQuantLinear(nn.Module):
     """
 
     def __init__(self, weight, bias, bits: int, group_size: int, scales, zeros, sym: bool = False,
-                 scale_mode: str = "frozen"):
+                 scale_mode: str = "learned"):
         super().__init__()
         if scale_mode not in SCALE_MODES:
             raise ValueError(f"scale_mode={scale_mode!r} is not supported; use one of {SCALE_MODES}.")
@@ -111,7 +111,7 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("weight_zero", zeros.detach().clone(), persistent=False)
 
     @classmethod
-    def from_quant_linear(cls, layer: QuantLinear, sym: bool = False, scale_mode: str = "frozen"):
+    def from_quant_linear(cls, layer: QuantLinear, sym: bool = False, scale_mode: str = "learned"):
         """Start from a `QuantLinear`: the weight it computes with, its group parameters."""
         return cls(layer.dequantize(torch.float32), layer.bias, layer.bits, layer.group_size, layer.weight_scale,
                    layer.weight_zero, sym, scale_mode)

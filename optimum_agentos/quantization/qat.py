@@ -56,7 +56,7 @@ def _check_model(model: nn.Module) -> None:
                          "or fine-tune it before quantizing.")
 
 
-def prepare_qat(model: nn.Module, config: AgentOSConfig | None = None, scale_mode: str = "frozen",
+def prepare_qat(model: nn.Module, config: AgentOSConfig | None = None, scale_mode: str = "learned",
                 freeze_others: bool = True) -> nn.Module:
     """Make a quantized model trainable through its rounding, in place; returns it.
 
@@ -65,9 +65,13 @@ def prepare_qat(model: nn.Module, config: AgentOSConfig | None = None, scale_mod
             `Quantizer`), or a float model when `config` is given.
         config (`AgentOSConfig`, *optional*): quantize the float `model` with round to nearest (`method="rtn"`)
             first; leave it out for an already quantized model (its GPTQ/AWQ/... codes are the start).
-        scale_mode (`str`, *optional*, defaults to `"frozen"`): `"frozen"` keeps each group's scale and zero point
-            from the start and trains only where the weights round to; `"minmax"` recomputes them from the weights'
-            group min/max at every step; `"learned"` trains the scales as well (codes held fixed in their gradient), the zero points fixed.
+        scale_mode (`str`, *optional*, defaults to `"learned"`): `"learned"` trains each group's scale too (its
+            gradient taken with the codes held fixed), the zero points fixed; `"frozen"` keeps the start's scales and
+            trains only where the weights round to, which needs the weights to travel half a grid step from where
+            they start (on their grid points) before anything changes; `"minmax"` recomputes the scales from the
+            weights' group min/max at every step. On a tiny random Llama int4 g64, 8 Adam steps on the KL to the
+            float model (one batch of 8 text windows) left it at 0.042 with `"frozen"` (lr 1e-3: no code moved)
+            and lowered it to 0.024 with `"learned"` (lr 1e-4).
         freeze_others (`bool`, *optional*, defaults to `True`): train only the quantized layers' weights and biases
             (embeddings, norms and the output head keep their values).
 

@@ -216,10 +216,12 @@ def test_errors_name_the_problem_and_fix(tmp_path):
         trainer.train()
 
 
-def test_fake_quant_layer_state_dict_is_float():
-    """A Trainer checkpoint saved mid-training holds the float weights only (frozen scales are buffers)."""
-    layer = FakeQuantLinear.from_quant_linear(QuantLinear.from_float(torch.randn(16, 64), None, 4, 32, False))
-    assert set(layer.state_dict()) == {"weight"}
+def test_fake_quant_layer_state_dict():
+    """A Trainer checkpoint saved mid-training holds the float weights (and the learned scales, which it resumes
+    from); frozen or recomputed scales are buffers."""
+    quantized = QuantLinear.from_float(torch.randn(16, 64), None, 4, 32, False)
+    assert set(FakeQuantLinear.from_quant_linear(quantized, scale_mode="frozen").state_dict()) == {"weight"}
+    assert set(FakeQuantLinear.from_quant_linear(quantized).state_dict()) == {"weight", "weight_scale"}
 
 
 def test_int8_embeddings_stay_frozen_and_quantized():
