@@ -119,7 +119,7 @@ def worker(row: str, args) -> dict:
     out = trainer.train()
     qat_s = time.perf_counter() - began
     assert not qat_layers(student), "QATCallback converts the model at the end of training"
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [out.training_loss]
     save_model_folder(student, tokenizer, work / row)
     result.update(scale_mode=mode, steps=out.global_step, train_s=out.metrics["train_runtime"], qat_s=qat_s,
                   tokens=out.global_step * args.batch * 512, trainable_params=trainable, first_loss=losses[0],
