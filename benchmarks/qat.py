@@ -161,8 +161,8 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         "layers train (embeddings, norms and head frozen). The converted model is saved as a normal agentos "
         "checkpoint (same format), reloaded with `AutoModelForCausalLM.from_pretrained` and evaluated: WikiText-2 "
         f"raw test, first {args['eval_windows']} windows of 512 tokens, no BOS. `QAT time` is prepare + train + "
-        "convert. Note: with a hard-label weight above 0 the training also fits WikiText itself (the fp32 model "
-        "never saw that text), so a QAT row below fp32 shows that domain adaptation, not a quantized model better "
+        "convert. Note: with a hard-label weight above 0 the training also fits WikiText itself (the fp32 model was "
+        "not fine-tuned on it), so a QAT row below fp32 shows that domain adaptation, not a quantized model better "
         "than its float one; `--alpha-kd 1` (distillation only) measures how much of the float model's quality "
         "the training recovers. The zero-shot table (when run) checks that general ability was not lost.",
         "",
