@@ -19,7 +19,7 @@ _DISTILLATION = {"DistillationConfig", "DistillationTrainer", "make_student", "p
 __all__ = [
     "AgentOSConfig", "DistillationConfig", "DistillationTrainer", "Pruner", "PruningConfig", "QuantLinear",
     "Quantizer", "SparseLinear", "FORMAT_VERSION", "__version__", "make_student", "precompute_teacher_topk",
-    "plan_mixed_precision", "export",
+    "plan_mixed_precision", "export", "prepare_qat", "convert_qat", "QATCallback",
 ]
 
 
@@ -29,6 +29,10 @@ def __getattr__(name):
         from .quantization.quantizer import Quantizer
 
         return Quantizer
+    if name in ("prepare_qat", "convert_qat", "QATCallback"):
+        from .quantization import qat
+
+        return getattr(qat, name)
     if name == "plan_mixed_precision":
         from .quantization.mixed import plan_mixed_precision
 

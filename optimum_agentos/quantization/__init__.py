@@ -8,7 +8,9 @@ from .gptq import gptq_quantize
 from .rtn import quantize_model_rtn
 
 
-__all__ = ["QuantLinear", "Quantizer", "gptq_quantize", "quantize_model_rtn"]
+__all__ = ["QATCallback", "QuantLinear", "Quantizer", "convert_qat", "gptq_quantize", "prepare_qat", "quantize_model_rtn"]
+
+_QAT = {"QATCallback", "convert_qat", "prepare_qat"}
 
 
 def __getattr__(name):
@@ -16,4 +18,8 @@ def __getattr__(name):
         from .quantizer import Quantizer
 
         return Quantizer
+    if name in _QAT:  # imports transformers' Trainer machinery: only on use
+        from . import qat
+
+        return getattr(qat, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
