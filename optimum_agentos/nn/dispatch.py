@@ -109,7 +109,10 @@ def signature(layer, kernel, activations: str | None, dtype: torch.dtype) -> str
 
 
 def candidates(layer, kernel) -> list:
-    """The paths that can serve `layer`: its packed kernel (if any), then the dequant paths."""
+    """The paths that can serve `layer`: its own list (`float_head.FloatHead`), or its packed kernel (if any) then
+    the dequant paths."""
+    if getattr(layer, "candidate_paths", None) is not None:
+        return list(layer.candidate_paths)
     paths = [kernel] if kernel is not None else []
     if dequant.unsupported(layer) is None:
         paths += list(DEQUANT_PATHS)
