@@ -52,6 +52,7 @@ class FloatHead(nn.Linear):
 
     kernel = None
     routes = None
+    fused = None  # never fused (see `fusion`)
     candidate_paths = PATHS  # read by `dispatch.candidates`
     bits, group_size = 32, -1  # for `dispatch.signature`
 

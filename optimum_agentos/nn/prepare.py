@@ -12,6 +12,7 @@ from transformers.utils import logging
 from . import dequant, dispatch
 from .embedding import QuantHead
 from .float_head import PATHS as FLOAT_HEAD_PATHS, float_head
+from .fusion import fuse_siblings
 from .kernels import HEAD_KERNELS, KERNELS, KERNELS_ENV, choose_kernel
 from .linear import QuantLinear
 from .memory import release_free_memory
@@ -143,6 +144,9 @@ def prepare_kernels(model, policy: str | None = None, activations: str | None = 
     dtype = _activation_dtype(model)
     planner = _Planner(policy, activations, dtype)
     chosen, slow, memory = {}, {}, Counter()
+    for module in model.modules():  # groups are rebuilt below from the new layouts
+        if isinstance(module, QuantLinear):
+            module.unfuse()
     for name, module in model.named_modules():
         if isinstance(module, SparseLinear):
             chosen[name], cost = _prepare_sparse(module, planner, dtype)
@@ -165,6 +169,9 @@ def prepare_kernels(model, policy: str | None = None, activations: str | None = 
         memory["kernel layouts"] += _layout_bytes(module)
         if kernel is None:
             slow[name] = reason
+    groups = fuse_siblings(model) if policy != "reference" else []
+    if groups:
+        memory[f"{len(groups)} fused sibling groups (int4 scales, zero points)"] += sum(g.layout_bytes() for g in groups)
     if chosen:
         head_bytes = _prepare_float_head(model, planner)
         if head_bytes:
