@@ -43,6 +43,7 @@ ROWS = {
 # llama.cpp (xllamacpp) on the shipped Q4_1 GGUF; `--gguf NAME=PATH` adds "llamacpp-NAME" rows
 OPTIONAL_ROWS = ("llamacpp-q4_1", "quanto-int8", "quanto-int4", "torchao-int8")
 GGUF_ROWS: dict[str, str] = {}  # "llamacpp-NAME" -> GGUF path, from --gguf
+FAILED: dict[str, str] = {}  # compiled rows that failed in this run -> why
 SWEEP_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 # `torch.compile(model.forward)` (inductor, static KV cache for decode) of a row: "<row>+compile"
 COMPILED_ROWS = ("fp32+compile", "agentos-int8-sym-e8+compile", "agentos-int4-g128-e8+compile")
@@ -219,10 +220,18 @@ def time_all(rows: list[str], args) -> dict[str, dict]:
     sweep_times = {row: {n: [] for n in sweep} for row in rows}
     with torch.no_grad():  # not inference_mode: optimum-quanto's tensors fail under it
         warmup_seconds = {}
-        for row, (prefill, decode) in runners.items():  # warm-up: first calls allocate, pick algorithms (and compile)
+        for row, (prefill, decode) in list(runners.items()):  # warm-up: first calls allocate (and compile)
             start = time.perf_counter()
-            prefill(prompt_ids, 0)
-            decode(decode_prompt)
+            try:
+                prefill(prompt_ids, 0)
+                decode(decode_prompt)
+            except Exception as error:  # a row that cannot run (a compile failure) is reported, not fatal
+                if not row.endswith("+compile"):
+                    raise
+                FAILED[row] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                print(f"{row} failed: {FAILED[row]}")
+                del runners[row], times[row], sweep_times[row]
+                continue
             warmup_seconds[row] = time.perf_counter() - start
         for _ in range(args.repeats):
             for row, (prefill, decode) in runners.items():
@@ -330,6 +339,8 @@ def write_markdown(results: list[dict], args, meta: dict) -> str:
         + ("ppl | ppl / fp32 | " if ppl else "") + "load (s) | warm-up (s) |",
         "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if ppl else "") + "---:|---:|",
     ]
+    failed = [r for r in results if "failed" in r]
+    results = [r for r in results if "failed" not in r]
     for r in results:
         quality = ""
         if ppl:
@@ -347,6 +358,8 @@ def write_markdown(results: list[dict], args, meta: dict) -> str:
                            if r["row"].startswith("agentos-int4"))
         if ratios:
             lines += ["", f"Decode relative to {anchor['row']} in the same run: {ratios}."]
+    for r in failed:
+        lines += ["", f"{r['row']}: did not run in this run ({r['failed']})."]
     lines += sweep_markdown(results)
     lines += ["", "Raw results: `benchmarks/results/speed.json`.", MARK_END]
     return "\n".join(lines)
@@ -396,7 +409,8 @@ def main() -> None:
         passthrough += [f"--gguf={spec}" for spec in args.gguf]
         memory = {r["row"]: r for r in run_rows(__file__, rows, passthrough)}
         speed = time_all(rows, args)
-    results = [{**memory[row], **speed[row]} for row in rows]
+    results = [{**memory[row], **speed[row]} for row in rows if row in speed]
+    results += [{"row": row, "failed": why} for row, why in FAILED.items()]
     meta = run_meta(args, options)
     meta.update(cpu=cpu_name(), cpu_flags=cpu_flags(), xllamacpp=_version("xllamacpp"))
     if args.no_publish:
