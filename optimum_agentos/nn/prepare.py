@@ -112,8 +112,9 @@ def _prepare_sparse(module: SparseLinear, planner: _Planner, dtype: torch.dtype)
 
 
 def _prepare_float_head(model, planner: _Planner) -> int:
-    """A float32 output head beside compressed layers: measure it against its bf16 copy (`float_head`); returns the
-    bytes the copy costs (0 when no token count uses it)."""
+    """A float32 output head beside quantized layers: measure it against its bf16 copy (`float_head`); returns the
+    bytes the copy costs (0 when no token count uses it). Models whose layers are all float (sparse, computing with
+    a dense float copy) compute exactly, and so does their head."""
     head = float_head(model)
     if head is None:
         return 0
@@ -172,7 +173,7 @@ def prepare_kernels(model, policy: str | None = None, activations: str | None = 
     groups = fuse_siblings(model) if policy != "reference" else []
     if groups:
         memory[f"{len(groups)} fused sibling groups (int4 scales, zero points)"] += sum(g.layout_bytes() for g in groups)
-    if chosen:
+    if any(path != "dense" for path in chosen.values()):  # layers computing from codes; float sparse ones are exact
         head_bytes = _prepare_float_head(model, planner)
         if head_bytes:
             memory["bf16 copy of the float32 output head"] += head_bytes

@@ -98,6 +98,11 @@ def test_reload_in_a_fresh_process_takes_the_same_paths(tmp_path):
 def test_float_models_and_bf16_heads_are_left_alone(tmp_path):
     model = build_tiny("qwen2")
     assert prepare_kernels(model) == {} and type(model.lm_head) is torch.nn.Linear
+    from optimum_agentos.pruning import Pruner, PruningConfig
+
+    Pruner(build_tiny("qwen2")).prune(tmp_path / "sparse", PruningConfig(method="magnitude"), float_dtype=None)
+    sparse = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")  # float layers: exact head too
+    assert type(sparse.lm_head) is torch.nn.Linear
     build_tiny("qwen2").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     loaded = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "bf16", quantization_config=AgentOSConfig(bits=4, group_size=64))
