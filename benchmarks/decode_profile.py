@@ -154,7 +154,8 @@ def write_markdown(results: list[dict], layer_us: dict, meta: dict) -> str:
              "load (the speed table's rows); greedy decoding after a 16-token prompt. `generate` and a bare loop of "
              "forwards on a dynamic cache (argmax per step, no logits processors or stop checks) are timed "
              f"interleaved ({args['repeats']} repeats, medians); then the bare loop is profiled with torch.profiler: "
-             "the operators' own CPU time per generated token, grouped, and the time no operator accounts for "
+             "the operators' own CPU time per generated token (the 16-token prompt's forward included, as in the speed "
+             "table's decode), grouped, and the time no operator accounts for "
              "(Python). The profiler itself slows each step (`profiled` row).", ""]
     names = []
     for r in results:
