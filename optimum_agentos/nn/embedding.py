@@ -74,6 +74,7 @@ class QuantHead(nn.Module):
     kernel = None  # set by prepare.prepare_kernels
     routes = None  # likewise (see `QuantLinear`)
     bias = None  # bias-free by construction (`from_float` refuses a head with one)
+    fused = None  # never fused (see `fusion`)
 
     def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__()

@@ -28,6 +28,7 @@ class QuantLinear(nn.Module):
     kernel = None  # set per layer by prepare.prepare_kernels
     routes = None  # likewise: ((max_tokens, run), ...), the measured fastest path per token count (None: reference)
     weight_in_kernel = False  # True when the kernel's layout holds the only copy of the codes (`weight` is empty)
+    fused = None  # set by fusion.fuse_siblings: the q/k/v or gate/up group this layer computes with at decode
 
     def __init__(
         self,
@@ -100,12 +101,19 @@ class QuantLinear(nn.Module):
         """Replace the stored weight by new codes and group parameters (shapes must match the layer)."""
         if codes.shape != (self.out_features, self.in_features):
             raise ValueError(f"codes of shape {tuple(codes.shape)} do not fit a {self.out_features}x{self.in_features} layer")
+        self.unfuse()
         self.weight.data = packing.pack(codes, self.bits)
         self.weight_in_kernel = False
         self.weight_scale.data = scales.to(self.weight_scale.dtype).contiguous()
         self.weight_zero.data = zeros.to(torch.uint8).contiguous()
         if self.kernel is not None:  # keep the kernel's own layout in step with the new codes
             self.kernel.prepare(self)
+
+    def unfuse(self) -> None:
+        """Leave the sibling group (`fusion`): every member computes alone again, from its own view of the codes."""
+        if self.fused is not None:
+            for member in self.fused.members:
+                member.fused = None
 
     def codes(self) -> torch.Tensor:
         """Unpacked integer codes `[out, in]`."""
@@ -142,6 +150,7 @@ def _weight_from_kernel(module: QuantLinear, state_dict, prefix, local_metadata)
 
 
 def _weight_back_for_loading(module: QuantLinear, *args) -> None:
+    module.unfuse()
     module.restore_weight()
 
 

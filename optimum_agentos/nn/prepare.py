@@ -11,6 +11,8 @@ from transformers.utils import logging
 
 from . import dequant, dispatch
 from .embedding import QuantHead
+from .float_head import PATHS as FLOAT_HEAD_PATHS, float_head
+from .fusion import fuse_siblings
 from .kernels import HEAD_KERNELS, KERNELS, KERNELS_ENV, choose_kernel
 from .linear import QuantLinear
 from .memory import release_free_memory
@@ -19,7 +21,7 @@ from .sparse_linear import SparseLinear
 
 logger = logging.get_logger(__name__)
 
-PATHS = {path.name: path for path in (*KERNELS, *HEAD_KERNELS, *dispatch.DEQUANT_PATHS)}
+PATHS = {path.name: path for path in (*KERNELS, *HEAD_KERNELS, *dispatch.DEQUANT_PATHS, *FLOAT_HEAD_PATHS)}
 MIB = 1 << 20
 
 
@@ -109,6 +111,21 @@ def _prepare_sparse(module: SparseLinear, planner: _Planner, dtype: torch.dtype)
     return f"dense codes ({kernel.name if kernel else 'reference'})", _layout_bytes(inner)
 
 
+def _prepare_float_head(model, planner: _Planner) -> int:
+    """A float32 output head beside quantized layers: measure it against its bf16 copy (`float_head`); returns the
+    bytes the copy costs (0 when no token count uses it). Models whose layers are all float (sparse, computing with
+    a dense float copy) compute exactly, and so does their head."""
+    head = float_head(model)
+    if head is None:
+        return 0
+    head.make_copy()
+    _install(head, planner.routes(head, None))
+    if not any(name == "bf16-copy" for _, name in head.route_names):
+        head.drop_copy()
+        return 0
+    return head.kernel_bf16_weight.numel() * head.kernel_bf16_weight.element_size()
+
+
 def prepare_kernels(model, policy: str | None = None, activations: str | None = None) -> dict[str, str]:
     """Prepare every `QuantLinear`, int8 `QuantHead` and `SparseLinear` of `model` for its fastest paths; returns
     `{layer: kernel, "dense", or "reference"}`.
@@ -128,6 +145,9 @@ def prepare_kernels(model, policy: str | None = None, activations: str | None = 
     dtype = _activation_dtype(model)
     planner = _Planner(policy, activations, dtype)
     chosen, slow, memory = {}, {}, Counter()
+    for module in model.modules():  # groups are rebuilt below from the new layouts
+        if isinstance(module, QuantLinear):
+            module.unfuse()
     for name, module in model.named_modules():
         if isinstance(module, SparseLinear):
             chosen[name], cost = _prepare_sparse(module, planner, dtype)
@@ -150,6 +170,13 @@ def prepare_kernels(model, policy: str | None = None, activations: str | None = 
         memory["kernel layouts"] += _layout_bytes(module)
         if kernel is None:
             slow[name] = reason
+    groups = fuse_siblings(model) if policy != "reference" else []
+    if groups:
+        memory[f"{len(groups)} fused sibling groups (int4 scales, zero points)"] += sum(g.layout_bytes() for g in groups)
+    if any(path != "dense" for path in chosen.values()):  # layers computing from codes; float sparse ones are exact
+        head_bytes = _prepare_float_head(model, planner)
+        if head_bytes:
+            memory["bf16 copy of the float32 output head"] += head_bytes
     planner.finish()
     if any(kernel != "reference" for kernel in chosen.values()):
         release_free_memory()  # repacking freed about 4 bytes per weight of temporaries

@@ -1,0 +1,113 @@
+"""One kernel call for sibling layers that read the same input: q/k/v of an attention block, gate/up of an MLP.
+
+At one decoded token a packed kernel call costs tens of microseconds whatever its size (Python, dispatch, waking
+the threads), more than the bytes it reads for SmolLM2's layers; a Llama-style block makes seven such calls. At load
+(`prepare.prepare_kernels`) the packed codes of each sibling group are concatenated along the output rows into one
+buffer, and each layer's own kernel buffer becomes a view of its rows in it (no second copy of the codes; the int4
+scales, a few KiB per layer, are copied). The first sibling called with an input runs the group's kernel once and
+keeps the others' outputs for that same input tensor (same object, same version); they return them. Any other call
+(another input, an in-place change, `inference_mode` tensors without a version, autograd on, compiled graphs, token
+counts where a sibling's measured path is not its packed kernel) computes the layer alone, exactly as without
+fusion. The kernels compute each output row from its own weight row, so the outputs are the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class FusedGroup:
+    """The concatenated layout of sibling `QuantLinear` layers, shaped like one layer for the kernel's `run`."""
+
+    def __init__(self, members: list, kernel):
+        self.members, self.kernel = members, kernel
+        self.in_features = members[0].in_features
+        self.out_features = sum(m.out_features for m in members)
+        self.sizes = [m.out_features for m in members]
+        self.kernel_group = getattr(members[0], "kernel_group", None)
+        weight = torch.cat([m.kernel_weight for m in members])
+        self.kernel_weight = weight
+        start = 0
+        for m in members:  # each layer's buffer: a view of its rows
+            m.register_buffer("kernel_weight", weight[start:start + m.out_features], persistent=False)
+            start += m.out_features
+        if kernel.name == "int4pack-bf16":
+            self.kernel_scales = torch.cat([m.kernel_scales for m in members], dim=1)
+        else:
+            scales = torch.cat([m.kernel_scales for m in members])
+            self.kernel_scales, start = scales, 0
+            for m in members:
+                m.register_buffer("kernel_scales", scales[start:start + m.out_features], persistent=False)
+                start += m.out_features
+            terms = [m.kernel_zero_term for m in members]
+            self.kernel_zero_term = None if all(t is None for t in terms) else torch.cat(
+                [torch.zeros(m.out_features) if t is None else t for m, t in zip(members, terms)])
+        biases = [m.bias for m in members]
+        self.bias = None if all(b is None for b in biases) else torch.cat(
+            [torch.zeros(m.out_features, dtype=next(b for b in biases if b is not None).dtype) if b is None
+             else b.detach() for m, b in zip(members, biases)])
+        self.max_tokens = min(m.routes[0][0] for m in members)  # all siblings on their packed kernel up to here
+        self._kept = (None, -1, {})
+
+    def output(self, layer, x: torch.Tensor) -> torch.Tensor | None:
+        """`layer`'s output for `x`: kept from the group's call on this same input, or from a new group call that
+        keeps the siblings' outputs; None where the layer must compute alone."""
+        if x.is_inference():  # no version counter: an in-place change could not be seen
+            return None
+        source, version, outputs = self._kept
+        if source is x and version == x._version and layer in outputs:
+            return outputs.pop(layer)
+        parts = self.kernel.run(self, x).split(self.sizes, dim=-1)
+        outputs = dict(zip(self.members, parts))
+        mine = outputs.pop(layer)
+        self._kept = (x, x._version, outputs)
+        return mine
+
+    def layout_bytes(self) -> int:
+        """Bytes the group adds beside its members' views (int4 scales, zero-point terms, biases)."""
+        extra = [self.kernel_scales] if self.kernel.name == "int4pack-bf16" else [getattr(self, "kernel_zero_term", None)]
+        return sum(t.numel() * t.element_size() for t in extra + [self.bias] if t is not None)
+
+
+def _fusable(members: list) -> bool:
+    first = members[0]
+    kernel = first.kernel
+    if getattr(kernel, "name", None) not in ("int4pack-bf16", "int8pack-bf16"):
+        return False
+    for m in members:
+        if m.kernel is not kernel or m.routes is None or m.in_features != first.in_features:
+            return False
+        if m.routes[0][1] is not kernel.run:  # the packed kernel serves the shortest calls
+            return False
+        if kernel.name == "int4pack-bf16" and not (getattr(m, "int4_layout_known", False)
+                                                     and m.kernel_group == first.kernel_group):
+            return False  # rows concatenate only in the known 64-row block layout
+    return True
+
+
+def fuse_siblings(model) -> list[FusedGroup]:
+    """Fuse every sibling group of `QuantLinear` layers on the same packed kernel (see the module docstring)."""
+    from .linear import QuantLinear
+
+    groups = []
+    for parent in model.modules():
+        for names in SIBLINGS:
+            members = [getattr(parent, n, None) for n in names]
+            if all(isinstance(m, QuantLinear) for m in members) and _fusable(members):
+                group = FusedGroup(members, members[0].kernel)
+                for m in members:
+                    m.fused = group
+                groups.append(group)
+    return groups
+
+
+def unfuse(model) -> None:
+    """Forget every group (before the layers are prepared again); the layers' views keep their codes."""
+    from .linear import QuantLinear
+
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.fused is not None:
+            for m in module.fused.members:
+                m.fused = None

@@ -1,0 +1,117 @@
+"""q/k/v and gate/up in one kernel call (nn/fusion.py): the same outputs as the layers alone, no second copy of the
+codes, the same checkpoint, and every case it must not serve falling back to the layers alone."""
+
+import pytest
+import torch
+import transformers
+
+import optimum_agentos  # noqa: F401
+from optimum_agentos import AgentOSConfig, QuantLinear
+from optimum_agentos.nn import dispatch
+from optimum_agentos.nn.fusion import FusedGroup
+from optimum_agentos.nn.prepare import prepare_kernels
+
+from ..conftest import run_python
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(dispatch.CACHE_ENV, str(tmp_path / "kernels"))
+    monkeypatch.delenv("OPTIMUM_AGENTOS_KERNELS", raising=False)
+
+
+SETTINGS = [dict(bits=4, group_size=128), dict(bits=8, group_size=-1), dict(bits=8, group_size=-1, sym=True)]
+
+
+def load(tmp_path, settings, kernel):
+    """A tiny Llama (every width a multiple of 64, as the int4 layout needs) quantized on load, its layers forced
+    onto their packed kernel at every length."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=192, intermediate_size=320, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "fp")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp",
+                                                              quantization_config=AgentOSConfig(**settings)).eval()
+    prepare_kernels(model, policy=kernel)
+    return model
+
+
+def groups(model):
+    return {id(m.fused): m.fused for m in model.modules() if isinstance(m, QuantLinear) and m.fused is not None}
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_fused_calls_give_the_same_outputs_and_share_the_codes(tmp_path, settings):
+    kernel = "int4pack-bf16" if settings["bits"] == 4 else "int8pack-bf16"
+    model = load(tmp_path, settings, kernel)
+    found = list(groups(model).values())
+    assert len(found) == 4 and sorted(len(g.members) for g in found) == [2, 2, 3, 3]  # 2 blocks x (qkv, gate/up)
+    for group in found:
+        for member in group.members:  # each layer's codes are a view of the group's buffer
+            start = member.kernel_weight.data_ptr() - group.kernel_weight.data_ptr()
+            assert 0 <= start < group.kernel_weight.numel() * group.kernel_weight.element_size()
+    codes = {name: m.codes().clone() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    prompt = torch.tensor([[5, 9, 17, 33, 2, 70]])
+    with torch.no_grad():
+        fused = model.generate(prompt, max_new_tokens=6, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True)
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.unfuse()
+        assert not groups(model)
+        alone = model.generate(prompt, max_new_tokens=6, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True)
+    assert torch.equal(fused.sequences, alone.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(fused.logits, alone.logits))
+    assert all(torch.equal(m.codes(), codes[name]) for name, m in model.named_modules() if isinstance(m, QuantLinear))
+
+
+def test_the_cases_fusion_must_not_serve_compute_alone(tmp_path):
+    model = load(tmp_path, dict(bits=8, group_size=-1), "int8pack-bf16")
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 1, 192)
+    with torch.no_grad():
+        alone = {n: getattr(attn, n)(x.clone()) for n in ("q_proj", "k_proj", "v_proj")}
+        q = attn.q_proj(x)
+        kept = attn.q_proj.fused._kept  # one group call: k and v outputs kept for this input
+        assert kept[0] is x and set(kept[2]) == {attn.k_proj, attn.v_proj}
+        x.mul_(2)  # changed in place after q_proj: k_proj must not return the kept output
+        assert torch.equal(attn.k_proj(x), getattr(attn, "k_proj")(x.clone()))
+        assert not torch.equal(attn.k_proj(x), alone["k_proj"])
+        assert torch.equal(q, alone["q_proj"])
+    with torch.inference_mode():
+        y = torch.randn(1, 1, 192)
+        assert torch.equal(attn.v_proj(y), attn.v_proj(y.clone()))
+    grad_x = torch.randn(1, 1, 192, requires_grad=True)
+    out = attn.q_proj(grad_x)  # autograd on: the exact reference path
+    ref = torch.nn.functional.linear(grad_x, attn.q_proj.dequantize())
+    assert torch.equal(out, ref)
+    # new codes for one member dissolve its group
+    q_proj = attn.q_proj
+    group = q_proj.fused
+    q_proj.load_codes(q_proj.codes(), q_proj.weight_scale, q_proj.weight_zero)
+    assert all(m.fused is None for m in group.members)
+
+
+def test_reference_policy_and_other_paths_do_not_fuse(tmp_path):
+    model = load(tmp_path, dict(bits=4, group_size=128), "reference")
+    assert not groups(model)
+    prepare_kernels(model, policy="dequant-bf16")
+    assert not groups(model)
+
+
+def test_save_and_reload_in_a_fresh_process_fuses_again(tmp_path):
+    model = load(tmp_path, dict(bits=4, group_size=128), "int4pack-bf16")
+    model.save_pretrained(tmp_path / "q")
+    ids = torch.tensor([[5, 9, 17, 33]])
+    with torch.no_grad():
+        torch.save(model(ids[:, :1]).logits, tmp_path / "logits.pt")
+    run_python(f"""
+        import torch, transformers, optimum_agentos
+        model = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / "q")!r})
+        attn = model.model.layers[0].self_attn
+        assert attn.q_proj.fused is attn.k_proj.fused is attn.v_proj.fused is not None
+        with torch.no_grad():
+            logits = model(torch.tensor([[5]])).logits
+        assert torch.equal(logits, torch.load({str(tmp_path / "logits.pt")!r}, weights_only=True))
+    """, env={dispatch.CACHE_ENV: str(tmp_path / "kernels"), "OPTIMUM_AGENTOS_KERNELS": "int4pack-bf16"})
