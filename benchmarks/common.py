@@ -121,3 +121,22 @@ def publish(name: str, results: list[dict], section: str, begin: str, end: str, 
         (REPO / "benchmarks" / "results" / f"{name}.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     update_benchmarks_md(section, begin, end)
     print(section)
+
+
+def add_row_runner_arguments(parser, name: str) -> None:
+    """The options every row-per-process script shares: `--render-only`, and the hidden `--worker ROW --out FILE`
+    that `run_rows` passes to the child process."""
+    import argparse
+
+    parser.add_argument("--render-only", action="store_true",
+                        help=f"Rewrite the BENCHMARKS.md section from benchmarks/results/{name}.json.")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+
+
+def run_worker(args, worker) -> bool:
+    """In a `--worker` child: run its row, write the row's JSON to `--out`, and say so (the caller returns)."""
+    if not args.worker:
+        return False
+    Path(args.out).write_text(json.dumps(worker(args.worker, args)))
+    return True

@@ -14,12 +14,19 @@ writing), so every hour in the table traces to a measured figure.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
-from common import load_for_render, merge_with_saved, peak_rss_mib, publish, run_meta, run_rows
+from common import (
+    add_row_runner_arguments,
+    load_for_render,
+    merge_with_saved,
+    peak_rss_mib,
+    publish,
+    run_meta,
+    run_rows,
+    run_worker,
+)
 from streaming import WORK, synthetic_checkpoint
 
 MARK_BEGIN, MARK_END = "<!-- streaming_accelerator:begin -->", "<!-- streaming_accelerator:end -->"
@@ -100,12 +107,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--buffer-memory", default="16GB")
-    parser.add_argument("--render-only", action="store_true")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    add_row_runner_arguments(parser, "streaming_accelerator")
     args = parser.parse_args()
-    if args.worker:
-        Path(args.out).write_text(json.dumps(worker(args.worker, args)))
+    if run_worker(args, worker):
         return
     if args.render_only:
         results, meta = load_for_render("streaming_accelerator")

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..formats.folder import _pid_alive
+
 
 def _tensor_bytes(value) -> int:
     if isinstance(value, torch.Tensor):
@@ -28,16 +30,6 @@ def _tensor_bytes(value) -> int:
 
 
 _SPILL_TAG = "agentos-activations-"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_spills(parent: Path) -> list[Path]:
