@@ -68,7 +68,7 @@ class ModelCompressor:
     streamed = None
 
     def __init__(self, model, tokenizer=None, source: str | None = None, device=None):
-        from .streaming.skeleton import resolve_device
+        from .nn.devices import resolve_device
 
         self.model = model
         self.tokenizer = tokenizer

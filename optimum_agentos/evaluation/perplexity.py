@@ -67,7 +67,7 @@ def perplexity_from_ids(
         windows = torch.cat([torch.full((windows.shape[0], 1), bos_token_id, dtype=torch.long), windows], dim=1)
     home = _model_device(model)
     if device is not None:
-        from ..streaming.skeleton import resolve_device
+        from ..nn.devices import resolve_device
 
         device = resolve_device(device)  # a missing accelerator is a clear error before anything moves
     if device is None or device == home:
