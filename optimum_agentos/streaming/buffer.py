@@ -30,15 +30,17 @@ def _tensor_bytes(value) -> int:
 
 
 _SPILL_TAG = "agentos-activations-"
+_SPILL_MARKER = ".agentos-spill"  # written into every spill folder: only folders holding it are ever removed
 
 
 def remove_stale_spills(parent: Path) -> list[Path]:
     """Remove the spill folders that killed runs left in `parent` (`agentos-activations-<pid>-...` of a process that
-    is gone: this library wrote them, and nothing else reads them); returns them."""
+    is gone, holding the marker file this library writes into each: a user's folder of the same name is never
+    touched); returns them."""
     removed = []
     for path in parent.glob(f"{_SPILL_TAG}*"):
         pid = path.name[len(_SPILL_TAG):].split("-")[0]
-        if path.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+        if (path / _SPILL_MARKER).is_file() and pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -128,6 +130,7 @@ class ActivationBuffer:
             parent.mkdir(parents=True, exist_ok=True)
             remove_stale_spills(parent)
             self._dir = Path(tempfile.mkdtemp(prefix=f"{_SPILL_TAG}{os.getpid()}-{uuid.uuid4().hex[:6]}-", dir=parent))
+            (self._dir / _SPILL_MARKER).touch()
         return str(self._dir / f"batch-{i:06d}.safetensors")
 
     def _check_disk(self, size: int) -> None:

@@ -77,3 +77,21 @@ def test_killed_streamed_run_leaves_nothing_half_written(tmp_path):
     reference = tmp_path / "reference"
     Quantizer.from_pretrained(src).quantize(reference, config, IDS, batch_size=2)
     assert_same_checkpoint(reference, save)  # the rerun writes what an uninterrupted in-memory run writes
+
+
+def test_stale_spill_cleanup_leaves_folders_it_did_not_write(tmp_path):
+    """Only a dead process's spill folder holding the library's marker is removed; a user's folder of the same name
+    (no marker), and a live process's folder, stay."""
+    from optimum_agentos.streaming.buffer import _SPILL_MARKER, remove_stale_spills
+
+    dead_pid = 2**22 + 12345  # above Linux's pid_max: no such process
+    ours = tmp_path / f"agentos-activations-{dead_pid}-abc123-x"
+    users = tmp_path / f"agentos-activations-{dead_pid}-mine"
+    live = tmp_path / f"agentos-activations-{os.getpid()}-def456-y"
+    for folder in (ours, users, live):
+        folder.mkdir()
+        (folder / "batch-000000.safetensors").write_bytes(b"x")
+    (ours / _SPILL_MARKER).touch()
+    (live / _SPILL_MARKER).touch()
+    assert remove_stale_spills(tmp_path) == [ours]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([users.name, live.name])
