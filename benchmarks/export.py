@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, load_for_render, publish, run_meta, run_rows
+from common import REPO, add_row_runner_arguments, load_for_render, publish, run_meta, run_rows, run_worker
 
 MARK_BEGIN, MARK_END = "<!-- export:begin -->", "<!-- export:end -->"
 ROWS = {
@@ -196,12 +196,9 @@ def main() -> None:
     parser.add_argument("--ppl-windows", type=int, default=64)
     parser.add_argument("--agree-windows", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--render-only", action="store_true")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    add_row_runner_arguments(parser, "export")
     args = parser.parse_args()
-    if args.worker:
-        Path(args.out).write_text(json.dumps(worker(args.worker, args)))
+    if run_worker(args, worker):
         return
     if args.render_only:
         results, meta = load_for_render("export")

@@ -20,7 +20,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, load_for_render, peak_rss_mib, publish, run_meta, run_rows
+from common import (
+    REPO,
+    add_row_runner_arguments,
+    load_for_render,
+    peak_rss_mib,
+    publish,
+    run_meta,
+    run_rows,
+    run_worker,
+)
 
 MARK_BEGIN, MARK_END = "<!-- mixed-precision:begin -->", "<!-- mixed-precision:end -->"
 ROWS = {
@@ -170,12 +179,9 @@ def main() -> None:
     parser.add_argument("--candidates", nargs="*", default=["8:-1", "4:64", "4:128", "3:128"])
     parser.add_argument("--sensitivity-method", default="gptq", choices=["gptq", "rtn"],
                         help="how each candidate is quantized to measure its error (the plans are quantized with GPTQ)")
-    parser.add_argument("--render-only", action="store_true")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    add_row_runner_arguments(parser, "mixed_precision")
     args = parser.parse_args()
-    if args.worker:
-        Path(args.out).write_text(json.dumps(worker(args.worker, args)))
+    if run_worker(args, worker):
         return
     if args.render_only:
         results, meta = load_for_render("mixed_precision")
