@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=3)
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--buffer-memory", default="64MB")
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     start = time.perf_counter()
@@ -136,7 +137,8 @@ def main() -> None:
 
     with phase("quantize"):
         quantizer.quantize(WORK / "profile", AgentOSConfig(bits=4, group_size=128, method="gptq"), data,
-                           num_samples=args.windows, seq_len=512, buffer_memory=args.buffer_memory)
+                           num_samples=args.windows, seq_len=512, buffer_memory=args.buffer_memory,
+                           batch_size=args.batch_size)
     _collect()
     result = {"model": args.folder or ("synth" if args.synth else "smollm2"), "blocks": args.blocks, "windows": args.windows,
               "base_rss_mib": round(base), "peak_rss_mib": round(_RUN_PEAK[0]), "seconds": time.perf_counter() - start,

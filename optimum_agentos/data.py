@@ -199,7 +199,27 @@ def windows_from_ids(ids: torch.Tensor, num_windows: int | None, seq_len: int) -
 
 def windows_from_text(tokenizer, text: str, num_samples: int, seq_len: int) -> torch.Tensor:
     """`[num_samples, seq_len]` consecutive non-overlapping token windows from the start of `text`."""
-    return windows_from_ids(tokenize_text(tokenizer, text), num_samples, seq_len)
+    return windows_from_ids(tokenize_prefix(tokenizer, text, num_samples * seq_len), num_samples, seq_len)
+
+
+def tokenize_prefix(tokenizer, text: str, needed: int, margin: int = 256) -> torch.Tensor:
+    """Token ids of a prefix of `text` whose first `needed` ids are those `tokenize_text(tokenizer, text)` starts
+    with. Calibration needs a few windows of a split, and tokenizing the whole split costs ~200 MiB of peak memory
+    (the tokenizer's per-token records), more than a streamed block. The text is cut at a line break (else a space)
+    after a guessed length; a prefix counts only when it gives `margin` ids beyond `needed`, so the cut cannot have
+    changed them (tokenizers merge within a word, never across hundreds of tokens); else the guess doubles, and the
+    whole text is the last resort."""
+    chars = max(8 * (needed + margin), 4096)
+    while chars < len(text):
+        cut = text.find("\n", chars)
+        cut = text.find(" ", chars) if cut < 0 else cut
+        if cut < 0:
+            break
+        ids = tokenize_text(tokenizer, text[:cut])
+        if ids.numel() >= needed + margin:
+            return ids
+        chars = 2 * cut
+    return tokenize_text(tokenizer, text)
 
 
 def calibration_windows(

@@ -101,3 +101,15 @@ def test_cli_quantize_writes_checkpoint_card_and_summary(tmp_path):
     )
     assert again.returncode != 0 and "--overwrite" in again.stderr
     assert (out / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_calibration_prefix_tokenization_is_the_whole_splits_start(tokenizer, split):
+    """Byte-level BPE: the prefix that calibration tokenizes (to save ~200 MiB) starts like the whole split."""
+    from optimum_agentos.data import load_text, tokenize_prefix, tokenize_text
+
+    text = load_text("wikitext2", split)
+    whole = tokenize_text(tokenizer, text)
+    for tokens in (1, 512, 8 * 512, 64 * 512, 128 * 512):
+        assert torch.equal(tokenize_prefix(tokenizer, text, tokens)[:tokens], whole[:tokens])

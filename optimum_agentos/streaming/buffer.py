@@ -143,6 +143,9 @@ class ActivationBuffer:
             )
 
     def close(self) -> None:
+        """Let the activations go (in memory and spilled); the counters stay for the run's statistics."""
+        self._entries.clear()
+        self.resident_bytes = self.side_bytes = 0
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None

@@ -145,6 +145,7 @@ def run_streamed(
         writer = ShardWriter(tmp, max_shard_size)
         stream = BlockStream(streamed, writer, buffer, float_dtype, blocks_name)
         compress_blocks(stream)
+        buffer.close()  # the last block's outputs are not needed for what lies outside the blocks
         writer.flush()  # the blocks' last shard leaves memory before the embeddings come in
         if compress_rest is None:  # nothing to compute outside the blocks: each tensor read, cast and written alone
             _write_rest_in_pieces(streamed, blocks_name, float_dtype, writer)

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers.utils import logging
 
 
@@ -36,7 +35,13 @@ def parse_size(size: int | str) -> int:
 
 
 _COPY_CHUNK = 16 * 2**20  # bytes copied at a time when parts are joined into a shard
-_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+_DTYPES = {torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64", torch.float32: "F32", torch.int32: "I32",
+           torch.uint32: "U32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int16: "I16", torch.uint16: "U16",
+           torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+# safetensors lays tensors out by dtype, widest first (its dtype order), then by name
+_DTYPE_RANK = {name: rank for rank, name in enumerate(
+    ["U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL"])}
 
 
 class ShardWriter:
@@ -70,7 +75,7 @@ class ShardWriter:
         if not self._pending:
             return
         path = self.folder / f".part-{len(self._parts):05d}.safetensors"
-        save_file(self._pending, path, metadata={"format": "pt"})
+        _save(self._pending, path)
         self._parts.append((path, list(self._pending), self._pending_bytes))
         self._pending, self._pending_bytes = {}, 0
 
@@ -105,6 +110,32 @@ class ShardWriter:
         return names
 
 
+def _write_header(out, entries: list[tuple[str, str, list, int]]) -> None:
+    """The safetensors header of `(name, dtype, shape, bytes)` entries, in the order their data follows."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, dtype, shape, size in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    out.write(len(text).to_bytes(8, "little"))
+    out.write(text)
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """`safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})`, written from the tensors' own memory:
+    `save_file` first builds the whole file in memory, doubling a large tensor's footprint (the embeddings)."""
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _DTYPES:
+            raise TypeError(f"{name} has dtype {tensor.dtype}, which safetensors cannot store.")
+    ordered = sorted(tensors.items(), key=lambda kv: (_DTYPE_RANK[_DTYPES[kv[1].dtype]], kv[0]))
+    with open(path, "wb") as out:
+        _write_header(out, [(n, _DTYPES[t.dtype], t.shape, t.numel() * t.element_size()) for n, t in ordered])
+        for _, tensor in ordered:
+            if tensor.numel():
+                out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+
+
 def _read_header(path: Path) -> tuple[dict, int]:
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
@@ -121,18 +152,11 @@ def _join(target: Path, parts: list[Path]) -> None:
         for name, meta in header.items():
             start, end = meta["data_offsets"]
             entries.append((name, meta["dtype"], meta["shape"], part, data_start + start, data_start + end))
-    entries.sort(key=lambda e: (-_ITEMSIZE.get(e[1], 1), e[0]))  # as safetensors orders them: aligned data
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, dtype, shape, _, start, end in entries:
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + end - start]}
-        offset += end - start
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    entries.sort(key=lambda e: (_DTYPE_RANK.get(e[1], len(_DTYPE_RANK)), e[0]))
     handles = {}
     try:
         with open(target, "wb") as out:
-            out.write(len(text).to_bytes(8, "little"))
-            out.write(text)
+            _write_header(out, [(name, dtype, shape, end - start) for name, dtype, shape, _, start, end in entries])
             for _, _, _, part, start, end in entries:
                 src = handles.get(part) or handles.setdefault(part, open(part, "rb"))
                 src.seek(start)

@@ -141,3 +141,21 @@ def test_calibration_windows(bert_tokenizer):
     assert torch.equal(windows, calibration_windows(bert_tokenizer, num_samples=4, seq_len=128, seed=123))
     with pytest.raises(ValueError, match=f"{ids.numel() // 128} full windows"):
         calibration_windows(bert_tokenizer, num_samples=10**6, seq_len=128)
+
+
+@pytest.mark.data
+@pytest.mark.model("minilm-l6")
+@pytest.mark.parametrize("tokens", [1, 511, 4096, 64 * 512])
+def test_prefix_tokenization_matches_the_whole_split(bert_tokenizer, tokens):
+    """Calibration tokenizes only a prefix of the split (memory); its first ids are the whole split's, for the
+    WordPiece tokenizer here and SmolLM2's byte-level BPE in tests/test_smollm2.py."""
+    from optimum_agentos.data import tokenize_prefix
+
+    _wiki_file("test")
+    text = load_text("wikitext2", "test")
+    whole = tokenize_text(bert_tokenizer, text)
+    prefix = tokenize_prefix(bert_tokenizer, text, tokens)
+    assert tokens + 256 <= prefix.numel() < whole.numel()
+    assert torch.equal(prefix[:tokens], whole[:tokens])
+    # More than the text holds: the whole text, so the windows' error names the real count.
+    assert torch.equal(tokenize_prefix(bert_tokenizer, text, whole.numel() + 1), whole)

@@ -68,3 +68,23 @@ def test_joined_checkpoint_loads_in_transformers(tmp_path):
     config.save_pretrained(tmp_path)
     loaded = LlamaForCausalLM.from_pretrained(tmp_path)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+
+
+def test_part_files_are_byte_identical_to_save_file(tmp_path):
+    """Parts are written from the tensors' memory (no serialized copy), in safetensors' own layout and order."""
+    from safetensors.torch import save_file
+
+    from optimum_agentos.streaming.writer import _save
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "b.weight": torch.randn(7, 5, generator=g), "a.codes": torch.randint(0, 255, (3, 8), dtype=torch.uint8),
+        "a.scales": torch.randn(3, 2, generator=g).to(torch.bfloat16), "c.half": torch.randn(4, generator=g).half(),
+        "c.index": torch.arange(6, dtype=torch.int32), "d.count": torch.tensor(3), "e.mask": torch.rand(5, 3) > 0.5,
+        "f.zeros": torch.randint(-8, 7, (2, 3), dtype=torch.int8), "g.empty": torch.empty(0, 4),
+        "h.view": torch.randn(6, 4, generator=g)[:, 1],  # not contiguous
+    }
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "reference.safetensors",
+              metadata={"format": "pt"})
+    _save({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "ours.safetensors")
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
