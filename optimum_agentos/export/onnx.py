@@ -16,13 +16,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..formats.folder import scratch_directory
 from ..nn import QuantEmbedding, QuantHead, QuantLinear, SparseLinear
 from . import onnx_graph, onnx_nbits
 from .onnx_nbits import NotExportableError, exact_block, layer_codes, not_exportable_message
@@ -33,6 +33,9 @@ logger = logging.get_logger(__name__)
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 COMPRESSED = (QuantLinear, SparseLinear, QuantEmbedding, QuantHead)
 BUILDER_PARTS = {"builder", "builder_config", "builders", "loaders", "quantization", "kv_cache_variant"}
+# The build folder beside the output: named with our pid and holding the marker, so a later export removes those
+# of killed runs (and nothing else).
+BUILD_TAG, BUILD_MARKER = ".agentos-onnx-build-", ".agentos-onnx-build"
 INSTALL_HINT = "pip install 'optimum-agentos[onnx]' (onnxruntime, onnxruntime-genai, onnx, onnx-ir)"
 
 
@@ -50,6 +53,8 @@ def write_onnx(model, tokenizer, out_dir: Path, *, requantize: bool = False, acc
         accuracy_level (`int`, *optional*, defaults to `0`): `MatMulNBits`' compute type; 0 multiplies in float32
             (matches our logits), 4 quantizes activations to int8 in ONNX Runtime (faster, not exact).
 
+    It builds in a folder beside `out_dir`, removed when done; those of killed runs go at the next export.
+
     Returns a JSON-able summary: ops, `MatMulNBits` count, bits, block sizes, tensor count, re-encoded layers.
     """
     _require_packages()
@@ -66,8 +71,7 @@ def write_onnx(model, tokenizer, out_dir: Path, *, requantize: bool = False, acc
                          f"model's is {head_size}.")
     plans, errors = plan_layers(model, requantize)
     out_dir = Path(out_dir)
-    with tempfile.TemporaryDirectory(prefix=".agentos-onnx-build-", dir=out_dir.parent) as work:
-        work = Path(work)
+    with scratch_directory(out_dir.parent, BUILD_TAG, BUILD_MARKER) as work:
         write_float_folder(model, tokenizer, work / "float")
         run_builder(work / "float", work / "built", work / "cache", fuse_qkv=_qkv_fusable(plans, model))
         graph = _load(work / "built" / "model.onnx")

@@ -187,6 +187,35 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def remove_stale_folders(parent: str | os.PathLike, tag: str, marker: str) -> list[Path]:
+    """Remove the scratch folders killed processes left in `parent` (`<tag><pid>-...`, see `scratch_directory`)
+    and return them: only a folder holding `marker`, the file the library writes into each, of a process that is
+    gone. A user's folder of the same name (no marker) and a running process's folder are never touched."""
+    removed = []
+    for path in Path(parent).glob(f"{glob.escape(tag)}*"):
+        pid = path.name[len(tag):].split("-")[0]
+        if (path / marker).is_file() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def scratch_directory(parent: str | os.PathLike, tag: str, marker: str) -> Iterator[Path]:
+    """A private working folder `<tag><pid>-<random>` in `parent`, holding the file `marker`, removed on exit.
+
+    A SIGKILL skips the removal, so the folders of killed runs are removed first (`remove_stale_folders`)."""
+    parent = Path(parent)
+    remove_stale_folders(parent, tag, marker)
+    folder = parent / f"{tag}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.mkdir(folder, 0o700)
+    try:
+        (folder / marker).touch()
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _sibling(save_dir: Path, tag: str) -> Path:
     return save_dir.with_name(f".{save_dir.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 

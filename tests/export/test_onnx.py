@@ -219,6 +219,50 @@ def test_unsupported_models_are_refused_naming_what_is_supported(tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+KILLED_CHILD = """
+import os, signal, sys
+from pathlib import Path
+from optimum_agentos import AgentOSConfig, Quantizer
+from optimum_agentos.export import onnx
+from tests.conftest import build_tiny
+from tests.export.test_onnx import TINY, tiny_tokenizer
+
+def die(*args, **kwargs):  # the float folder is written; the builder would run next
+    print("killing", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+onnx.run_builder = die
+model = Quantizer(build_tiny("llama", **TINY)).quantize_in_place(AgentOSConfig(bits=4, group_size=64))
+onnx.write_onnx(model, tiny_tokenizer(), Path(sys.argv[1]))
+print("not killed", flush=True)
+"""
+
+
+def test_build_folder_of_a_killed_export_is_removed_by_the_next_one(tmp_path):
+    """A SIGKILL skips the removal of the build folder beside the output; the next export removes it (marked, its
+    process gone) and leaves a user's folder of the same name (no marker) alone."""
+    import signal
+    import subprocess
+    import sys
+
+    from optimum_agentos.export.onnx import BUILD_MARKER, BUILD_TAG
+
+    (tmp_path / "killed").mkdir()
+    proc = subprocess.run([sys.executable, "-c", KILLED_CHILD, str(tmp_path / "killed")], check=False, cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == -signal.SIGKILL and "killing" in proc.stdout, proc.stderr[-3000:]
+    [stale] = tmp_path.glob(f"{BUILD_TAG}*")
+    assert (stale / BUILD_MARKER).is_file() and (stale / "float" / "model.safetensors").is_file()
+    users = tmp_path / f"{BUILD_TAG}{stale.name[len(BUILD_TAG):].split('-')[0]}-mine"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+
+    model = Quantizer(build_tiny("llama", **TINY)).quantize_in_place(AgentOSConfig(bits=4, group_size=64))
+    assert export(model, tmp_path / "onnx")["matmul_nbits"] == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["killed", "onnx", users.name])
+    assert (users / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.slow
 @pytest.mark.model("smollm2-135m")
 def test_smollm2_int4_export_matches_ours_in_onnxruntime_and_genai(tmp_path):

@@ -20,7 +20,9 @@ from optimum_agentos.formats.folder import (
     atomic_directory,
     foreign_files,
     recover_interrupted_save,
+    remove_stale_folders,
     save_model_folder,
+    scratch_directory,
 )
 from optimum_agentos.quantization.quantizer import Quantizer
 
@@ -107,6 +109,24 @@ def test_leftovers_of_a_killed_save_are_removed_by_the_next_save(tmp_path):
     (tmp_path / f".ckpt.agentos-tmp-{dead}-0badc0de" / "model.safetensors").write_bytes(b"half")
     Quantizer(build_tiny("llama")).quantize(tmp_path / "ckpt", AgentOSConfig(bits=4))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_stale_scratch_folders_removed_only_when_marked_and_their_process_is_gone(tmp_path):
+    """A dead process's scratch folder holding the marker goes; a user's folder of the same name (no marker), a
+    live process's folder and anything without the tag stay."""
+    dead = _dead_pid()
+    ours, users = tmp_path / f".scratch-{dead}-0badc0de", tmp_path / f".scratch-{dead}-mine"
+    live, other = tmp_path / f".scratch-{os.getpid()}-c0ffee00", tmp_path / f"scratch-{dead}-0badc0de"
+    for folder in (ours, users, live, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x")
+    for folder in (ours, live, other):
+        (folder / ".marker").touch()
+    assert remove_stale_folders(tmp_path, ".scratch-", ".marker") == [ours]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([users.name, live.name, other.name])
+    with scratch_directory(tmp_path, ".scratch-", ".marker") as work:
+        assert work.name.startswith(f".scratch-{os.getpid()}-") and (work / ".marker").is_file()
+    assert not work.exists() and users.exists() and live.exists()
 
 
 def test_carry_over_keeps_trainer_checkpoints(tmp_path):
