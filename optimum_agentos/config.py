@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
