@@ -12,13 +12,12 @@ a work folder); the tables go to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import tempfile
 import time
 from pathlib import Path
 
-from common import load_for_render, peak_rss_mib, publish, run_meta, run_rows
+from common import add_row_runner_arguments, load_for_render, peak_rss_mib, publish, run_meta, run_rows, run_worker
 
 MARK_BEGIN, MARK_END = "<!-- distillation:begin -->", "<!-- distillation:end -->"
 ROWS = ["sst2-teacher", "sst2-student-plain", "sst2-student-kd", "lm-student", "lm-student-kd", "lm-student-plain",
@@ -245,14 +244,10 @@ def main() -> None:
     parser.add_argument("--lm-seq-len", type=int, default=256)
     parser.add_argument("--lm-lr", type=float, default=1e-4)
     parser.add_argument("--eval-windows", type=int, default=32)
-    parser.add_argument("--render-only", action="store_true",
-                        help="Rewrite the BENCHMARKS.md section from benchmarks/results/distillation.json.")
+    add_row_runner_arguments(parser, "distillation")
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        Path(args.out).write_text(json.dumps(worker(args.worker, args)))
+    if run_worker(args, worker):
         return
     options = ["sst2_steps", "sst2_lr", "sst2_temperature", "sst2_alpha_kd", "sst2_hidden_weight", "lm_drop_layers",
                "lm_steps", "lm_batch", "lm_seq_len", "lm_lr", "eval_windows"]

@@ -14,12 +14,10 @@ Rows (each a fresh process, quantized in memory): fp32; RTN with the `minmax` ob
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from pathlib import Path
 
-from common import load_for_render, publish, run_meta, run_rows
+from common import add_row_runner_arguments, load_for_render, publish, run_meta, run_rows, run_worker
 
 MARK_BEGIN, MARK_END = "<!-- gptq_ablation:begin -->", "<!-- gptq_ablation:end -->"
 ROWS = {
@@ -82,13 +80,9 @@ def main() -> None:
     parser.add_argument("--ppl-windows", type=int, default=8)
     parser.add_argument("--calib-windows", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--render-only", action="store_true",
-                        help="Rewrite the BENCHMARKS.md section from benchmarks/results/gptq_ablation.json.")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    add_row_runner_arguments(parser, "gptq_ablation")
     args = parser.parse_args()
-    if args.worker:
-        Path(args.out).write_text(json.dumps(worker(args.worker, args)))
+    if run_worker(args, worker):
         return
     if args.render_only:
         results, meta = load_for_render("gptq_ablation")

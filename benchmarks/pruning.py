@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, merge_with_saved, peak_rss_mb, publish, run_rows
+from common import REPO, merge_with_saved, peak_rss_mb, publish, run_rows, run_worker
 
 MARK_BEGIN, MARK_END = "<!-- pruning:begin -->", "<!-- pruning:end -->"
 
@@ -340,8 +340,7 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        Path(args.out).write_text(json.dumps(worker(args.worker, args)))
+    if run_worker(args, worker):
         return
     passthrough = ["--eval-windows", str(args.eval_windows), "--calib-windows", str(args.calib_windows),
                    "--recovery-steps", str(args.recovery_steps)]

@@ -13,12 +13,11 @@ BOS; calibration on WikiText-2 validation, 64 windows of 512 tokens. Speed is no
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
-from common import load_for_render, peak_rss_mib, publish, run_meta, run_rows
+from common import add_row_runner_arguments, load_for_render, peak_rss_mib, publish, run_meta, run_rows, run_worker
 
 MARK_BEGIN, MARK_END = "<!-- quantization:begin -->", "<!-- quantization:end -->"
 
@@ -102,13 +101,9 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--calib-windows", type=int, default=64)
-    parser.add_argument("--render-only", action="store_true",
-                        help="Rewrite the BENCHMARKS.md section from benchmarks/results/quantization.json.")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    add_row_runner_arguments(parser, "quantization")
     args = parser.parse_args()
-    if args.worker:
-        Path(args.out).write_text(json.dumps(worker(args.worker, args)))
+    if run_worker(args, worker):
         return
     if args.render_only:
         results, meta = load_for_render("quantization")

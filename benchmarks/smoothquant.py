@@ -20,11 +20,9 @@ Every group of rows runs in its own fresh process:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from pathlib import Path
 
-from common import load_for_render, publish, run_meta, run_rows
+from common import add_row_runner_arguments, load_for_render, publish, run_meta, run_rows, run_worker
 
 MARK_BEGIN, MARK_END = "<!-- smoothquant:begin -->", "<!-- smoothquant:end -->"
 GROUPS = ("plain", "reference", "alpha-0.5", "alpha-0.8")
@@ -101,13 +99,9 @@ def main() -> None:
     parser.add_argument("--ppl-windows", type=int, default=16)
     parser.add_argument("--calib-windows", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--render-only", action="store_true",
-                        help="Rewrite the BENCHMARKS.md section from benchmarks/results/smoothquant.json.")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    add_row_runner_arguments(parser, "smoothquant")
     args = parser.parse_args()
-    if args.worker:
-        Path(args.out).write_text(json.dumps(worker(args.worker, args)))
+    if run_worker(args, worker):
         return
     if args.render_only:
         results, meta = load_for_render("smoothquant")
