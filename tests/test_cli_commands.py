@@ -89,6 +89,22 @@ def test_eval_threshold_sets_the_exit_code(folders, tmp_path):
     assert "| wikitext2 | perplexity |" in card and "size_vs_quality.png" in card
 
 
+def test_eval_device(folders, tmp_path):
+    """`--device cpu` evaluates; a device the machine lacks is refused before any model loads."""
+    import torch
+
+    model, int4 = folders
+    args = ["eval", "--model", str(int4), "--baseline", str(model), "--tasks", "wikitext2", "--ppl-windows", "2",
+            "--seq-len", "64", "--no-speed"]
+    proc = cli(*args, "--device", "cpu", "--output", str(tmp_path / "cpu"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "cpu" / "report.json").read_text())["rows"][0]["compressed"] > 0
+    if not torch.cuda.is_available():
+        proc = cli(*args, "--device", "cuda", "--output", str(tmp_path / "cuda"))
+        assert proc.returncode != 0 and "device='cuda' is not available" in proc.stderr
+        assert not (tmp_path / "cuda").exists()
+
+
 def test_card_command_rerenders_with_a_repo_id(folders):
     _, int4 = folders
     assert main(["card", str(int4), "--repo-id", "me/tiny-int4"]) == 0

@@ -19,6 +19,8 @@ def add_parser(sub):
     p.add_argument("--ppl-windows", type=int, default=64, help="Perplexity windows of --seq-len tokens (0: all).")
     p.add_argument("--seq-len", type=int, default=512, help="Perplexity window length (GPTQ protocol: 512).")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="Where the tasks run: cpu, cuda, cuda:N or auto (an accelerator "
+                   "when there is one). Speed is measured on the CPU.")
     p.add_argument("--output", default=None, help="Report folder (default: <model>/report for a local folder).")
     p.add_argument("--no-speed", action="store_true", help="Skip load time / speed / peak memory measurement.")
     p.add_argument("--min-recovery", type=float, default=None,
@@ -49,7 +51,7 @@ def run(args) -> dict:
     compressed = {args.name or Path(args.model).name or args.model: args.model} if args.baseline else {}
     report = compare(baseline, compressed, tasks=tasks, limit=args.limit, ppl_windows=args.ppl_windows or None,
                      speed=not args.no_speed, baseline_name=Path(baseline).name or baseline,
-                     batch_size=args.batch_size, seq_len=args.seq_len)
+                     batch_size=args.batch_size, seq_len=args.seq_len, device=args.device)
     report.save(output)
     print(report.to_markdown())
     summary = {"report": str(output)}

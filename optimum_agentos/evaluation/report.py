@@ -180,7 +180,8 @@ def _kind_for(tasks: list[str]) -> str:
 
 def compare(baseline, compressed, tokenizer=None, tasks=("wikitext2",), limit: int | None = None,
             ppl_windows: int | None = 64, speed: bool = True, names: list[str] | None = None,
-            baseline_name: str = "baseline", batch_size: int = 16, seq_len: int = 512) -> CompressionReport:
+            baseline_name: str = "baseline", batch_size: int = 16, seq_len: int = 512,
+            device=None) -> CompressionReport:
     """Evaluate a baseline and one or more compressed models on the same tasks, with their footprints.
 
     Args:
@@ -191,6 +192,8 @@ def compare(baseline, compressed, tokenizer=None, tasks=("wikitext2",), limit: i
         limit (`int`, *optional*): examples per zero-shot / GLUE task (`None`: full splits).
         speed (`bool`, defaults to `True`): measure load time, prefill/decode speed and peak memory in a fresh
             process per model (models given as objects are saved to a temporary folder for it).
+        device (`str`, *optional*): where the tasks run (`"cpu"`, `"cuda"`, `"cuda:1"`, `"auto"`); checked before
+            any model loads. Speed is always measured on the CPU, where this project's models are deployed.
 
     Example:
     ```python
@@ -203,7 +206,10 @@ def compare(baseline, compressed, tokenizer=None, tasks=("wikitext2",), limit: i
     from ..formats.folder import folder_size
     from .measure import count_parameters, measure_in_subprocess
 
+    from ..nn.devices import resolve_device
+
     tasks = check_tasks(tasks)
+    device = resolve_device(device)
     if isinstance(compressed, dict):
         names, compressed = list(compressed), list(compressed.values())
     elif not isinstance(compressed, (list, tuple)):
@@ -219,14 +225,15 @@ def compare(baseline, compressed, tokenizer=None, tasks=("wikitext2",), limit: i
                     raise ValueError("The baseline is an in-memory model without a saved folder: pass tokenizer=.")
                 tokenizer = AutoTokenizer.from_pretrained(folder)
             check_tasks(tasks, model)
-            logger.info(f"Evaluating {name} on {', '.join(tasks)}")
+            model = model.to(device)
+            logger.info(f"Evaluating {name} on {', '.join(tasks)} ({device})")
             results = [r.to_dict() for r in evaluate_model(model, tokenizer, tasks, limit, ppl_windows, seq_len,
                                                            batch_size=batch_size)]
             params, nonzero = count_parameters(model)
             stats = {"params": params, "nonzero_params": nonzero, "load_seconds": load_seconds}
             if folder is None:  # an in-memory model: its size on disk is the size of what save_pretrained writes
                 folder = Path(scratch, name)
-                model.save_pretrained(folder)
+                model.to("cpu").save_pretrained(folder)
             stats["size_mb"] = folder_size(folder) / 1e6
             if speed:
                 stats.update(measure_in_subprocess(folder, AUTO_CLASSES[model_kind(model)]))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..formats.folder import _pid_alive
+from ..formats.folder import remove_stale_folders
 
 
 def _tensor_bytes(value) -> int:
@@ -37,13 +37,7 @@ def remove_stale_spills(parent: Path) -> list[Path]:
     """Remove the spill folders that killed runs left in `parent` (`agentos-activations-<pid>-...` of a process that
     is gone, holding the marker file this library writes into each: a user's folder of the same name is never
     touched); returns them."""
-    removed = []
-    for path in parent.glob(f"{_SPILL_TAG}*"):
-        pid = path.name[len(_SPILL_TAG):].split("-")[0]
-        if (path / _SPILL_MARKER).is_file() and pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
+    return remove_stale_folders(parent, _SPILL_TAG, _SPILL_MARKER)
 
 
 class BufferBudgetError(MemoryError):
