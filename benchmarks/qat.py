@@ -3,7 +3,7 @@
 Rows, each in its own fresh process, one after the other (checkpoints handed over through a work folder):
 - `fp32`: the float model's WikiText-2 test perplexity (and zero-shot accuracy with `--zero-shot-limit`);
 - `gptq` (or `rtn` with `--start rtn`): quantize int4 g128, save, reload with `from_pretrained`, evaluate: QAT's start;
-- `qat-<mode>`: `prepare_qat(start, scale_mode=<mode>)`, `DistillationTrainer` (teacher: the fp32 model) with
+- `qat-<mode>[-kd]`: `prepare_qat(start, scale_mode=<mode>)`, `DistillationTrainer` (teacher: the fp32 model) with
   `QATCallback` on WikiText-2 *validation* windows of 512 tokens (the calibration text; never the test split) for at
   most `--max-steps` steps or `--train-budget-s` seconds, convert, save, reload with `from_pretrained`, evaluate.
 
@@ -28,7 +28,9 @@ from common import load_for_render, merge_with_saved, peak_rss_mib, publish, run
 
 NAME = "qat"
 MARK_BEGIN, MARK_END = f"<!-- {NAME}:begin -->", f"<!-- {NAME}:end -->"
-ROWS = ["fp32", "gptq", "qat-frozen", "qat-learned", "qat-minmax"]
+ROWS = ["fp32", "gptq", "qat-frozen", "qat-learned", "qat-minmax", "qat-learned-kd"]
+# `-kd` rows train on distillation alone (alpha_kd 1, no hard labels), whatever --alpha-kd says: no term fits the
+# training text itself, so the row measures how much of the float model's quality QAT recovers
 ZERO_SHOT = ["arc_easy", "piqa", "winogrande", "lambada"]
 
 
@@ -45,14 +47,14 @@ def _evaluate(model, tokenizer, args, result: dict) -> None:
     result["eval_s"] = time.perf_counter() - start
 
 
-def _training_args(args, out):
+def _training_args(args, out, alpha_kd: float):
     from optimum_agentos.distillation import DistillationConfig
 
     return DistillationConfig(
         output_dir=str(out), max_steps=args.max_steps, per_device_train_batch_size=args.batch,
         learning_rate=args.lr, lr_scheduler_type="constant",  # the Budget callback sets the rate
         weight_decay=0.0, save_strategy="no", report_to=[], use_cpu=True, seed=0,
-        logging_steps=10, disable_tqdm=True, temperature=1.0, alpha_kd=args.alpha_kd,
+        logging_steps=10, disable_tqdm=True, temperature=1.0, alpha_kd=alpha_kd,
         kd_chunk_size=512,
     )
 
@@ -100,7 +102,8 @@ def worker(row: str, args) -> dict:
         _evaluate(AutoModelForCausalLM.from_pretrained(work / "start", dtype=torch.float32), tokenizer, args, result)
         return result
 
-    mode = row.split("-", 1)[1]
+    mode = row.split("-")[1]
+    alpha_kd = 1.0 if row.endswith("-kd") else args.alpha_kd
     teacher = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_pretrained(work / "start", dtype=torch.float32)
     train = lm_dataset(tokenizer, "wikitext2", "validation", 512)  # every window of the split, in order
@@ -123,14 +126,14 @@ def worker(row: str, args) -> dict:
     prepare_qat(student, scale_mode=mode)
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, train_dataset=train,
-                                  args=_training_args(args, work / f"out-{mode}"), processing_class=tokenizer,
+                                  args=_training_args(args, work / f"out-{row}", alpha_kd), processing_class=tokenizer,
                                   callbacks=[QATCallback(), Budget()])
     out = trainer.train()
     qat_s = time.perf_counter() - began
     assert not qat_layers(student), "QATCallback converts the model at the end of training"
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [out.training_loss]
     save_model_folder(student, tokenizer, work / row)
-    result.update(scale_mode=mode, steps=out.global_step, train_s=out.metrics["train_runtime"], qat_s=qat_s,
+    result.update(scale_mode=mode, alpha_kd=alpha_kd, steps=out.global_step, train_s=out.metrics["train_runtime"], qat_s=qat_s,
                   tokens=out.global_step * args.batch * 512, trainable_params=trainable, first_loss=losses[0],
                   last_loss=losses[-1], peak_rss_mib=peak_rss_mib(), size_mb=folder_size(work / row) / 1e6)
     del trainer, student, teacher
@@ -148,12 +151,12 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         "## Quantization-aware training + distillation: SmolLM2-135M-Instruct int4 g128",
         "",
         f"Written by `python benchmarks/{NAME}.py` on {meta['date']}, {meta['cpu_count']} CPU cores (AMD EPYC, "
-        "avx2/avx512 with vnni and bf16, no AMX; shared with other jobs: times are indicative). Start: the int4 g128 "
+        "avx2/avx512 with vnni and bf16, no AMX; the first `qat-learned` run shared the cores with other jobs, so its budget bought fewer steps). Start: the int4 g128 "
         f"{start_name.upper()} checkpoint"
         + (f" ({start['calib_windows']} WikiText-2 validation windows of 512; built in {start['compress_s']:.0f} s)"
            if start and start_name != "rtn" else "")
         + f". QAT: `prepare_qat(model, scale_mode=...)`, then `DistillationTrainer` (teacher: the fp32 model, "
-        f"temperature 1, alpha_kd {args['alpha_kd']}, hard-label weight {1 - args['alpha_kd']:g}) with "
+        f"temperature 1, alpha_kd as the table says, the rest of the loss on the hard labels) with "
         f"`QATCallback`, AdamW lr {args['lr']:g} (5 warmup steps, then a cosine over the wall-clock budget), batch "
         f"{args['batch']} x 512 tokens, for {args['train_budget_s']} s of training (at most {args['max_steps']} "
         "steps), on WikiText-2 **validation** windows (consecutive, "
@@ -166,18 +169,19 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         "than its float one; `--alpha-kd 1` (distillation only) measures how much of the float model's quality "
         "the training recovers. The zero-shot table (when run) checks that general ability was not lost.",
         "",
-        "| row | WikiText-2 ppl | ppl / fp32 | vs start | steps | tokens | QAT time (s) | peak RSS (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | alpha_kd | WikiText-2 ppl | ppl / fp32 | vs start | steps | tokens | QAT time (s) | peak RSS (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(results, key=lambda r: ROWS.index(r["row"])):
         rel = f"{r['ppl'] / fp['ppl']:.3f}" if fp else "-"
         vs = f"{r['ppl'] / start['ppl']:.3f}" if start and r["row"].startswith("qat") else "-"
         name = start_name if r["row"] == "gptq" else r["row"]
         if r["row"].startswith("qat"):
-            lines.append(f"| {name} | {r['ppl']:.2f} | {rel} | {vs} | {r['steps']} | {r['tokens']} | "
+            lines.append(f"| {name} | {r.get('alpha_kd', args['alpha_kd']):g} | {r['ppl']:.2f} | {rel} | {vs} | "
+                         f"{r['steps']} | {r['tokens']} | "
                          f"{r['qat_s']:.0f} | {r['peak_rss_mib']:.0f} |")
         else:
-            lines.append(f"| {name} | {r['ppl']:.2f} | {rel} | {vs} | - | - | - | - |")
+            lines.append(f"| {name} | - | {r['ppl']:.2f} | {rel} | {vs} | - | - | - | - |")
     shots = [r for r in sorted(results, key=lambda r: ROWS.index(r["row"])) if "zero_shot" in r]
     if shots:
         tasks = list(shots[0]["zero_shot"])

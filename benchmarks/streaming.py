@@ -26,8 +26,12 @@ from common import REPO, load_for_render, merge_with_saved, peak_rss_mib, publis
 
 MARK_BEGIN, MARK_END = "<!-- streaming:begin -->", "<!-- streaming:end -->"
 WORK = REPO / "benchmarks" / "work" / "streaming"
-ROWS = ["smollm2-gptq-memory", "smollm2-gptq-streamed", "smollm2-sparsegpt-memory", "smollm2-sparsegpt-streamed",
-        "synth-gptq-streamed"]
+ROWS = ["smollm2-gptq-memory", "smollm2-gptq-streamed", "smollm2-gptq-streamed-lowmem", "smollm2-sparsegpt-memory",
+        "smollm2-sparsegpt-streamed", "synth-gptq-streamed"]
+# `-lowmem`: the settings that trade time for the lowest peak: one window per batch, a smaller activation buffer, and
+# glibc told to give every allocation of 1 MiB or more its own mapping (returned to the system when freed, instead
+# of pooled in the heap where freed activations fragment it); the same as MALLOC_MMAP_THRESHOLD_=1048576
+LOWMEM = dict(batch_size=1, buffer_memory="48MB", mmap_threshold=2**20)
 # A Llama of 2.07B parameters: 24 blocks of 2560 wide, MLP 6912, untied 32000-token embeddings and head.
 SYNTH = dict(vocab_size=32000, hidden_size=2560, intermediate_size=6912, num_hidden_layers=24, num_attention_heads=20,
              num_key_value_heads=20, tie_word_embeddings=False, max_position_embeddings=2048)
@@ -81,6 +85,13 @@ def worker(row: str, args) -> dict:
 
     torch.manual_seed(0)
     result = {"row": row, "rss_start_mib": peak_rss_mib()}
+    if row.endswith("-lowmem"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, LOWMEM["mmap_threshold"])  # M_MMAP_THRESHOLD
+        args.batch_size, args.buffer_memory = LOWMEM["batch_size"], LOWMEM["buffer_memory"]
+        result.update(LOWMEM)
+        row = row[: -len("-lowmem")]
     streamed = row.endswith("streamed")
     out = WORK / row
     gptq = AgentOSConfig(bits=4, group_size=128, method="gptq")
@@ -158,7 +169,6 @@ SCALE_MODELS = {
     "Llama-2-7B": (4096, 11008, 32000, 32, 4096, False, 32),
     "Llama-2-70B": (8192, 28672, 32000, 80, 1024, False, 64),
 }
-GPTQ_A100_HOURS_175B = 4.0  # GPTQ paper (Frantar et al. 2022): 175B parameters in about four hours on one A100
 MB = 2**20
 
 
@@ -201,8 +211,9 @@ def peak_formula(shape, base: float, tokens: int, buffer_cap: float | None, dist
 def write_markdown(results: list[dict], meta: dict) -> str:
     args = meta["args"]
     lines = [MARK_BEGIN, "## Streamed compression: memory and time per block", "",
-             f"Written by `python benchmarks/streaming.py` on {meta['date']}, {meta['cpu_count']} CPU cores shared "
-             "with other jobs, run at `nice 19` (times are indicative, not speed claims). Each row is a fresh process; peak RSS "
+             f"Written by `python benchmarks/streaming.py` on {meta['date']}, {meta['cpu_count']} CPU cores; rows run "
+             "one at a time, at most beside low-priority (`nice 19`) unit tests, which can lengthen the times but "
+             "not the memory. Each row is a fresh process; peak RSS "
              "(MiB = 2^20 bytes) is the whole process up to the end of compression (imports, tokenizer, calibration "
              "data, model load for the in-memory rows); `base` is the RSS just before compressing starts. SmolLM2 is "
              "the library's cached float32 conversion (the folder `from_pretrained('smollm2-135m')` loads, one "
@@ -210,7 +221,10 @@ def write_markdown(results: list[dict], meta: dict) -> str:
              f"tokens; the synthetic model on {args['synth_windows']} windows. GPTQ int4 group 128, SparseGPT 50% "
              f"unstructured; streamed rows keep at most `--buffer-memory {args['buffer_memory']}` of activations "
              "in memory (the rest spills to disk) and write each block to disk as soon as it is quantized (joined "
-             "into 200 MB shards at the end).", "",
+             "into 200 MB shards at the end). `-lowmem` rows trade time for memory: batches of one window, "
+             f"`--buffer-memory {LOWMEM['buffer_memory']}`, and glibc's `M_MMAP_THRESHOLD` set to 1 MiB (the same as "
+             "`MALLOC_MMAP_THRESHOLD_=1048576` in the environment), so freed activations go back to the system instead "
+             "of fragmenting the heap.", "",
              "Peak memory of streamed GPTQ (float32 compute; H hidden, I intermediate, V vocabulary, P parameters "
              "per block, T calibration tokens, U distinct calibration tokens, B = min(4·T·H, buffer budget), b = 4 "
              "windows of t = 512 tokens per batch, a attention heads): base + max(capture, block, rest) with capture "
@@ -232,11 +246,12 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         secs = sorted(b["seconds"] for b in r.get("blocks", []))
         median = f"{secs[len(secs) // 2]:.1f}" if secs else "-"
         predicted = "-"
-        if r["row"].endswith("gptq-streamed"):
+        if "gptq-streamed" in r["row"]:
             shape = SCALE_MODELS["synthetic 2.07B (measured)" if r["row"].startswith("synth") else
                                  "SmolLM2-135M (measured)"]
             windows = args["synth_windows"] if r["row"].startswith("synth") else args["calib_windows"]
-            f = peak_formula(shape, r["base_rss_mib"] * MB, windows * 512, cap, r.get("distinct_tokens"))
+            f = peak_formula(shape, r["base_rss_mib"] * MB, windows * 512, parse_size(r.get("buffer_memory", cap)),
+                             r.get("distinct_tokens"), batch=r.get("batch_size", args["batch_size"]))
             predicted = f"{f['peak'] / MB:.0f}"
         lines.append(f"| {r['row']} | {r.get('blocks_done', len(r.get('blocks', []))) or '-'} | {r['seconds']:.0f} | "
                      f"{median} | {r['base_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} | {predicted} | "
@@ -264,24 +279,28 @@ def _worked_table(synth: dict, args: dict, cap: int) -> list[str]:
              f"model's measured median {per_block:.1f} s per block ({block_params(*measured_shape) / 1e6:.1f}M "
              f"parameters per block, {measured_tokens} tokens) and its measured base RSS "
              f"({synth['base_rss_mib']:.0f} MiB). Time scales with parameters per block x calibration tokens (the "
-             "forward passes and Hessians; the GPTQ solve grows faster, with the cube of the input width). The block times "
-             "of this run were measured at `nice 19` while other jobs held both cores, which inflates them several "
-             "fold (compare the SmolLM2 GPTQ time in the quantization section, measured on a quieter machine), so the "
-             "CPU hours are indicative only. Memory is the formula above with the activation buffer capped at "
+             "forward passes and Hessians; the GPTQ solve grows faster, with the cube of the input width). "
+             "Memory is the formula above with the activation buffer capped at "
              f"{cap / MB:.0f} MiB (spilled beyond) and every vocabulary row counted in the capture (U = V). The in-memory path needs the float32 model, 4 bytes per "
-             "parameter, before anything else. The accelerator column scales the GPTQ paper's published figure "
-             f"(about {GPTQ_A100_HOURS_175B:.0f} hours for 175B parameters on one A100) linearly with parameters; "
-             "it was not measured here.", "",
+             "parameter, before anything else. The accelerator column is measured: `benchmarks/streaming_accelerator.py` "
+             "ran the same streamed GPTQ on blocks of the real 7B and 70B widths on one NVIDIA H200 (see its section); "
+             "its hours are that run's median seconds per block x the real block count + the measured rest.", "",
              "| model | parameters | in-memory float32 (GB) | streamed peak (GB) | CPU hours (this machine) | "
-             "A100 hours (published, scaled) |", "|---|---:|---:|---:|---:|---:|"]
+             "H200 hours (measured) |", "|---|---:|---:|---:|---:|---:|"]
+    accelerator = {}
+    measured = REPO / "benchmarks" / "results" / "streaming_accelerator.json"
+    if measured.exists():
+        for r in json.loads(measured.read_text()):
+            accelerator[{"llama-2-7b-shape": "Llama-2-7B", "llama-2-70b-shape": "Llama-2-70B"}.get(r["row"])] = (
+                r["block_median_s"] * r["real_blocks"] + r["rest_s"]) / 3600
     for name, shape in SCALE_MODELS.items():
         params = total_params(*shape)
         f = peak_formula(shape, synth["base_rss_mib"] * MB, tokens, cap)
         hours = (per_block * shape[3] * block_params(*shape) / block_params(*measured_shape)
                  * tokens / measured_tokens / 3600)
-        gpu = GPTQ_A100_HOURS_175B * params / 175e9
+        gpu = f"{accelerator[name]:.2f}" if name in accelerator else "-"
         lines.append(f"| {name} | {params / 1e9:.2f}B | {4 * params / 1e9:.1f} | {f['peak'] / 1e9:.2f} | "
-                     f"{hours:.1f} | {gpu:.2f} |")
+                     f"{hours:.1f} | {gpu} |")
     return lines
 
 
