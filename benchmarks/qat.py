@@ -185,12 +185,15 @@ def write_markdown(results: list[dict], meta: dict) -> str:
     shots = [r for r in sorted(results, key=lambda r: ROWS.index(r["row"])) if "zero_shot" in r]
     if shots:
         tasks = list(shots[0]["zero_shot"])
-        lines += ["", f"Zero-shot accuracy (lm-eval tasks, first {args['zero_shot_limit']} examples of each split):",
+        lines += ["", f"Zero-shot accuracy (lm-eval tasks, first {args['zero_shot_limit']} examples of each split; "
+                  "± the standard error sqrt(p(1-p)/(n-1)), as lm-eval reports it: a difference inside it is noise):",
                   "", "| row | " + " | ".join(tasks) + " | mean |", "|---|" + "---:|" * (len(tasks) + 1)]
         for r in shots:
             accs = [r["zero_shot"][t]["acc"] for t in tasks]
+            errors = [math.sqrt(a * (1 - a) / max(r["zero_shot"][t]["n"] - 1, 1)) for a, t in zip(accs, tasks)]
             name = start_name if r["row"] == "gptq" else r["row"]
-            lines.append(f"| {name} | " + " | ".join(f"{a:.3f}" for a in accs) + f" | {sum(accs) / len(accs):.3f} |")
+            lines.append(f"| {name} | " + " | ".join(f"{a:.3f} ± {e:.3f}" for a, e in zip(accs, errors))
+                         + f" | {sum(accs) / len(accs):.3f} |")
     trained = [r for r in results if r["row"].startswith("qat")]
     if trained:
         lines += ["", "Training loss (the DistillationTrainer's, mean over each 10 steps), first -> last logged: " + "; ".join(f"{r['row']} {r['first_loss']:.3f} -> {r['last_loss']:.3f}"
