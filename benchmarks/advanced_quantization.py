@@ -93,8 +93,8 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         MARK_BEGIN,
         "## AWQ and learned rounding beside GPTQ: SmolLM2-135M-Instruct",
         "",
-        f"Written by `python benchmarks/{NAME}.py` on {meta['date']}, {meta['cpu_count']} CPU cores (shared with "
-        f"other jobs: times are indicative). WikiText-2 raw test, first {args['eval_windows']} windows of 512 tokens, "
+        f"Written by `python benchmarks/{NAME}.py` on {meta['date']}, {meta['cpu_count']} CPU cores, rows one "
+        f"at a time. WikiText-2 raw test, first {args['eval_windows']} windows of 512 tokens, "
         f"no BOS; calibration on WikiText-2 validation: {args['calib_windows']} windows of 512 for GPTQ and AWQ, "
         f"{args['rounding_windows']} windows of 512 for learned rounding (`method='autoround'`, "
         f"{args['rounding_steps']} signed-gradient steps of one window per block, lr 1/steps decayed linearly). "

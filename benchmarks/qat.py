@@ -34,6 +34,11 @@ ROWS = ["fp32", "gptq", "qat-frozen", "qat-learned", "qat-minmax", "qat-learned-
 ZERO_SHOT = ["arc_easy", "piqa", "winogrande", "lambada"]
 
 
+def base_row(row: str) -> str:
+    """The row a name stands for: `qat-learned-kd-15min` (a `--row-suffix` run) is a `qat-learned-kd` row."""
+    return max((r for r in ROWS if row == r or row.startswith(f"{r}-")), key=len)
+
+
 def _evaluate(model, tokenizer, args, result: dict) -> None:
     from optimum_agentos.evaluation import perplexity
 
@@ -103,7 +108,7 @@ def worker(row: str, args) -> dict:
         return result
 
     mode = row.split("-")[1]
-    alpha_kd = 1.0 if row.endswith("-kd") else args.alpha_kd
+    alpha_kd = 1.0 if base_row(row).endswith("-kd") else args.alpha_kd
     teacher = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_pretrained(work / "start", dtype=torch.float32)
     train = lm_dataset(tokenizer, "wikitext2", "validation", 512)  # every window of the split, in order
@@ -133,7 +138,7 @@ def worker(row: str, args) -> dict:
     assert not qat_layers(student), "QATCallback converts the model at the end of training"
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [out.training_loss]
     save_model_folder(student, tokenizer, work / row)
-    result.update(scale_mode=mode, alpha_kd=alpha_kd, steps=out.global_step, train_s=out.metrics["train_runtime"], qat_s=qat_s,
+    result.update(scale_mode=mode, alpha_kd=alpha_kd, lr=args.lr, train_budget_s=args.train_budget_s, steps=out.global_step, train_s=out.metrics["train_runtime"], qat_s=qat_s,
                   tokens=out.global_step * args.batch * 512, trainable_params=trainable, first_loss=losses[0],
                   last_loss=losses[-1], peak_rss_mib=peak_rss_mib(), size_mb=folder_size(work / row) / 1e6)
     del trainer, student, teacher
@@ -157,9 +162,8 @@ def write_markdown(results: list[dict], meta: dict) -> str:
            if start and start_name != "rtn" else "")
         + f". QAT: `prepare_qat(model, scale_mode=...)`, then `DistillationTrainer` (teacher: the fp32 model, "
         f"temperature 1, alpha_kd as the table says, the rest of the loss on the hard labels) with "
-        f"`QATCallback`, AdamW lr {args['lr']:g} (5 warmup steps, then a cosine over the wall-clock budget), batch "
-        f"{args['batch']} x 512 tokens, for {args['train_budget_s']} s of training (at most {args['max_steps']} "
-        "steps), on WikiText-2 **validation** windows (consecutive, "
+        f"`QATCallback`, AdamW at the row's lr (5 warmup steps, then a cosine over the row's wall-clock training budget), "
+        f"batch {args['batch']} x 512 tokens (at most {args['max_steps']} steps), on WikiText-2 **validation** windows (consecutive, "
         "from the start of the split; the same text GPTQ calibrates on, never the test split). Only the quantized "
         "layers train (embeddings, norms and head frozen). The converted model is saved as a normal agentos "
         "checkpoint (same format), reloaded with `AutoModelForCausalLM.from_pretrained` and evaluated: WikiText-2 "
@@ -169,20 +173,22 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         "than its float one; `--alpha-kd 1` (distillation only) measures how much of the float model's quality "
         "the training recovers. The zero-shot table (when run) checks that general ability was not lost.",
         "",
-        "| row | alpha_kd | WikiText-2 ppl | ppl / fp32 | vs start | steps | tokens | QAT time (s) | peak RSS (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | alpha_kd | lr | budget (s) | WikiText-2 ppl | ppl / fp32 | vs start | steps | tokens | QAT time (s) | "
+        "peak RSS (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in sorted(results, key=lambda r: ROWS.index(r["row"])):
+    for r in sorted(results, key=lambda r: (ROWS.index(base_row(r["row"])), r["row"])):
         rel = f"{r['ppl'] / fp['ppl']:.3f}" if fp else "-"
         vs = f"{r['ppl'] / start['ppl']:.3f}" if start and r["row"].startswith("qat") else "-"
         name = start_name if r["row"] == "gptq" else r["row"]
         if r["row"].startswith("qat"):
-            lines.append(f"| {name} | {r.get('alpha_kd', args['alpha_kd']):g} | {r['ppl']:.2f} | {rel} | {vs} | "
+            lines.append(f"| {name} | {r.get('alpha_kd', args['alpha_kd']):g} | {r.get('lr', args['lr']):g} | "
+                         f"{r.get('train_budget_s', args['train_budget_s'])} | {r['ppl']:.2f} | {rel} | {vs} | "
                          f"{r['steps']} | {r['tokens']} | "
                          f"{r['qat_s']:.0f} | {r['peak_rss_mib']:.0f} |")
         else:
-            lines.append(f"| {name} | - | {r['ppl']:.2f} | {rel} | {vs} | - | - | - | - |")
-    shots = [r for r in sorted(results, key=lambda r: ROWS.index(r["row"])) if "zero_shot" in r]
+            lines.append(f"| {name} | - | - | - | {r['ppl']:.2f} | {rel} | {vs} | - | - | - | - |")
+    shots = [r for r in sorted(results, key=lambda r: (ROWS.index(base_row(r["row"])), r["row"])) if "zero_shot" in r]
     if shots:
         tasks = list(shots[0]["zero_shot"])
         lines += ["", f"Zero-shot accuracy (lm-eval tasks, first {args['zero_shot_limit']} examples of each split; "
@@ -205,6 +211,9 @@ def write_markdown(results: list[dict], meta: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="*", default=["fp32", "gptq", "qat-learned"], choices=ROWS)
+    parser.add_argument("--row-suffix", default="",
+                        help="Appended to the QAT rows' names (e.g. '-15min'), so a run with other settings adds "
+                             "rows instead of replacing them.")
     parser.add_argument("--start", default="gptq", choices=["gptq", "rtn"], help="How the start checkpoint is made.")
     parser.add_argument("--calib-windows", type=int, default=64)
     parser.add_argument("--eval-windows", type=int, default=64)
@@ -241,6 +250,7 @@ def main() -> None:
         results, meta = load_for_render(NAME)  # the training run's rows and options stay as they were
         meta["args"]["zero_shot_limit"] = args.zero_shot_limit
         for row in args.rows:
+            row += args.row_suffix if row.startswith("qat") else ""
             fresh = run_rows(__file__, [row], passthrough + ["--zero-shot-only"])[0]
             for saved in results:
                 if saved["row"] == row:
@@ -250,7 +260,7 @@ def main() -> None:
     results = []
     for row in args.rows:  # one at a time, each saved at once: an interrupted run keeps its finished rows
         try:
-            rows = run_rows(__file__, [row], passthrough)
+            rows = run_rows(__file__, [row + (args.row_suffix if row.startswith("qat") else "")], passthrough)
         except subprocess.CalledProcessError as err:
             print(f"== {row} failed: {err}", flush=True)
             continue

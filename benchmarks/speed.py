@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import statistics
 import tempfile
 import time
@@ -138,6 +139,17 @@ def touch(tensor) -> None:
     tensor.float().sum() if tensor.is_floating_point() else tensor.sum()
 
 
+_KEEP: list = []  # llama.cpp servers of this process: xllamacpp's Server destructor can wait forever for its loop
+
+
+def _exit_now() -> None:
+    """Leave without running destructors: xllamacpp 2026.10's `~Server` sometimes hangs in "waiting for main loop
+    exit" (seen when it is destroyed right after loading), and the results are already written."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def worker(row: str, args) -> dict:
     """Fresh process: load time and resident memory of one model."""
     import torch
@@ -150,6 +162,7 @@ def worker(row: str, args) -> dict:
     model = load(row, Path(args.work), args.threads)
     seconds = time.perf_counter() - start
     if row.startswith("llamacpp-"):  # llama.cpp maps the file and allocates its KV cache when it loads
+        _KEEP.append(model)  # see _exit_now: never destroyed
         return {"row": row, "load_s": seconds, "model_rss_mib": rss_mib() - before}
     with torch.no_grad():  # fault in lazily mapped safetensors pages, so RSS counts every weight
         for tensor in list(model.parameters()) + list(model.buffers()):
@@ -214,6 +227,8 @@ def time_all(rows: list[str], args) -> dict[str, dict]:
     runners = {}
     for row in rows:
         model = load(row, Path(args.work), args.threads)
+        if row.startswith("llamacpp-"):
+            _KEEP.append(model)  # see _exit_now
         runners[row] = _runner(row, model if row.startswith("llamacpp-") else model.eval(), args)
     times = {row: {"prefill": [], "decode": []} for row in rows}
     sweep = [n for n in args.sweep if n <= len(tokens)]
@@ -396,7 +411,7 @@ def main() -> None:
         GGUF_ROWS[f"llamacpp-{name}"] = path
     if args.worker:
         Path(args.out).write_text(json.dumps(worker(args.worker, args)))
-        return
+        _exit_now()
     options = ["threads", "prefill_tokens", "new_tokens", "repeats", "ppl_windows", "sweep", "sweep_repeats"]
     if args.render_only:
         results, meta = load_for_render("speed")
@@ -420,6 +435,7 @@ def main() -> None:
         print(write_markdown(results, args, meta))
         return
     publish("speed", results, write_markdown(results, args, meta), MARK_BEGIN, MARK_END, meta)
+    _exit_now()  # the timed llama.cpp servers live in this process too
 
 
 if __name__ == "__main__":
