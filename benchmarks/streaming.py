@@ -93,7 +93,7 @@ def worker(row: str, args) -> dict:
         result.update(LOWMEM)
         row = row[: -len("-lowmem")]
     streamed = row.endswith("streamed")
-    out = WORK / row
+    out = WORK / result["row"]  # the full row name: a -lowmem row and its default twin keep separate outputs
     gptq = AgentOSConfig(bits=4, group_size=128, method="gptq")
     if row.startswith("synth"):
         source = synthetic_checkpoint()
@@ -329,7 +329,7 @@ def main() -> None:
         by_row = {r["row"]: r for r in results}
         for r in results:
             twin = by_row.get(r["row"].replace("-streamed", "-memory"))
-            if r["row"].endswith("streamed") and twin is not None:
+            if "-streamed" in r["row"] and twin is not None:
                 r["identical"] = twin["identical"] = identical(WORK / r["row"], WORK / twin["row"])
         results = merge_with_saved("streaming", results)
         meta = run_meta(args, ["calib_windows", "synth_windows", "synth_blocks", "batch_size", "buffer_memory"])
