@@ -190,13 +190,20 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_folders(parent: str | os.PathLike, tag: str, marker: str) -> list[Path]:
     """Remove the scratch folders killed processes left in `parent` (`<tag><pid>-...`, see `scratch_directory`)
     and return them: only a folder holding `marker`, the file the library writes into each, of a process that is
-    gone. A user's folder of the same name (no marker) and a running process's folder are never touched."""
+    gone. A user's folder of the same name (no marker) and a running process's folder are never touched, except an
+    empty one of a dead process (a kill between `mkdir` and the marker): `os.rmdir` removes only empty folders."""
     removed = []
     for path in Path(parent).glob(f"{glob.escape(tag)}*"):
         pid = path.name[len(tag):].split("-")[0]
-        if (path / marker).is_file() and pid.isdigit() and not _pid_alive(int(pid)):
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if (path / marker).is_file():
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
+        elif path.is_dir() and not path.is_symlink():
+            with contextlib.suppress(OSError):  # not empty: a user's folder, left alone
+                os.rmdir(path)
+                removed.append(path)
     return removed
 
 

@@ -129,6 +129,17 @@ def test_stale_scratch_folders_removed_only_when_marked_and_their_process_is_gon
     assert not work.exists() and users.exists() and live.exists()
 
 
+def test_empty_scratch_folder_of_a_killed_process_is_removed(tmp_path):
+    """A kill between `mkdir` and the marker leaves an empty, unmarked folder: it goes, a non-empty one stays."""
+    dead = _dead_pid()
+    empty, full = tmp_path / f".scratch-{dead}-0badc0de", tmp_path / f".scratch-{dead}-mine"
+    empty.mkdir()
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    assert remove_stale_folders(tmp_path, ".scratch-", ".marker") == [empty]
+    assert (full / "notes.txt").read_text() == "mine" and not empty.exists()
+
+
 def test_carry_over_keeps_trainer_checkpoints(tmp_path):
     folder = tmp_path / "out"
     (folder / "checkpoint-3").mkdir(parents=True)
