@@ -30,11 +30,15 @@ _local = threading.local()
 
 
 def scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A flat buffer of `numel` elements reused across calls of this thread (grown, never shrunk)."""
+    """A flat buffer of `numel` elements reused across calls of this thread (grown, never shrunk).
+
+    Always a normal tensor, even when first needed inside `torch.inference_mode` (perplexity runs there): an
+    inference tensor could not be written to by a later call outside it (`torch.no_grad`, lm-eval, training)."""
     buffers = _local.__dict__.setdefault("buffers", {})
     buffer = buffers.get(dtype)
     if buffer is None or buffer.numel() < numel:
-        buffer = buffers[dtype] = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):
+            buffer = buffers[dtype] = torch.empty(numel, dtype=dtype)
     return buffer[:numel]
 
 

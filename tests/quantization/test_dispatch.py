@@ -3,6 +3,7 @@ sparse layers computing dense. Only the mechanism is asserted, never which path 
 
 import json
 import logging
+import threading
 
 import pytest
 import torch
@@ -87,6 +88,22 @@ def test_a_forced_path_is_honoured_where_it_fits(monkeypatch, cache_dir):
     assert not cache_dir.exists()  # forced paths measure nothing
     with pytest.raises(ValueError, match="Unknown kernel policy 'fastest'"):
         prepare_kernels(int4, policy="fastest")
+
+
+def test_scratch_made_in_inference_mode_serves_calls_outside_it(monkeypatch):
+    """Perplexity runs in `inference_mode`, lm-eval and `generate` in `no_grad`: a scratch buffer first made in the
+    former must serve the latter (an inference tensor refuses in-place writes outside inference mode)."""
+    monkeypatch.setenv("OPTIMUM_AGENTOS_KERNELS", "dequant-exact")
+    monkeypatch.setattr(dequant, "_local", threading.local())  # no buffer yet in this thread
+    int4 = layer()
+    prepare_kernels(int4)
+    assert int4.route_names == ((None, "dequant-exact"),)
+    x = torch.randn(1, 40, 576)
+    with torch.inference_mode():
+        first = int4(x)
+    with torch.no_grad():
+        assert torch.equal(int4(x), first)
+        assert torch.equal(first, reference(int4, x))
 
 
 @pytest.mark.parametrize("bits, group_size, in_features, out_features, kernel", [
