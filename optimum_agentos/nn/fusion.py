@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import ALIGNMENT
+
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
@@ -29,10 +31,13 @@ class FusedGroup:
         self.kernel_group = getattr(members[0], "kernel_group", None)
         weight = torch.cat([m.kernel_weight for m in members])
         self.kernel_weight = weight
-        start = 0
-        for m in members:  # each layer's buffer: a view of its rows
-            m.register_buffer("kernel_weight", weight[start:start + m.out_features], persistent=False)
-            start += m.out_features
+        starts = [sum(self.sizes[:i]) for i in range(len(members))]
+        views = [weight[start:start + m.out_features] for start, m in zip(starts, members)]
+        # each layer's buffer becomes a view of its rows, unless the int8 kernel would read a view that does not
+        # start on an aligned address (see `kernels.ALIGNMENT`); those layers keep their own copy of the codes
+        if kernel.name == "int4pack-bf16" or all(v.data_ptr() % ALIGNMENT == 0 for v in views):
+            for m, view in zip(members, views):
+                m.register_buffer("kernel_weight", view, persistent=False)
         if kernel.name == "int4pack-bf16":
             self.kernel_scales = torch.cat([m.kernel_scales for m in members], dim=1)
         else:

@@ -28,18 +28,43 @@ from .memory import keep_only_kernel_copy
 
 
 KERNELS_ENV = "OPTIMUM_AGENTOS_KERNELS"  # "auto" (default), "reference" (always dequantize) or a path name
+# torch's CPU `_weight_int8pack_mm` reads its operands with aligned vector loads: an int8 weight or a bf16
+# activation starting 8 bytes off a 16-byte boundary crashes the process (SIGSEGV; measured with torch 2.13 on
+# AVX-512, at offsets 1, 8 and 24; 0, 16, 32 and 64 ran). Tensors views of a mapped safetensors file or slices of
+# a larger activation can start anywhere, so operands are given 64-byte-aligned memory (torch's allocator
+# alignment) before they reach a packed kernel.
+ALIGNMENT = 64
+# and it computes wrong numbers (or crashes) when the input width is not a multiple of 16 (measured: 16, 32, 48,
+# 64, 96 exact; 8, 20, 24, 40 wrong or SIGSEGV): such layers take another path
+INT8PACK_WIDTH = 16
+
+
+def int8pack_unsupported(module) -> str | None:
+    """Why `_weight_int8pack_mm` cannot serve `module` on this torch build (None when it can)."""
+    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        return "this torch build has no _weight_int8pack_mm"
+    if module.in_features % INT8PACK_WIDTH:
+        return f"in_features {module.in_features} is not a multiple of {INT8PACK_WIDTH}"
+    return None
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a copy of it in fresh (aligned) memory when its data does not start on an `ALIGNMENT` boundary."""
+    return t if t.data_ptr() % ALIGNMENT == 0 else t.clone()
 
 
 def bf16_input(x: torch.Tensor, in_features: int) -> torch.Tensor:
     """`x` as contiguous bf16 rows `[tokens, in_features]`. q/k/v (and gate/up) read the same activation tensor in
     turn, so its conversion is kept for the next call while the tensor is unchanged (same object, same version)."""
     global _last_bf16_input
-    if torch.compiler.is_compiling() or x.is_inference():  # compiled graphs fuse the conversion anyway; inference
-        return x.reshape(-1, in_features).to(torch.bfloat16).contiguous()  # tensors have no version to check
+    if torch.compiler.is_compiling():  # compiled graphs fuse the conversion and allocate their own buffers
+        return x.reshape(-1, in_features).to(torch.bfloat16).contiguous()
+    if x.is_inference():  # inference tensors have no version to check
+        return aligned(x.reshape(-1, in_features).to(torch.bfloat16).contiguous())
     source, version, flat = _last_bf16_input  # one tuple, read once
     if source is x and version == x._version:
         return flat
-    flat = x.reshape(-1, in_features).to(torch.bfloat16).contiguous()
+    flat = aligned(x.reshape(-1, in_features).to(torch.bfloat16).contiguous())
     _last_bf16_input = (x, x._version, flat)
     return flat
 
@@ -140,9 +165,7 @@ class Int8PackKernel:
 
     @staticmethod
     def unsupported(layer) -> str | None:
-        if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-            return "this torch build has no _weight_int8pack_mm"
-        return per_row_int8_unsupported(layer)
+        return int8pack_unsupported(layer) or per_row_int8_unsupported(layer)
 
     @staticmethod
     def prepare(layer) -> None:
@@ -180,14 +203,16 @@ class Int8RowsKernel:
 
     @staticmethod
     def unsupported(head) -> str | None:
-        if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-            return "this torch build has no _weight_int8pack_mm"
+        if reason := int8pack_unsupported(head):
+            return reason
         if head.weight.device.type != "cpu":
             return f"device {head.weight.device.type}"
         return None
 
     @staticmethod
     def prepare(head) -> None:
+        if head.weight.data_ptr() % ALIGNMENT:  # read as it is by the kernel (a view of the checkpoint file at load)
+            head.weight.data = head.weight.data.clone()  # `.data`: a tied embedding holding the same tensor follows
         ones = torch.ones(head.out_features, dtype=torch.bfloat16, device=head.weight.device)
         head.register_buffer("kernel_unit_scales", ones, persistent=False)  # a buffer: inductor lowers it
 
