@@ -36,6 +36,7 @@ benchmark: install
 	$(PY) benchmarks/pruning.py --llmcompressor
 	$(PY) benchmarks/distillation.py
 	$(PY) benchmarks/speed.py --threads 2
+	$(PY) benchmarks/load_time.py
 	$(PY) benchmarks/smoothquant.py --threads 2
 	$(PY) benchmarks/gptq_ablation.py --threads 2 --calib-windows 16
 	OMP_NUM_THREADS=2 $(PY) benchmarks/kernel_layers.py --threads 2 --copies 40 --repeats 7

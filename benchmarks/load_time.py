@@ -1,0 +1,116 @@
+"""Load time of agentos checkpoints with and without the kernel-choice cache (`optimum_agentos/nn/dispatch.py`).
+
+At the first load on a machine, each distinct layer shape times its candidate kernel paths and the fastest is
+cached under the Hugging Face cache directory; later loads read the choice. This script measures both against
+the float32 load: every load is a fresh process (imports excluded, `from_pretrained` timed), `cold` with an empty
+cache folder, `warm` with the folder the cold load filled; medians of `--repeats`.
+
+    python benchmarks/load_time.py
+    python benchmarks/load_time.py --render-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import load_for_render, publish, run_meta
+
+NAME = "load_time"
+MARK_BEGIN, MARK_END = "<!-- load_time:begin -->", "<!-- load_time:end -->"
+CHECKPOINTS = ("agentos-int8", "agentos-int4-g128", "agentos-int4-g128-e8")  # built as speed.py builds them
+
+
+def child(row: str, work: Path) -> float:
+    """In a fresh process: seconds for `from_pretrained` of `row` (imports done before the clock starts)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import optimum_agentos  # noqa: F401
+    from optimum_agentos.models import resolve_model
+
+    source = resolve_model("smollm2-135m")
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    if row == "fp32":
+        AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    else:
+        AutoModelForCausalLM.from_pretrained(work / row)
+    return time.perf_counter() - start
+
+
+def timed_load(row: str, work: Path, cache: Path) -> float:
+    env = dict(os.environ, OPTIMUM_AGENTOS_KERNEL_CACHE=str(cache))
+    out = subprocess.run([sys.executable, __file__, "--child", row, "--work", str(work)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["seconds"]
+
+
+def measure(work: Path, repeats: int) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    results = [{"row": "fp32", "seconds": statistics.median(
+        timed_load("fp32", work, Path(tempfile.mkdtemp())) for _ in range(repeats))}]
+    for row in tqdm(CHECKPOINTS, desc="checkpoints"):
+        cold, warm = [], []
+        for _ in range(repeats):
+            with tempfile.TemporaryDirectory() as cache:
+                cold.append(timed_load(row, work, Path(cache)))  # empty cache: measures and writes the choices
+                files = sorted(p.name for p in Path(cache).iterdir())
+                warm.append(timed_load(row, work, Path(cache)))  # the same folder: reads them
+        results.append({"row": row, "cold_s": statistics.median(cold), "warm_s": statistics.median(warm),
+                        "cold_all": cold, "warm_all": warm, "cache_files": files})
+    return results
+
+
+def write_markdown(results: list[dict], meta: dict) -> str:
+    fp32 = next(r["seconds"] for r in results if r["row"] == "fp32")
+    lines = [MARK_BEGIN, "## Load time and the kernel-choice cache: SmolLM2-135M-Instruct", "",
+             f"Written by `python benchmarks/load_time.py` on {meta['date']}, {meta['cpu_count']} CPU cores. Each "
+             "load is a fresh process timing `AutoModelForCausalLM.from_pretrained` (imports excluded), median of "
+             f"{meta['args']['repeats']}. Checkpoints: the speed table's round-to-nearest folders. `cold`: an empty "
+             "kernel cache (`OPTIMUM_AGENTOS_KERNEL_CACHE`), so each layer shape times its kernel paths; `warm`: "
+             "the cache that cold load wrote. `fp32`: the float checkpoint, for scale.", "",
+             "| row | cold load (s) | warm load (s) | warm - fp32 (s) | cold - warm (s) |",
+             "|---|---:|---:|---:|---:|", f"| fp32 | - | {fp32:.2f} | - | - |"]
+    for r in results:
+        if r["row"] != "fp32":
+            lines.append(f"| {r['row']} | {r['cold_s']:.2f} | {r['warm_s']:.2f} | {r['warm_s'] - fp32:+.2f} | "
+                         f"{r['cold_s'] - r['warm_s']:.2f} |")
+    lines += ["", f"Raw results: `benchmarks/results/{NAME}.json`.", MARK_END]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--render-only", action="store_true",
+                        help=f"Rewrite the BENCHMARKS.md section from benchmarks/results/{NAME}.json.")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps({"seconds": child(args.child, Path(args.work))}))
+        return
+    if args.render_only:
+        results, meta = load_for_render(NAME)
+    else:
+        from speed import build_checkpoints
+
+        work = Path(args.work or Path(__file__).parent / "work" / "load_time")
+        work.mkdir(parents=True, exist_ok=True)
+        build_checkpoints(work, list(CHECKPOINTS))
+        results = measure(work, args.repeats)
+        meta = run_meta(args, ["repeats"])
+    publish(NAME, results, write_markdown(results, meta), MARK_BEGIN, MARK_END, meta)
+
+
+if __name__ == "__main__":
+    main()
