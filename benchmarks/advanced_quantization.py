@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import tempfile
 import time
@@ -37,7 +38,13 @@ ROWS = {  # the table's order; --rows picks the run order
     "int3-g128-autoround": dict(**INT3, method="autoround"),
     "int2-g64-gptq": dict(**INT2, method="gptq"),
     "int2-g64-autoround": dict(**INT2, method="autoround"),
+    # AutoRound's published step count (its 200 iterations) on 64 windows: does more training close the gap?
+    "int3-g128-autoround-200": dict(**INT3, method="autoround", rounding_steps=200, windows=64),
+    "int2-g64-autoround-200": dict(**INT2, method="autoround", rounding_steps=200, windows=64),
 }
+
+
+ZERO_SHOT = ["arc_easy", "lambada"]  # the two tasks for "better than GPTQ" (lm-eval)
 
 
 def worker(row: str, args) -> dict:
@@ -61,10 +68,12 @@ def worker(row: str, args) -> dict:
         if ROWS[row] is not None:
             settings = dict(ROWS[row])
             learned = settings["method"] == "autoround"
+            rounding_windows = settings.pop("windows", args.rounding_windows)
             if learned:
-                settings["rounding_steps"] = args.rounding_steps
+                settings.setdefault("rounding_steps", args.rounding_steps)
+                result["rounding_steps"] = settings["rounding_steps"]
             config = AgentOSConfig(**settings)
-            windows, batch = (args.rounding_windows, 1) if learned else (args.calib_windows, 4)
+            windows, batch = (rounding_windows, 1) if learned else (args.calib_windows, 4)
             calibration = None if config.method == "rtn" else "wikitext2"
             start = time.perf_counter()
             quantizer.quantize(Path(tmp) / "q", config, calibration, num_samples=windows, seq_len=512,
@@ -81,6 +90,11 @@ def worker(row: str, args) -> dict:
         del quantizer
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         result["ppl"] = perplexity(model, tokenizer, "wikitext2", "test", 512, args.eval_windows)
+        if args.zero_shot_limit:
+            from optimum_agentos.evaluation.tasks import evaluate_model
+
+            scores = evaluate_model(model, tokenizer, ZERO_SHOT, limit=args.zero_shot_limit, batch_size=8)
+            result["zero_shot"] = {r.task: {"acc": r.value, "n": r.n} for r in scores}
     return result
 
 
@@ -106,12 +120,27 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        prefix = r["row"].rsplit("-", 1)[0]
+        prefix = "-".join(r["row"].split("-")[:2])  # bits and group size
         gptq = by_row.get(f"{prefix}-gptq")
         vs = f"{r['ppl'] / gptq['ppl']:.3f}" if gptq and r["row"] != "fp32" else "-"
         rel = f"{r['ppl'] / fp['ppl']:.3f}" if fp else "-"
         lines.append(f"| {r['row']} | {r['ppl']:.2f} | {rel} | {vs} | {r['compress_s']:.0f} | "
                      f"{r['compress_peak_rss_mib']:.0f} | {r['size_mb']:.1f} |")
+    longer = [r for r in results if r.get("rounding_steps", args["rounding_steps"]) != args["rounding_steps"]]
+    if longer:
+        lines += ["", "Rows ending in a step count train longer: " + "; ".join(
+            f"{r['row']} {r['rounding_steps']} steps on {r['calib_windows']} windows" for r in longer) + "."]
+    shots = [r for r in results if "zero_shot" in r]
+    if shots:
+        lines += ["", "Zero-shot accuracy (lm-eval, first examples of each split as `n` says; ± the standard error "
+                  "sqrt(p(1-p)/(n-1)), as lm-eval reports it: a difference inside it is noise):", "",
+                  "| row | " + " | ".join(ZERO_SHOT) + " | n |", "|---|" + "---:|" * (len(ZERO_SHOT) + 1)]
+        for r in shots:
+            cells = []
+            for task in ZERO_SHOT:
+                acc, n = r["zero_shot"][task]["acc"], r["zero_shot"][task]["n"]
+                cells.append(f"{acc:.3f} ± {math.sqrt(acc * (1 - acc) / max(n - 1, 1)):.3f}")
+            lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r['zero_shot'][ZERO_SHOT[0]]['n']} |")
     learned = [r for r in results if "block_error" in r]
     if learned:
         lines += ["", "Learned rounding's block-output mean squared error (mean over blocks, first 4 calibration "
@@ -132,8 +161,10 @@ def main() -> None:
                         help=f"Rewrite the BENCHMARKS.md section from benchmarks/results/{NAME}.json.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--zero-shot-limit", type=int, default=0,
+                        help=f"Examples per zero-shot task ({', '.join(ZERO_SHOT)}); 0 skips them.")
     args = parser.parse_args()
-    options = ["eval_windows", "calib_windows", "rounding_windows", "rounding_steps"]
+    options = ["eval_windows", "calib_windows", "rounding_windows", "rounding_steps", "zero_shot_limit"]
     if args.worker:
         Path(args.out).write_text(json.dumps(worker(args.worker, args)))
         return

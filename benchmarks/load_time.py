@@ -73,11 +73,11 @@ def measure(work: Path, repeats: int) -> list[dict]:
 def write_markdown(results: list[dict], meta: dict) -> str:
     fp32 = next(r["seconds"] for r in results if r["row"] == "fp32")
     lines = [MARK_BEGIN, "## Load time and the kernel-choice cache: SmolLM2-135M-Instruct", "",
-             f"Written by `python benchmarks/load_time.py` on {meta['date']}, {meta['cpu_count']} CPU cores. Each "
-             "load is a fresh process timing `AutoModelForCausalLM.from_pretrained` (imports excluded), median of "
-             f"{meta['args']['repeats']}. Checkpoints: the speed table's round-to-nearest folders. `cold`: an empty "
-             "kernel cache (`OPTIMUM_AGENTOS_KERNEL_CACHE`), so each layer shape times its kernel paths; `warm`: "
-             "the cache that cold load wrote. `fp32`: the float checkpoint, for scale.", "",
+             (f"Written by `python benchmarks/load_time.py` on {meta['date']}, {meta['cpu_count']} CPU cores. Each "
+              "load is a fresh process timing `AutoModelForCausalLM.from_pretrained` (imports excluded), median of "
+              f"{meta['args']['repeats']}. Checkpoints: the speed table's round-to-nearest folders. `cold`: an empty "
+              "kernel cache (`OPTIMUM_AGENTOS_KERNEL_CACHE`), so each layer shape times its kernel paths; `warm`: "
+              "the cache that cold load wrote. `fp32`: the float checkpoint, for scale."), "",
              "| row | cold load (s) | warm load (s) | warm - fp32 (s) | cold - warm (s) |",
              "|---|---:|---:|---:|---:|", f"| fp32 | - | {fp32:.2f} | - | - |"]
     for r in results:

@@ -26,7 +26,6 @@ from . import qmath
 from .dynamic_int8 import Int8DynamicKernel, per_row_int8_unsupported
 from .memory import keep_only_kernel_copy
 
-
 KERNELS_ENV = "OPTIMUM_AGENTOS_KERNELS"  # "auto" (default), "reference" (always dequantize) or a path name
 # torch's CPU `_weight_int8pack_mm` reads its operands with aligned vector loads: an int8 weight or a bf16
 # activation starting 8 bytes off a 16-byte boundary crashes the process (SIGSEGV; measured with torch 2.13 on

@@ -36,7 +36,8 @@ def unaligned(t, offset=8):
 def run_fresh(body: str, tmp_path) -> str:
     code = PRELUDE + textwrap.dedent(body)
     env = dict(os.environ, OPTIMUM_AGENTOS_KERNEL_CACHE=str(tmp_path / "kernels"))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                            check=False)
     assert result.returncode == 0, f"exit {result.returncode} (-11: SIGSEGV)\n{result.stderr[-2000:]}"
     return result.stdout
 
