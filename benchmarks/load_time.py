@@ -29,20 +29,15 @@ CHECKPOINTS = ("agentos-int8", "agentos-int4-g128", "agentos-int4-g128-e8")  # b
 
 
 def child(row: str, work: Path) -> float:
-    """In a fresh process: seconds for `from_pretrained` of `row` (imports done before the clock starts)."""
+    """In a fresh process: seconds for speed.py's `load` of `row` (imports done before the clock starts)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from speed import load
 
     import optimum_agentos  # noqa: F401
-    from optimum_agentos.models import resolve_model
 
-    source = resolve_model("smollm2-135m")
     torch.set_num_threads(2)
     start = time.perf_counter()
-    if row == "fp32":
-        AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    else:
-        AutoModelForCausalLM.from_pretrained(work / row)
+    load(row, work, threads=2)
     return time.perf_counter() - start
 
 
@@ -56,8 +51,9 @@ def timed_load(row: str, work: Path, cache: Path) -> float:
 def measure(work: Path, repeats: int) -> list[dict]:
     from tqdm.auto import tqdm
 
-    results = [{"row": "fp32", "seconds": statistics.median(
-        timed_load("fp32", work, Path(tempfile.mkdtemp())) for _ in range(repeats))}]
+    with tempfile.TemporaryDirectory() as cache:  # fp32 has no quantized layers: the cache is never read
+        results = [{"row": "fp32", "seconds": statistics.median(
+            timed_load("fp32", work, Path(cache)) for _ in range(repeats))}]
     for row in tqdm(CHECKPOINTS, desc="checkpoints"):
         cold, warm = [], []
         for _ in range(repeats):

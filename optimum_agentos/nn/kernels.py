@@ -210,8 +210,9 @@ class Int8RowsKernel:
 
     @staticmethod
     def prepare(head) -> None:
-        if head.weight.data_ptr() % ALIGNMENT:  # read as it is by the kernel (a view of the checkpoint file at load)
-            head.weight.data = head.weight.data.clone()  # `.data`: a tied embedding holding the same tensor follows
+        # the kernel reads the rows as they are (at load, a view of the checkpoint file at any offset); `.data`: a
+        # tied embedding holding the same tensor follows
+        head.weight.data = aligned(head.weight.data)
         ones = torch.ones(head.out_features, dtype=torch.bfloat16, device=head.weight.device)
         head.register_buffer("kernel_unit_scales", ones, persistent=False)  # a buffer: inductor lowers it
 
