@@ -26,6 +26,9 @@ from common import load_for_render, publish, run_meta
 NAME = "load_time"
 MARK_BEGIN, MARK_END = "<!-- load_time:begin -->", "<!-- load_time:end -->"
 CHECKPOINTS = ("agentos-int8", "agentos-int4-g128", "agentos-int4-g128-e8")  # built as speed.py builds them
+# `forced`: the load with no choice to make (`OPTIMUM_AGENTOS_KERNELS=<path>`: no timing, no cache), as loads were
+# before the measured dispatch; the repacking into the kernel's layout is the same
+FORCED = {"agentos-int8": "int8rows-bf16", "agentos-int4-g128": "int4pack-bf16", "agentos-int4-g128-e8": "int4pack-bf16"}
 
 
 def child(row: str, work: Path) -> float:
@@ -41,8 +44,8 @@ def child(row: str, work: Path) -> float:
     return time.perf_counter() - start
 
 
-def timed_load(row: str, work: Path, cache: Path) -> float:
-    env = dict(os.environ, OPTIMUM_AGENTOS_KERNEL_CACHE=str(cache))
+def timed_load(row: str, work: Path, cache: Path, kernels: str = "auto") -> float:
+    env = dict(os.environ, OPTIMUM_AGENTOS_KERNEL_CACHE=str(cache), OPTIMUM_AGENTOS_KERNELS=kernels)
     out = subprocess.run([sys.executable, __file__, "--child", row, "--work", str(work)], env=env, check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["seconds"]
@@ -55,14 +58,16 @@ def measure(work: Path, repeats: int) -> list[dict]:
         results = [{"row": "fp32", "seconds": statistics.median(
             timed_load("fp32", work, Path(cache)) for _ in range(repeats))}]
     for row in tqdm(CHECKPOINTS, desc="checkpoints"):
-        cold, warm = [], []
+        cold, warm, forced = [], [], []
         for _ in range(repeats):
             with tempfile.TemporaryDirectory() as cache:
                 cold.append(timed_load(row, work, Path(cache)))  # empty cache: measures and writes the choices
                 files = sorted(p.name for p in Path(cache).iterdir())
                 warm.append(timed_load(row, work, Path(cache)))  # the same folder: reads them
+                forced.append(timed_load(row, work, Path(cache), FORCED[row]))  # reads nothing, measures nothing
         results.append({"row": row, "cold_s": statistics.median(cold), "warm_s": statistics.median(warm),
-                        "cold_all": cold, "warm_all": warm, "cache_files": files})
+                        "forced_s": statistics.median(forced), "forced_path": FORCED[row], "cold_all": cold,
+                        "warm_all": warm, "forced_all": forced, "cache_files": files})
     return results
 
 
@@ -73,13 +78,19 @@ def write_markdown(results: list[dict], meta: dict) -> str:
               "load is a fresh process timing `AutoModelForCausalLM.from_pretrained` (imports excluded), median of "
               f"{meta['args']['repeats']}. Checkpoints: the speed table's round-to-nearest folders. `cold`: an empty "
               "kernel cache (`OPTIMUM_AGENTOS_KERNEL_CACHE`), so each layer shape times its kernel paths; `warm`: "
-              "the cache that cold load wrote. `fp32`: the float checkpoint, for scale."), "",
-             "| row | cold load (s) | warm load (s) | warm - fp32 (s) | cold - warm (s) |",
-             "|---|---:|---:|---:|---:|", f"| fp32 | - | {fp32:.2f} | - | - |"]
+              "the cache that cold load wrote. `forced`: `OPTIMUM_AGENTOS_KERNELS=<path>` (the path named), which "
+              "times nothing and reads no cache: the load as it was before the measured dispatch, repacking "
+              "included, so `warm - forced` is what the measured choice costs a load once cached. "
+              "`fp32`: the float checkpoint, for scale."), "",
+             "| row | cold load (s) | warm load (s) | forced load (s) | warm - forced (s) | warm - fp32 (s) | "
+             "cold - warm (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|", f"| fp32 | - | {fp32:.2f} | - | - | - | - |"]
     for r in results:
         if r["row"] != "fp32":
-            lines.append(f"| {r['row']} | {r['cold_s']:.2f} | {r['warm_s']:.2f} | {r['warm_s'] - fp32:+.2f} | "
-                         f"{r['cold_s'] - r['warm_s']:.2f} |")
+            forced = (f"{r['forced_s']:.2f} (`{r['forced_path']}`) | {r['warm_s'] - r['forced_s']:+.2f}"
+                      if "forced_s" in r else "- | -")
+            lines.append(f"| {r['row']} | {r['cold_s']:.2f} | {r['warm_s']:.2f} | {forced} | "
+                         f"{r['warm_s'] - fp32:+.2f} | {r['cold_s'] - r['warm_s']:.2f} |")
     lines += ["", f"Raw results: `benchmarks/results/{NAME}.json`.", MARK_END]
     return "\n".join(lines)
 

@@ -34,7 +34,12 @@ def classification_dataset(tokenizer, task: str, split: str, max_length: int = 6
 def lm_dataset(tokenizer, dataset: str = "wikitext2", split: str = "validation", seq_len: int = 512,
                num_windows: int | None = None) -> Dataset:
     """Consecutive, non-overlapping windows of `seq_len` tokens of a text split, with `labels` = `input_ids`."""
-    ids = windows_from_ids(tokenize_text(tokenizer, load_text(dataset, split)), num_windows, seq_len)
+    return lm_dataset_from_text(tokenizer, load_text(dataset, split), seq_len, num_windows)
+
+
+def lm_dataset_from_text(tokenizer, text: str, seq_len: int = 512, num_windows: int | None = None) -> Dataset:
+    """`lm_dataset` for any text (e.g. the user's own domain): its first `num_windows` windows of `seq_len` tokens."""
+    ids = windows_from_ids(tokenize_text(tokenizer, text), num_windows, seq_len)
     rows = ids.tolist()
     return Dataset.from_dict({"input_ids": rows, "attention_mask": torch.ones_like(ids).tolist(), "labels": rows})
 
