@@ -41,6 +41,10 @@ ROWS = {  # the table's order; --rows picks the run order
     # AutoRound's published step count (its 200 iterations) on 64 windows: does more training close the gap?
     "int3-g128-autoround-200": dict(**INT3, method="autoround", rounding_steps=200, windows=64),
     "int2-g64-autoround-200": dict(**INT2, method="autoround", rounding_steps=200, windows=64),
+    # AWQ's scales first, then GPTQ or learned rounding on the scaled weights: do the two gains add up?
+    "int3-g128-awq+gptq": dict(**INT3, method="gptq", awq=True),
+    "int4-g128-awq+autoround-200": dict(**INT4, method="autoround", awq=True, rounding_steps=200, windows=64),
+    "int3-g128-awq+autoround-200": dict(**INT3, method="autoround", awq=True, rounding_steps=200, windows=64),
 }
 
 
@@ -113,7 +117,8 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         f"{args['rounding_windows']} windows of 512 for learned rounding (`method='autoround'`, "
         f"{args['rounding_steps']} signed-gradient steps of one window per block, lr 1/steps decayed linearly). "
         "Each row is a fresh process; the checkpoint is saved, reloaded with `AutoModelForCausalLM.from_pretrained` "
-        "and evaluated. `awq+gptq` is `AgentOSConfig(method='gptq', awq=True)`. Peak RSS (MiB) is the whole process "
+        "and evaluated. `awq+gptq` is `AgentOSConfig(method='gptq', awq=True)`, `awq+autoround` "
+        "`AgentOSConfig(method='autoround', awq=True)`. Peak RSS (MiB) is the whole process "
         "up to the end of compression. `vs GPTQ`: perplexity relative to GPTQ at the same bits and group size.",
         "",
         "| row | WikiText-2 ppl | ppl / fp32 | vs GPTQ | compress time (s) | peak RSS (MiB) | size on disk (MB) |",
