@@ -86,7 +86,7 @@ def check_arguments(command: str, args) -> None:
                              "(optimum-agentos eval).")
         if command == "auto" or getattr(args, "max_size_mb", None) is not None:
             raise ValueError("--max-size-mb (mixed precision) does not run with --streaming; drop one of them.")
-    for name, least in (("num_samples", 1), ("seq_len", 1), ("eval_windows", 0)):
+    for name, least in (("num_samples", 1), ("seq_len", 1), ("batch_size", 1), ("eval_windows", 0)):
         value = getattr(args, name)
         if value < least:
             raise ValueError(f"--{name.replace('_', '-')} {value} must be at least {least}.")
@@ -149,7 +149,8 @@ def run_quantize(args) -> dict:
     calibration = args.calibration_dataset if args.method != "rtn" or args.smoothquant_alpha is not None else None
     if args.streaming:
         start = time.perf_counter()
-        quantizer.quantize(output, config, calibration, args.num_samples, args.seq_len, overwrite=args.overwrite,
+        quantizer.quantize(output, config, calibration, args.num_samples, args.seq_len, args.batch_size,
+                           overwrite=args.overwrite,
                            card_extra=_card_extra(args), buffer_memory=args.buffer_memory, spill_dir=args.spill_dir)
         return {"output": str(output), "method": config.method, "bits": config.bits, "group_size": config.group_size,
                 "layers": quantizer.stats["layers"], "quantize_seconds": round(time.perf_counter() - start, 1),
@@ -157,7 +158,7 @@ def run_quantize(args) -> dict:
     evaluate = _evaluator(args, quantizer.tokenizer)
     baseline = evaluate(quantizer.model) if evaluate else None
     info = {"base_model": args.model, "sizes": {"baseline": _source_size(quantizer.model)}}
-    model = quantizer.quantize_in_place(config, calibration, args.num_samples, args.seq_len)
+    model = quantizer.quantize_in_place(config, calibration, args.num_samples, args.seq_len, args.batch_size)
     info["config"] = config.stamped().to_dict()
     summary = {
         "output": str(output), "method": config.method, "bits": config.bits, "group_size": config.group_size,
@@ -179,7 +180,8 @@ def run_prune(args) -> dict:
     calibration = args.calibration_dataset if needs_data or config.is_structured else None
     if args.streaming:
         start = time.perf_counter()
-        pruner.prune(output, config, calibration, args.num_samples, args.seq_len, quantization=quantization,
+        pruner.prune(output, config, calibration, args.num_samples, args.seq_len, args.batch_size,
+                     quantization=quantization,
                      float_dtype=args.float_dtype, overwrite=args.overwrite, card_extra=_card_extra(args),
                      buffer_memory=args.buffer_memory, spill_dir=args.spill_dir)
         report = pruner.report
@@ -191,7 +193,8 @@ def run_prune(args) -> dict:
     evaluate = _evaluator(args, pruner.tokenizer)
     baseline = evaluate(pruner.model) if evaluate else None
     info = {"base_model": args.model, "sizes": {"baseline": _source_size(pruner.model)}, "pruning": config.to_dict()}
-    pruner.prune_in_place(config, calibration, args.num_samples, args.seq_len, quantization=quantization)
+    pruner.prune_in_place(config, calibration, args.num_samples, args.seq_len, args.batch_size,
+                          quantization=quantization)
     model = pruner.compress(config, args.float_dtype)
     report = sparsity_report(model, pruner.stats["params_before"], input_features=pruner.stats["input_features"])
     stored = getattr(model.config, "quantization_config", None)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from optimum_agentos.cli import main
 
@@ -60,6 +61,27 @@ def test_quantize_cli_awq_and_learned_rounding(folders, tmp_path):
     assert (config["method"], config["awq"], config["rounding_steps"]) == ("autoround", True, 3)
     line = _one_error_line(cli("quantize", "--model", "m", "--output", str(tmp_path / "o"), "--method", "rtn", "--awq"))
     assert "for AWQ with round to nearest use method='awq'" in line
+
+
+def test_quantize_cli_batch_size_sets_the_learned_rounding_batches(folders, tmp_path):
+    from safetensors.torch import load_file
+
+    from optimum_agentos import AgentOSConfig, Quantizer
+
+    def run(name, *extra):
+        assert main(["quantize", "--model", str(folders[0]), "--output", str(tmp_path / name), "--group-size", "32",
+                     "--method", "autoround", "--rounding-steps", "4", "--num-samples", "4", "--seq-len", "32",
+                     *extra]) == 0
+        return load_file(tmp_path / name / "model.safetensors")
+
+    one, default = run("b1", "--batch-size", "1"), run("b4")
+    config = AgentOSConfig(bits=4, group_size=32, method="autoround", rounding_steps=4)
+    Quantizer.from_pretrained(str(folders[0])).quantize(tmp_path / "api", config, "wikitext2", 4, 32, batch_size=1)
+    api = load_file(tmp_path / "api" / "model.safetensors")
+    assert one.keys() == api.keys() and all(torch.equal(one[k], api[k]) for k in one)  # the flag reached the API
+    assert any(not torch.equal(one[k], default[k]) for k in one)  # one window per step trains differently
+    line = _one_error_line(cli("quantize", "--model", "m", "--output", str(tmp_path / "o"), "--batch-size", "0"))
+    assert "--batch-size 0 must be at least 1" in line
 
 
 def test_optimum_cli_registers_the_agentos_commands():

@@ -53,6 +53,9 @@ def _common_arguments(p) -> None:
     p.add_argument("--calibration-dataset", default="wikitext2")
     p.add_argument("--num-samples", type=int, default=64, help="Calibration windows.")
     p.add_argument("--seq-len", type=int, default=512, help="Calibration and eval window length.")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="Calibration windows per forward pass. Learned rounding (--method autoround) trains on one "
+                   "batch per step, so 1 makes each step one window (the setting of BENCHMARKS.md).")
     p.add_argument("--eval", default=None, help="Perplexity dataset to evaluate before/after (e.g. wikitext2).")
     p.add_argument("--eval-windows", type=int, default=64, help="Number of eval windows.")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")

@@ -41,7 +41,7 @@ def run(args) -> dict:
     info = {"base_model": args.model, "sizes": {"baseline": _source_size(quantizer.model)}}
     model = quantizer.quantize_in_place_to_budget(
         args.max_size_mb, args.calibration_dataset, args.num_samples, args.seq_len, candidates, base,
-        args.sensitivity_samples, sensitivity_method=args.sensitivity_method,
+        args.sensitivity_samples, batch_size=args.batch_size, sensitivity_method=args.sensitivity_method,
     )
     plan, report = quantizer.plan, quantizer.mixed_report
     info["config"] = plan.config.stamped().to_dict()
