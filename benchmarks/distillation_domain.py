@@ -120,6 +120,10 @@ def _accuracy(r: dict, task: str) -> str:
     return f"{acc:.3f} ± {math.sqrt(acc * (1 - acc) / max(n - 1, 1)):.3f}"
 
 
+def _windows(count) -> str:
+    return f"first {count} windows" if count else "every window"
+
+
 def write_markdown(results: list[dict], meta: dict) -> str:
     args = meta["args"]
     by = {r["row"]: r for r in results}
@@ -135,7 +139,8 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         "order in every row. Scores on text the student never trained on: WikiText-2 raw test (first "
         f"{args['eval_windows']} windows of 512, no BOS), zero-shot ARC-Easy and LAMBADA (lm-eval, first "
         f"{args['zero_shot_limit']} examples, ± the standard error sqrt(p(1-p)/(n-1))), and the training domain's "
-        f"held-out SST-2 *dev* sentences (every window of {args['seq_len']}). `kd`: forward KL to the dense teacher; "
+        f"held-out SST-2 *dev* sentences ({_windows(args.get('sst2_windows'))} of {args['seq_len']} tokens). "
+        "`kd`: forward KL to the dense teacher; "
         "`kd+ce`: KL and cross-entropy, 0.5 each; `t2`: temperature 2.",
         "",
         "| row | layers | WikiText-2 ppl | " + " | ".join(ZERO_SHOT) + " | SST-2 dev ppl | train time (s) | "
