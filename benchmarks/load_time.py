@@ -80,7 +80,9 @@ def write_markdown(results: list[dict], meta: dict) -> str:
               "kernel cache (`OPTIMUM_AGENTOS_KERNEL_CACHE`), so each layer shape times its kernel paths; `warm`: "
               "the cache that cold load wrote. `forced`: `OPTIMUM_AGENTOS_KERNELS=<path>` (the path named), which "
               "times nothing and reads no cache: the load as it was before the measured dispatch, repacking "
-              "included, so `warm - forced` is what the measured choice costs a load once cached. "
+              "included, so `warm - forced` is what the measured choice costs a load once cached. One path is "
+              "forced for the whole model, so in `-e8` the int8 output head, which that path does not serve, stays "
+              "on the reference path and skips its repacking: that row's difference is an upper bound. "
               "`fp32`: the float checkpoint, for scale."), "",
              "| row | cold load (s) | warm load (s) | forced load (s) | warm - forced (s) | warm - fp32 (s) | "
              "cold - warm (s) |",
