@@ -57,7 +57,8 @@ def prune_configs(args):
         method=None if args.method == "none" else args.method, sparsity=args.sparsity, pattern=args.pattern,
         target=args.target, ignore=args.ignore, mlp_neurons=args.mlp_neurons, attention_groups=args.attention_groups,
         layers=args.layers, uniform=not args.non_uniform, threshold=args.threshold, scope=args.scope,
-        allocation=args.allocation,
+        allocation=args.allocation, reconstruction_steps=args.reconstruction_steps,
+        reconstruction_lr=args.reconstruction_lr,
         calibrated=args.calibrated,
     )
     quantization = None

@@ -91,8 +91,32 @@ class _SharedInputStats:
         self._seen.append((weakref.ref(x), acc))
 
 
-def _block_output(output):
+def hidden_states_of(output):
+    """A block's hidden states: the first element when it returns a tuple."""
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def block_outputs(block: nn.Module, inputs: list[tuple], weights: dict | None = None) -> list[torch.Tensor]:
+    """The block's hidden-state output for each `(args, kwargs)` batch, detached; `weights` replaces parameters by
+    name for this call (`torch.func.functional_call`)."""
+    with torch.no_grad():
+        return [hidden_states_of(block_call(block, args, kwargs, weights)).detach() for args, kwargs in inputs]
+
+
+def block_call(block: nn.Module, args, kwargs, weights: dict | None = None):
+    """`block(*args, **kwargs)`, with `weights` (parameter name -> tensor) in place of its own parameters."""
+    if not weights:
+        return block(*args, **kwargs)
+    return torch.func.functional_call(block, weights, args, kwargs)
+
+
+def block_output_error(block: nn.Module, inputs: list[tuple], targets: list[torch.Tensor],
+                       weights: dict | None = None) -> float:
+    """Mean squared error of the block's output against `targets` over `inputs` (one float: all elements)."""
+    with torch.no_grad():
+        total = sum(nn.functional.mse_loss(hidden_states_of(block_call(block, args, kwargs, weights)).float(), t.float(),
+                                           reduction="sum").item() for (args, kwargs), t in zip(inputs, targets))
+    return total / sum(t.numel() for t in targets)
 
 
 @torch.no_grad()
@@ -137,7 +161,7 @@ def run_blocks(
             process(block, {n: model.get_submodule(n) for n in names}, inputs)
         if index + 1 < len(blocks):
             for i, (args, kwargs) in enumerate(inputs):  # in place: each batch's old input is freed at once
-                inputs[i] = ((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs)
+                inputs[i] = ((hidden_states_of(block(*args, **kwargs)),) + tuple(args[1:]), kwargs)
         if stream is not None:
             stream.done_block(f"{blocks_name}.{index}")
     model.train(was_training)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -23,6 +24,7 @@ FIELD_TYPES = {
     "mlp_neurons": "number", "attention_groups": "int", "layers": "int", "uniform": "bool",
     "threshold": "number?", "calibrated": "bool",
     "allocation": "str", "owl_threshold": "number", "owl_lambda": "number",
+    "reconstruction_steps": "int", "reconstruction_lr": "number",
 }
 ALLOCATIONS = ("uniform", "owl")
 
@@ -84,6 +86,12 @@ class PruningConfig:
             OWL's M: a score is an outlier above M times its block's mean score.
         owl_lambda (`float`, *optional*, defaults to `0.08`):
             OWL's lambda: block sparsities spread over `sparsity +- lambda` (2 lambda from least to most outliers).
+        reconstruction_steps (`int`, *optional*, defaults to `0`):
+            Wanda/SparseGPT: after each decoder block is pruned, train its kept weights for this many steps (one
+            calibration batch each) so the block's output matches the dense block's, masks fixed (see
+            `pruning.reconstruct`). 0 turns it off. Costs one forward and backward pass of a block per step.
+        reconstruction_lr (`float`, *optional*, defaults to `1e-4`):
+            Adam's learning rate for the reconstruction, decayed to 0 by a cosine.
     """
 
     method: str | None = "sparsegpt"
@@ -104,6 +112,8 @@ class PruningConfig:
     allocation: str = "uniform"
     owl_threshold: float = 5.0
     owl_lambda: float = 0.08
+    reconstruction_steps: int = 0
+    reconstruction_lr: float = 1e-4
 
     def __post_init__(self):
         if self.ignore is None:
@@ -160,6 +170,7 @@ class PruningConfig:
         if self.layer_sparsity and self.pattern:
             raise ValueError("layer_sparsity applies to unstructured pruning; an N:M pattern fixes every layer's sparsity.")
         self._validate_allocation()
+        self._validate_reconstruction()
         if self.scope not in ("layer", "global"):
             raise ValueError(f"scope={self.scope!r} must be 'layer' or 'global'.")
         if self.scope == "global" and (self.pattern or (self.threshold is None and self.method not in GLOBAL_METHODS)):
@@ -215,6 +226,15 @@ class PruningConfig:
         if not (0 <= self.owl_lambda <= self.sparsity and self.sparsity + self.owl_lambda < 1):
             raise ValueError(f"owl_lambda={self.owl_lambda!r} must be in [0, {self.sparsity:g}] with sparsity + lambda "
                              "< 1, so that every block's sparsity (sparsity +- lambda) stays in [0, 1); typically 0.08.")
+
+    def _validate_reconstruction(self) -> None:
+        if self.reconstruction_steps < 0:
+            raise ValueError(f"reconstruction_steps={self.reconstruction_steps!r} must be >= 0 (0 turns it off).")
+        if self.reconstruction_steps and self.method not in CALIBRATED_METHODS:
+            raise ValueError(f"reconstruction_steps applies to the calibrated methods {CALIBRATED_METHODS}, which "
+                             f"prune block by block; got method={self.method!r}. Use method='sparsegpt' or 'wanda'.")
+        if not (self.reconstruction_lr > 0 and math.isfinite(self.reconstruction_lr)):
+            raise ValueError(f"reconstruction_lr={self.reconstruction_lr!r} must be a positive number, e.g. 1e-4.")
 
     def layer_sparsity_of(self, name: str) -> float:
         from ..nn.targets import matches

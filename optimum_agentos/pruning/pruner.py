@@ -10,7 +10,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..calibration.data import check_calibration_size
-from ..calibration.runner import run_blockwise
+from ..calibration.runner import block_outputs, collect_input_stats, run_blocks
 from ..compressor import ModelCompressor
 from ..config import AgentOSConfig
 from ..formats.mark import mark_compressed
@@ -26,6 +26,7 @@ from .masks import (
     check_n_m, global_magnitude_masks, magnitude_scores, mask_from_scores, mask_with_count, score_range, threshold_error,
     threshold_mask, wanda_scores,
 )
+from .reconstruct import check_reconstruction, reconstruct_block
 from .report import sparsity_report
 from .sparsegpt import sparsegpt_prune
 
@@ -81,6 +82,7 @@ class Pruner(ModelCompressor):
         if quantization is not None and quantization.smoothquant_alpha is not None:
             raise ValueError("The pruner does not apply smoothquant_alpha; prune first, then quantize the pruned "
                              "checkpoint with `Quantizer` and smoothquant_alpha.")
+        check_reconstruction(config, quantization)
         ids = None
         if calibration_dataset is not None:
             ids = self.calibration_ids(calibration_dataset, num_samples, seq_len)
@@ -92,6 +94,7 @@ class Pruner(ModelCompressor):
         if config.is_structured:
             self._prune_structured(config, ids, batch_size)
         self.masks, self._score_ranges, self._input_features, self._reshaped = {}, [], None, config.is_structured
+        self.stats_reconstruction = []
         names = resolve_targets(self.model, config.target, config.ignore) if config.method else []
         if names and config.needs_calibration:
             check_calibration_size(ids, self.model, names, config.method)
@@ -118,11 +121,8 @@ class Pruner(ModelCompressor):
         blockwise = config.method in CALIBRATED_METHODS
         if blockwise or wants_gptq:
             todo = list(dict.fromkeys([*(names if blockwise else []), *(quantized if wants_gptq else [])]))
-            leftover = run_blockwise(
-                self.model, todo, ids.to(self.device),
-                lambda layers, h: self._process_block(layers, h, config, names, quantization),
-                batch_size, "SparseGPT" if config.method == "sparsegpt" else "Calibrating", stream=self.block_stream(todo),
-            )
+            leftover = self.calibrated_pass(todo, ids.to(self.device), config, names, quantization, batch_size,
+                                            stream=self.block_stream(todo))
             if leftover:
                 logger.warning(f"{len(leftover)} target layers sit outside the repeated blocks; pruned by magnitude: {leftover}")
                 self._prune_magnitude([n for n in leftover if n in names and n not in self.masks], config)
@@ -133,6 +133,7 @@ class Pruner(ModelCompressor):
             "seconds": time.perf_counter() - start, "params_before": params_before,
             "params_after": self.model.num_parameters(), "pruned_layers": len(self.masks),
             "input_features": self._input_features,
+            "reconstruction": self.stats_reconstruction or None,
         }
         self._quantization = quantization
         return self.model
@@ -197,6 +198,27 @@ class Pruner(ModelCompressor):
         lo_hi = (min(r[0] for r in self._score_ranges), max(r[1] for r in self._score_ranges))
         raise ValueError(threshold_error(config.threshold, config.scope, f"removes nothing from the {len(names)} "
                                          "target layers", lo_hi))
+
+    def calibrated_pass(self, todo: list[str], ids: torch.Tensor, config: PruningConfig, names: list[str],
+                        quantization: AgentOSConfig | None, batch_size: int, stream=None) -> list[str]:
+        """Prune (Wanda/SparseGPT) and GPTQ-quantize the layers `todo` block by block, each block then reconstructed
+        when `config.reconstruction_steps` asks for it; returns the target layers outside the repeated blocks."""
+        steps = config.reconstruction_steps if config.method in CALIBRATED_METHODS else 0
+        self.stats_reconstruction = []
+
+        def process(block: nn.Module, layers: dict[str, nn.Module], inputs: list[tuple]) -> None:
+            targets = block_outputs(block, inputs) if steps else None  # the dense block's outputs
+            self._process_block(layers, collect_input_stats(block, layers, inputs), config, names, quantization)
+            if steps:
+                losses = reconstruct_block(block, {n: m for n, m in layers.items() if n in names}, self.masks, inputs,
+                                           targets, steps, config.reconstruction_lr)
+                self.stats_reconstruction.append(losses)
+                logger.info(f"reconstruction: block output error {losses['loss_pruned']:.3g} (pruned) -> "
+                            f"{losses['loss']:.3g}")
+
+        desc = {"sparsegpt": "SparseGPT", "wanda": "Wanda"}.get(config.method, "Calibrating")
+        return run_blocks(self.model, todo, ids, process, batch_size, desc + (" + reconstruction" if steps else ""),
+                          stream)
 
     def _process_block(self, layers: dict, hessians: dict, config: PruningConfig, names, quantization) -> None:
         for name, module in layers.items():
@@ -323,6 +345,8 @@ class Pruner(ModelCompressor):
                                       input_features=self.stats.get("input_features"))
         if self.allocation:  # OWL: each block's outlier ratio and the sparsity it was given
             self.report["owl_blocks"] = self.allocation["blocks"]
+        if self.stats.get("reconstruction"):  # each block's output error after pruning, and after reconstruction
+            self.report["reconstruction_blocks"] = self.stats["reconstruction"]
         stored = getattr(model.config, "quantization_config", None)
         card_info = {
             "base_model": self.source, "config": stored.to_dict() if stored is not None else {},

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..calibration.data import check_calibration_size
-from ..calibration.runner import find_blocks, run_blockwise
+from ..calibration.runner import find_blocks
 from ..config import AgentOSConfig
 from ..formats.replace import check_group_size
 from ..nn.linear import QuantLinear, float_weight, linear_shape
@@ -20,6 +20,7 @@ from ..nn.targets import resolve_targets
 from ..streaming.pipeline import BlockStream, run_streamed
 from .config import PruningConfig
 from .masks import check_n_m
+from .reconstruct import check_reconstruction
 from .report import count_zeros, logical_parameters
 
 
@@ -101,6 +102,7 @@ def prune_streamed(pruner, save_dir, config: PruningConfig, calibration_dataset=
     if quantization is not None and quantization.smoothquant_alpha is not None:
         raise ValueError("The pruner does not apply smoothquant_alpha; prune first, then quantize the pruned "
                          "checkpoint with `Quantizer` and smoothquant_alpha.")
+    check_reconstruction(config, quantization)
     wants_gptq = quantization is not None and quantization.method == "gptq"
     if calibration_dataset is None and (config.needs_calibration or wants_gptq):
         raise ValueError(f"{'method=' + repr(config.method) if config.needs_calibration else 'this setup'} needs "
@@ -133,9 +135,8 @@ def prune_streamed(pruner, save_dir, config: PruningConfig, calibration_dataset=
         wrapped = state["stream"] = _PruneStream(stream, pruner, config, names, quantized, quantization)
         if config.needs_calibration or wants_gptq:
             todo = list(dict.fromkeys([*(names if config.needs_calibration else []), *(quantized if wants_gptq else [])]))
-            run_blockwise(model, todo, ids.to(pruner.streamed.device),
-                          lambda layers, h: pruner._process_block(layers, h, config, names, quantization), batch_size,
-                          "SparseGPT" if config.method == "sparsegpt" else "Calibrating", stream=wrapped)
+            pruner.calibrated_pass(todo, ids.to(pruner.streamed.device), config, names, quantization, batch_size,
+                                   stream=wrapped)
             return
         for index in tqdm(range(len(blocks)), desc="Pruning", unit="block"):
             wrapped.load_block(f"{blocks_name}.{index}")
@@ -158,6 +159,8 @@ def prune_streamed(pruner, save_dir, config: PruningConfig, calibration_dataset=
             "params_before": params_before, "params_after": params_after,
             "nonzero_params": params_after - wrapped.all_zeros,
         }
+        if getattr(pruner, "stats_reconstruction", None):
+            pruner.report["reconstruction_blocks"] = pruner.stats_reconstruction
 
     def stored_config() -> AgentOSConfig:
         return pruner._stored_config(config, float_dtype, state["stream"].sparse if "stream" in state else {},

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from transformers.utils import logging
+
+from ..calibration.runner import hidden_states_of, block_call, block_output_error, block_outputs
 
 from ..nn.linear import float_weight, is_conv1d
 from ..nn.qmath import effective_group_size, num_groups
@@ -88,10 +89,6 @@ class LearnedRounding(nn.Module):
         self.min_factor.clamp_(MIN_RANGE, 1.0)
 
 
-def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 def learn_block_rounding(block: nn.Module, layers: dict[str, nn.Module], inputs: list[tuple], bits: int,
                          group_size: int, sym: bool, steps: int = DEFAULT_STEPS, lr: float | None = None,
                          scale_dtype: torch.dtype = torch.float16) -> tuple[dict[str, tuple], dict[str, float]]:
@@ -108,17 +105,16 @@ def learn_block_rounding(block: nn.Module, layers: dict[str, nn.Module], inputs:
     local = {f"{_local_name(block, module)}.weight": (rounding[name], is_conv1d(module))
              for name, module in layers.items()}
     used = inputs[: max(min(steps, len(inputs)), EVAL_BATCHES)]  # the float outputs of the batches it reads
-    with torch.no_grad():
-        targets = [_first(block(*args, **kwargs)).detach() for args, kwargs in used]
+    targets = block_outputs(block, used)
     flags = [p.requires_grad for p in block.parameters()]
     block.requires_grad_(False)
     params = [p for r in rounding.values() for p in r.parameters()]
     try:
-        loss_rtn = _block_loss(block, local, inputs[:EVAL_BATCHES], targets)
+        loss_rtn = block_output_error(block, inputs[:EVAL_BATCHES], targets, _weights(local))
         with torch.enable_grad():
             for step in range(steps):
                 args, kwargs = used[step % len(used)]
-                output = _first(functional_call(block, _weights(local), args, kwargs))
+                output = hidden_states_of(block_call(block, args, kwargs, _weights(local)))
                 loss = nn.functional.mse_loss(output.float(), targets[step % len(used)].float())
                 grads = torch.autograd.grad(loss, params)
                 step_size = lr * (1 - step / steps)
@@ -127,7 +123,7 @@ def learn_block_rounding(block: nn.Module, layers: dict[str, nn.Module], inputs:
                         p.sub_(step_size * torch.sign(g))
                 for r in rounding.values():
                     r.clamp_()
-        loss = _block_loss(block, local, inputs[:EVAL_BATCHES], targets)
+        loss = block_output_error(block, inputs[:EVAL_BATCHES], targets, _weights(local))
     finally:
         for p, flag in zip(block.parameters(), flags):
             p.requires_grad_(flag)
@@ -136,14 +132,6 @@ def learn_block_rounding(block: nn.Module, layers: dict[str, nn.Module], inputs:
 
 def _weights(local: dict) -> dict[str, torch.Tensor]:
     return {name: (r().t() if transposed else r()) for name, (r, transposed) in local.items()}
-
-
-@torch.no_grad()
-def _block_loss(block, local, inputs, targets) -> float:
-    weights = _weights(local)
-    total = sum(nn.functional.mse_loss(_first(functional_call(block, weights, args, kwargs)).float(), t.float(),
-                                       reduction="sum").item() for (args, kwargs), t in zip(inputs, targets))
-    return total / sum(t.numel() for t in targets)
 
 
 def _local_name(block: nn.Module, module: nn.Module) -> str:

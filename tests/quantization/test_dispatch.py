@@ -136,7 +136,9 @@ def test_head_dequant_paths_in_blocks_of_rows(monkeypatch):
     x = torch.randn(1, 7, 192)
     with torch.no_grad():
         exact = F.linear(x, head.dequantize())
-        assert torch.equal(dequant.DequantExact.run(head, x), exact)
+        # float32 math like the whole-matrix product; BLAS may pick another kernel (another summation order) for a
+        # block of 64 rows than for 320, so equal up to float32 rounding (bitwise on some CPUs, not on every one)
+        assert torch.allclose(dequant.DequantExact.run(head, x), exact, rtol=1e-5, atol=1e-5)
         assert (dequant.DequantBF16.run(head, x) - exact).abs().max() <= TOLERANCE * exact.abs().max()
     assert dequant.scratch_elements(head) == 64 * 192
 

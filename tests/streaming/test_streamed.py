@@ -72,15 +72,16 @@ def test_streamed_quantize_equals_in_memory(tmp_path, kind, dtype, config):
     assert out.split()[0] == "True"
 
 
-@pytest.mark.parametrize("kind,dtype,method,quantization", [
-    ("llama", torch.bfloat16, "sparsegpt", None),
-    ("qwen2", torch.float32, "wanda", dict(method="gptq")),
-    ("gpt2", torch.float32, "magnitude", dict(method="rtn")),
+@pytest.mark.parametrize("kind,dtype,method,quantization,extra", [
+    ("llama", torch.bfloat16, "sparsegpt", None, {}),
+    ("qwen2", torch.float32, "wanda", dict(method="gptq"), {}),
+    ("gpt2", torch.float32, "magnitude", dict(method="rtn"), {}),
+    ("gpt2", torch.float32, "sparsegpt", None, dict(reconstruction_steps=6, reconstruction_lr=1e-3)),  # Conv1D
 ])
-def test_streamed_prune_equals_in_memory(tmp_path, kind, dtype, method, quantization):
+def test_streamed_prune_equals_in_memory(tmp_path, kind, dtype, method, quantization, extra):
     src = save_sharded(build_tiny(kind, num_hidden_layers=3) if kind != "gpt2" else build_tiny(kind), tmp_path / "src",
                        dtype)
-    config = PruningConfig(method=method, sparsity=0.5)
+    config = PruningConfig(method=method, sparsity=0.5, **extra)
     quantization = AgentOSConfig(bits=4, group_size=64, **quantization) if quantization else None
     ids = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(1))
     memory = Pruner.from_pretrained(src)
