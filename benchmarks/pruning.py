@@ -28,6 +28,7 @@ from common import REPO, merge_with_saved, peak_rss_mb, publish, run_rows, run_w
 
 MARK_BEGIN, MARK_END = "<!-- pruning:begin -->", "<!-- pruning:end -->"
 
+REC_STEPS, REC_LR = 32, 5e-4  # block reconstruction: steps (batches of 4 windows) per block, Adam's learning rate
 # row -> (PruningConfig kwargs, AgentOSConfig kwargs for quantizing in the same pass)
 ROWS = {
     "dense": None,
@@ -37,6 +38,11 @@ ROWS = {
     "wanda-2:4": (dict(method="wanda", pattern="2:4"), None),
     "sparsegpt-2:4": (dict(method="sparsegpt", pattern="2:4"), None),
     "sparsegpt-50+int4-g128": (dict(method="sparsegpt"), dict(bits=4, group_size=128, method="gptq")),
+    # SparseGPT, then each block's kept weights trained against the dense block's output (masks fixed)
+    f"sparsegpt-50+rec{REC_STEPS}": (dict(method="sparsegpt", reconstruction_steps=REC_STEPS,
+                                          reconstruction_lr=REC_LR), None),
+    f"sparsegpt-2:4+rec{REC_STEPS}": (dict(method="sparsegpt", pattern="2:4", reconstruction_steps=REC_STEPS,
+                                           reconstruction_lr=REC_LR), None),
     "mlp-neurons-25": (dict(method=None, mlp_neurons=0.25), None),
     # The original design's criterion, `|W|.sum(dim=0) < threshold` on down_proj inputs (= MLP neurons), one absolute
     # threshold for all layers, no calibration; thresholds are the 10/25/50% quantiles of SmolLM2-135M's down_proj
@@ -247,7 +253,10 @@ def write_markdown(results: list[dict], args) -> str:
         "saved in bfloat16 (the `dense` row's size) and, for the int4 row, the fp32 checkpoint. Peak RSS is the "
         "whole process up to the end of pruning (model load included). `sparsity error` is the largest deviation "
         "from the requested sparsity over all stored layers, in elements per selection group (magnitude: the "
-        "layer; Wanda: a row; SparseGPT: a 128-column block; N:M: a group of M).",
+        "layer; Wanda: a row; SparseGPT: a 128-column block; N:M: a group of M). `+recN` rows: "
+        f"`reconstruction_steps=N, reconstruction_lr={REC_LR:g}`, each block's kept weights trained N steps (Adam, "
+        "one calibration batch of 4 windows per step) to reproduce the dense block's output, masks fixed; the "
+        "prune time includes it.",
         "",
         "| row | WikiText-2 ppl | ppl / dense | prune time (s) | peak RSS (MiB) | size (MB) | size / dense bf16 | "
         "size / fp32 | measured sparsity | sparsity error | params |",

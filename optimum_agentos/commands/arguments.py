@@ -106,7 +106,7 @@ def _prune_parser(sub) -> None:
     p.add_argument("--reconstruction-steps", type=int, default=0,
                    help="Wanda/SparseGPT: train each pruned block's kept weights this many steps to match the dense "
                         "block's output (masks fixed); 0 = off.")
-    p.add_argument("--reconstruction-lr", type=float, default=1e-4, help="Adam learning rate of the reconstruction.")
+    p.add_argument("--reconstruction-lr", type=float, default=5e-4, help="Adam learning rate of the reconstruction.")
     p.add_argument("--bits", type=int, default=None, choices=[2, 3, 4, 8], help="Also quantize to this many bits.")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--quant-method", default="gptq", choices=["rtn", "gptq"])
