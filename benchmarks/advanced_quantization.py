@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import load_for_render, merge_with_saved, peak_rss_mib, publish, run_meta, run_rows
+from common import cpu_description, cpu_note, load_for_render, merge_with_saved, peak_rss_mib, publish, run_meta, run_rows
 
 NAME = "advanced_quantization"
 MARK_BEGIN, MARK_END = f"<!-- {NAME}:begin -->", f"<!-- {NAME}:end -->"
@@ -64,7 +64,7 @@ def worker(row: str, args) -> dict:
 
     torch.manual_seed(0)
     source = resolve_model("smollm2-135m")
-    result = {"row": row, "compress_s": 0.0}
+    result = {"row": row, "compress_s": 0.0, "cpu": cpu_description()}
     quantizer = Quantizer.from_pretrained(source)
     tokenizer = quantizer.tokenizer
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,7 +119,8 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         "Each row is a fresh process; the checkpoint is saved, reloaded with `AutoModelForCausalLM.from_pretrained` "
         "and evaluated. `awq+gptq` is `AgentOSConfig(method='gptq', awq=True)`, `awq+autoround` "
         "`AgentOSConfig(method='autoround', awq=True)`. Peak RSS (MiB) is the whole process "
-        "up to the end of compression. `vs GPTQ`: perplexity relative to GPTQ at the same bits and group size.",
+        "up to the end of compression. `vs GPTQ`: perplexity relative to GPTQ at the same bits and group size. "
+        + cpu_note(results),
         "",
         "| row | WikiText-2 ppl | ppl / fp32 | vs GPTQ | compress time (s) | peak RSS (MiB) | size on disk (MB) |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -97,6 +97,36 @@ def merge_with_saved(name: str, results: list[dict]) -> list[dict]:
     return merged + list(fresh.values())
 
 
+def cpu_flags() -> str:
+    """The SIMD flags of this CPU that the kernels care about (from /proc/cpuinfo)."""
+    try:
+        flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_bf16",
+              "amx_int8", "amx_tile", "avx_vnni")
+    found = [f for f in wanted if f in flags]
+    return ", ".join(found) + ("" if any(f.startswith("amx") for f in found) else "; no AMX")
+
+
+def cpu_description() -> str:
+    """`<model name> (<flags>)`: the CPU a row was measured on, for tables whose rows come from several machines."""
+    from optimum_agentos.nn.dispatch import cpu_name
+
+    return f"{cpu_name()} ({cpu_flags()})"
+
+
+def cpu_note(results: list[dict]) -> str:
+    """One sentence naming the CPU of each group of rows (rows measured before CPUs were recorded say so)."""
+    groups: dict[str, list[str]] = {}
+    for r in results:
+        groups.setdefault(r.get("cpu", "not recorded (measured before rows recorded their CPU)"), []).append(r["row"])
+    if len(groups) == 1:
+        return f"Every row ran on {next(iter(groups))}."
+    return "Rows by CPU (times compare only within one CPU): " + "; ".join(
+        f"{cpu}: {', '.join(rows)}" for cpu, rows in groups.items()) + "."
+
+
 def run_meta(args, options: list[str]) -> dict:
     """What a section's text needs besides the rows: the run's date, core count and the named options."""
     return {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(),

@@ -145,7 +145,7 @@ def main() -> None:
                             "tokens": tokens, "us": medians})
     if not args.no_publish:
         meta = run_meta(args, ["threads", "copies", "repeats", "tokens"])
-        from speed import cpu_flags
+        from common import cpu_flags
 
         meta.update(cpu=cpu_name(), cpu_flags=cpu_flags(), onednn_min_tokens=ONEDNN_MIN_TOKENS)
         publish("kernel_layers", results, write_markdown(results, meta), MARK_BEGIN, MARK_END, meta)

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import load_for_render, publish, run_meta, run_rows
+from common import cpu_flags, load_for_render, publish, run_meta, run_rows
 from runtime_rows import llamacpp_row, shipped_gguf
 
 MARK_BEGIN, MARK_END = "<!-- speed:begin -->", "<!-- speed:end -->"
@@ -285,18 +285,6 @@ def _version(package: str) -> str:
         return version(package)
     except PackageNotFoundError:
         return "not installed"
-
-
-def cpu_flags() -> str:
-    """The SIMD flags of this CPU that the kernels care about (from /proc/cpuinfo)."""
-    try:
-        flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown"
-    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_bf16",
-              "amx_int8", "amx_tile", "avx_vnni")
-    found = [f for f in wanted if f in flags]
-    return ", ".join(found) + ("" if any(f.startswith("amx") for f in found) else "; no AMX")
 
 
 def sweep_markdown(results: list[dict]) -> list[str]:
