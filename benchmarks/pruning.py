@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, merge_with_saved, peak_rss_mb, publish, run_rows, run_worker
+from common import REPO, cpu_description, cpu_note, merge_with_saved, peak_rss_mb, publish, run_rows, run_worker
 
 MARK_BEGIN, MARK_END = "<!-- pruning:begin -->", "<!-- pruning:end -->"
 
@@ -187,7 +187,7 @@ def worker(row: str, args) -> dict:
 
     torch.manual_seed(0)
     source = resolve_model("smollm2-135m")
-    result = {"row": row}
+    result = {"row": row, "cpu": cpu_description()}
     pruner = Pruner.from_pretrained(source)
     tokenizer = pruner.tokenizer
     result["params_before"] = pruner.model.num_parameters()
@@ -256,7 +256,7 @@ def write_markdown(results: list[dict], args) -> str:
         "layer; Wanda: a row; SparseGPT: a 128-column block; N:M: a group of M). `+recN` rows: "
         f"`reconstruction_steps=N, reconstruction_lr={REC_LR:g}`, each block's kept weights trained N steps (Adam, "
         "one calibration batch of 4 windows per step) to reproduce the dense block's output, masks fixed; the "
-        "prune time includes it.",
+        "prune time includes it. " + cpu_note(results),
         "",
         "| row | WikiText-2 ppl | ppl / dense | prune time (s) | peak RSS (MiB) | size (MB) | size / dense bf16 | "
         "size / fp32 | measured sparsity | sparsity error | params |",
@@ -346,10 +346,17 @@ def main() -> None:
     parser.add_argument("--llmcompressor-rows", nargs="*", default=list(LLMC_ROWS), choices=list(LLMC_ROWS))
     parser.add_argument("--merge", action="store_true",
                         help="keep the other rows of benchmarks/results/pruning.json, replacing only the rows run now")
+    parser.add_argument("--render-only", action="store_true",
+                        help="Rewrite the BENCHMARKS.md section from benchmarks/results/pruning.json (with the "
+                        "window counts given here).")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if run_worker(args, worker):
+        return
+    if args.render_only:
+        results = json.loads((REPO / "benchmarks" / "results" / "pruning.json").read_text())
+        publish("pruning", results, write_markdown(results, args), MARK_BEGIN, MARK_END)
         return
     passthrough = ["--eval-windows", str(args.eval_windows), "--calib-windows", str(args.calib_windows),
                    "--recovery-steps", str(args.recovery_steps)]
