@@ -21,7 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_description, cpu_note, load_for_render, merge_with_saved, peak_rss_mib, publish, run_meta, run_rows
+from common import (
+    cpu_description, cpu_note, load_for_render, merge_with_saved, peak_rss_mib, publish, run_meta, run_rows,
+)
 
 NAME = "advanced_quantization"
 MARK_BEGIN, MARK_END = f"<!-- {NAME}:begin -->", f"<!-- {NAME}:end -->"

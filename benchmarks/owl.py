@@ -17,7 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_row_runner_arguments, load_for_render, peak_rss_mib, publish, run_meta, run_rows, run_worker
+from common import (
+    add_row_runner_arguments, cpu_description, cpu_note, load_for_render, peak_rss_mib, publish, run_meta, run_rows,
+    run_worker,
+)
 
 MARK_BEGIN, MARK_END = "<!-- owl:begin -->", "<!-- owl:end -->"
 
@@ -42,7 +45,7 @@ def worker(row: str, args) -> dict:
     pruner = Pruner.from_pretrained(resolve_model("smollm2-135m"))
     tokenizer = pruner.tokenizer
     config = PruningConfig(**ROWS[row])
-    result = {"row": row}
+    result = {"row": row, "cpu": cpu_description()}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         pruner.prune(Path(tmp) / "p", config, "wikitext2", num_samples=args.calib_windows, seq_len=512,
@@ -71,7 +74,8 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         f"{args['calib_windows']} windows of 512. Each row is a fresh process; the pruned model is saved (kept values "
         "in bfloat16), reloaded with `AutoModelForCausalLM.from_pretrained` and evaluated in float32. OWL: "
         "`PruningConfig(allocation='owl')` with the paper's M=5, lambda=0.08; prune time includes OWL's extra "
-        "calibration pass. `zeros / weights` counts the removed weights of the pruned layers (exactly half).",
+        "calibration pass. `zeros / weights` counts the removed weights of the pruned layers (exactly half). "
+        + cpu_note(results),
         "",
         "| row | WikiText-2 ppl | vs uniform | prune time (s) | peak RSS (MiB) | size (MB) | zeros / weights | "
         "block sparsity (min-max) |",

@@ -77,6 +77,6 @@ def reconstruct_block(block: nn.Module, layers: dict[str, nn.Module], masks: dic
 def check_reconstruction(config, quantization) -> None:
     """Reconstruction trains float weights: refuse quantizing in the same pass (the layers would be codes by then)."""
     if config.reconstruction_steps and quantization is not None:
-        raise ValueError("reconstruction_steps trains the pruned float weights, so it cannot quantize in the same pass "
-                         f"(got bits={quantization.bits}); prune with reconstruction first, then quantize the pruned "
-                         "checkpoint with `Quantizer`.")
+        raise ValueError("reconstruction_steps trains the pruned float weights, so it cannot quantize in the same "
+                         f"pass (got bits={quantization.bits}); prune with reconstruction first, then quantize the "
+                         "pruned checkpoint with `Quantizer`.")
