@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from common import (
-    add_row_runner_arguments, cpu_description, cpu_note, load_for_render, peak_rss_mib, publish, run_meta, run_rows,
-    run_worker,
+    add_row_runner_arguments, cpu_description, cpu_note, load_for_render, merge_with_saved, peak_rss_mib, publish,
+    run_meta, run_rows, run_worker,
 )
 
 MARK_BEGIN, MARK_END = "<!-- owl:begin -->", "<!-- owl:end -->"
@@ -115,7 +115,7 @@ def main() -> None:
         results, meta = load_for_render("owl")
     else:
         passthrough = ["--eval-windows", str(args.eval_windows), "--calib-windows", str(args.calib_windows)]
-        results = run_rows(__file__, args.rows, passthrough)
+        results = merge_with_saved("owl", run_rows(__file__, args.rows, passthrough))  # rows not run are kept
         meta = run_meta(args, ["eval_windows", "calib_windows"])
     publish("owl", results, write_markdown(results, meta), MARK_BEGIN, MARK_END, meta)
 
