@@ -29,6 +29,9 @@ ROWS = {
     "wanda-50-owl": dict(method="wanda", sparsity=0.5, allocation="owl"),
     "sparsegpt-50-uniform": dict(method="sparsegpt", sparsity=0.5),
     "sparsegpt-50-owl": dict(method="sparsegpt", sparsity=0.5, allocation="owl"),
+    # with block reconstruction (the pruning table's sparsegpt-50+rec32 is its uniform row): do the two gains add up?
+    "sparsegpt-50-owl+rec32": dict(method="sparsegpt", sparsity=0.5, allocation="owl", reconstruction_steps=32,
+                                   reconstruction_lr=5e-4),
 }
 
 

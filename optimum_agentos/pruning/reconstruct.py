@@ -7,7 +7,8 @@ layer-wise step could not: mean squared error against the dense block's output, 
 rate, gradients of removed weights zeroed so the sparsity pattern (and so the checkpoint format) never changes.
 This is the block-wise fine-tuning of the kept weights studied after SparseGPT (e.g. EBFT, Guo et al. 2024),
 run here inside the same block-by-block calibration pass, so it needs no extra memory beyond one block's inputs and
-targets.
+the dense block's outputs (with `streaming=True` those outputs stay in memory: one block's activations on top of the
+buffer budget).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def reconstruct_block(block: nn.Module, layers: dict[str, nn.Module], masks: dic
                 optimizer.zero_grad(set_to_none=False)
                 loss.backward()
                 for weight, kept in zip(weights, keep):
-                    weight.grad.mul_(kept)
+                    if weight.grad is not None:  # None for a layer this block's forward did not use
+                        weight.grad.mul_(kept)
                 optimizer.step()
                 scheduler.step()
                 with torch.no_grad():
