@@ -98,6 +98,9 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         sparsities = ", ".join(f"{b['sparsity']:.3f}" for b in owl["owl_blocks"])
         lines += ["", f"Outlier ratio per decoder block, % (`{owl['row']}`): {ratios}.",
                   "", f"Sparsity given to each block: {sparsities}."]
+    if any("+rec" in r["row"] for r in results):
+        lines += ["", "`+rec32`: `reconstruction_steps=32, reconstruction_lr=5e-4` after OWL's SparseGPT; its uniform "
+                  "counterpart is the pruning table's `sparsegpt-50+rec32` (same protocol)."]
     missing = [row for row in ROWS if row not in by_row]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)} (`python benchmarks/owl.py --rows {' '.join(missing)}`)."]
