@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import load_for_render, publish, run_meta
+from common import cpu_description, load_for_render, publish, run_meta
 
 NAME = "load_time"
 MARK_BEGIN, MARK_END = "<!-- load_time:begin -->", "<!-- load_time:end -->"
@@ -74,7 +74,8 @@ def measure(work: Path, repeats: int) -> list[dict]:
 def write_markdown(results: list[dict], meta: dict) -> str:
     fp32 = next(r["seconds"] for r in results if r["row"] == "fp32")
     lines = [MARK_BEGIN, "## Load time and the kernel-choice cache: SmolLM2-135M-Instruct", "",
-             (f"Written by `python benchmarks/load_time.py` on {meta['date']}, {meta['cpu_count']} CPU cores. Each "
+             (f"Written by `python benchmarks/load_time.py` on {meta['date']}, {meta['cpu_count']} CPU cores "
+              f"({meta.get('cpu', 'CPU model not recorded')}). Each "
               "load is a fresh process timing `AutoModelForCausalLM.from_pretrained` (imports excluded), median of "
               f"{meta['args']['repeats']}. Checkpoints: the speed table's round-to-nearest folders. `cold`: an empty "
               "kernel cache (`OPTIMUM_AGENTOS_KERNEL_CACHE`), so each layer shape times its kernel paths; `warm`: "
@@ -117,7 +118,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         build_checkpoints(work, list(CHECKPOINTS))
         results = measure(work, args.repeats)
-        meta = run_meta(args, ["repeats"])
+        meta = {**run_meta(args, ["repeats"]), "cpu": cpu_description()}
     publish(NAME, results, write_markdown(results, meta), MARK_BEGIN, MARK_END, meta)
 
 
