@@ -203,7 +203,7 @@ class Pruner(ModelCompressor):
                         quantization: AgentOSConfig | None, batch_size: int, stream=None) -> list[str]:
         """Prune (Wanda/SparseGPT) and GPTQ-quantize the layers `todo` block by block, each block then reconstructed
         when `config.reconstruction_steps` asks for it; returns the target layers outside the repeated blocks."""
-        steps = config.reconstruction_steps if config.method in CALIBRATED_METHODS else 0
+        steps = config.reconstruction_steps  # validated: non-zero only with Wanda/SparseGPT
         self.stats_reconstruction = []
 
         def process(block: nn.Module, layers: dict[str, nn.Module], inputs: list[tuple]) -> None:

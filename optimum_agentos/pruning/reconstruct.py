@@ -18,11 +18,8 @@ import math
 import torch
 from torch import nn
 
-from ..calibration.runner import block_output_error, hidden_states_of
+from ..calibration.runner import EVAL_BATCHES, block_output_error, hidden_states_of
 from ..nn.linear import is_conv1d
-
-
-EVAL_BATCHES = 4  # the reported block-output errors are measured on the first batches only (a cheap check)
 
 
 def reconstruct_block(block: nn.Module, layers: dict[str, nn.Module], masks: dict[str, torch.Tensor],

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..calibration.runner import hidden_states_of, block_call, block_output_error, block_outputs
-
+from ..calibration.runner import EVAL_BATCHES, block_call, block_output_error, block_outputs, hidden_states_of
 from ..nn.linear import float_weight, is_conv1d
 from ..nn.qmath import effective_group_size, num_groups
 
@@ -24,7 +23,6 @@ from ..nn.qmath import effective_group_size, num_groups
 logger = logging.get_logger(__name__)
 
 DEFAULT_STEPS = 200
-EVAL_BATCHES = 4  # the reported block-output errors are measured on the first batches only (a cheap check)
 MIN_RANGE = 0.5  # range factors stay in [0.5, 1]
 
 
