@@ -168,3 +168,6 @@ def unsupported(layer) -> str | None:
     if _int4_layout(layer) and _rows_per_chunk(layer) % 64:
         return "int4 block layout with a chunk not a multiple of 64 rows"
     return None
+
+
+DequantBF16.unsupported = DequantExact.unsupported = staticmethod(unsupported)

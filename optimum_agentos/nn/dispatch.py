@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
-from . import dequant
+from . import dequant, transposed
 
 
 logger = logging.get_logger(__name__)
@@ -32,10 +32,10 @@ BUCKETS = (1, 4, 8, 16, 32, 64, 128, 256, 512)  # token counts timed; a call use
 REPEATS = 3  # timed calls per path and bucket (after one warm-up call)
 LONG_CALL_S = 0.05  # a warm-up call this slow is timed once, not REPEATS times: the head at 512 tokens
 CACHE_ENV = "OPTIMUM_AGENTOS_KERNEL_CACHE"  # folder of the choice cache (default: under the HF cache directory)
-CACHE_FORMAT = 2  # 2: the float head's paths (`float_head`); each format has its own file, so older versions
-# sharing the cache folder keep reading theirs instead of rejecting entries they do not know
+CACHE_FORMAT = 3  # 2: the float head's paths (`float_head`); 3: `dequant-t` (`transposed`). Each format has its own
+# file, so older versions sharing the cache folder keep reading theirs instead of rejecting entries they do not know
 DEFAULT_TOLERANCE = 1e-2  # the packed bf16 kernels: bf16 rounding of activations (and int4 scales), of max |y|
-DEQUANT_PATHS = (dequant.DequantBF16, dequant.DequantExact)
+DEQUANT_PATHS = (dequant.DequantBF16, dequant.DequantExact, transposed.DequantTransposed)
 
 
 def cpu_name() -> str:
@@ -111,13 +111,11 @@ def signature(layer, kernel, activations: str | None, dtype: torch.dtype) -> str
 
 def candidates(layer, kernel) -> list:
     """The paths that can serve `layer`: its own list (`float_head.FloatHead`), or its packed kernel (if any) then
-    the dequant paths."""
+    the dequant paths that fit it."""
     if getattr(layer, "candidate_paths", None) is not None:
         return list(layer.candidate_paths)
     paths = [kernel] if kernel is not None else []
-    if dequant.unsupported(layer) is None:
-        paths += list(DEQUANT_PATHS)
-    return paths
+    return paths + [path for path in DEQUANT_PATHS if path.unsupported(layer) is None]
 
 
 def _reference(layer, x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import kernels, packing, qmath
+from . import kernels, packing, qmath, transposed
 
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -108,6 +108,7 @@ class QuantLinear(nn.Module):
         self.weight_zero.data = zeros.to(torch.uint8).contiguous()
         if self.kernel is not None:  # keep the kernel's own layout in step with the new codes
             self.kernel.prepare(self)
+        transposed.refresh(self)
 
     def unfuse(self) -> None:
         """Leave the sibling group (`fusion`): every member computes alone again, from its own view of the codes."""
@@ -157,6 +158,7 @@ def _weight_back_for_loading(module: QuantLinear, *args) -> None:
 def _repack_after_loading(module: QuantLinear, incompatible_keys) -> None:
     if module.kernel is not None:  # the kernel's layout follows the loaded codes
         module.kernel.prepare(module)
+    transposed.refresh(module)
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:

@@ -9,7 +9,7 @@ from collections import Counter
 import torch
 from transformers.utils import logging
 
-from . import dequant, dispatch
+from . import dequant, dispatch, transposed
 from .embedding import QuantHead
 from .float_head import PATHS as FLOAT_HEAD_PATHS, float_head
 from .fusion import fuse_siblings
@@ -37,7 +37,8 @@ def _activation_dtype(model) -> torch.dtype:
 def _layout_bytes(module) -> int:
     """Bytes of a compressed layer's codes and parameters as its kernel keeps them (fbgemm: one byte per weight)."""
     tensors = [module.weight, getattr(module, "weight_scale", None), getattr(module, "weight_zero", None)]
-    tensors += [b for n, b in module.named_buffers(recurse=False) if n.startswith("kernel_")]
+    tensors += [b for n, b in module.named_buffers(recurse=False)
+                if n.startswith("kernel_") and n not in transposed.BUFFERS]  # reported on their own line
     total = sum(t.numel() * t.element_size() for t in tensors if t is not None)
     if getattr(module, "kernel_packed", None) is not None:
         total += module.in_features * module.out_features
@@ -84,6 +85,17 @@ class _Planner:
                     f"machine):\n  " + "\n  ".join(lines))
 
 
+def _plan(module, kernel, planner: _Planner) -> list[list]:
+    """The layer's routes; the transposed layout (`transposed`) is built for the choice and kept only where a token
+    count chose it."""
+    if planner.policy in ("auto", transposed.NAME) and not getattr(kernel, "quantizes_activations", False):
+        transposed.prepare(module)
+    routes = planner.routes(module, kernel)
+    if not any(name == transposed.NAME for _, name in routes):
+        transposed.drop(module)
+    return routes
+
+
 def _install(module, routes: list[list]) -> None:
     """`module.routes`: `((max_tokens, run), ...)` read by `kernels.forward`; None: the reference path."""
     exact = any(name == "reference" for _, name in routes)
@@ -106,9 +118,9 @@ def _prepare_sparse(module: SparseLinear, planner: _Planner, dtype: torch.dtype)
     if kernel is not None:
         kernel.prepare(inner)
     inner.kernel = kernel
-    _install(inner, planner.routes(inner, kernel))
+    _install(inner, _plan(inner, kernel, planner))
     module.use_compute_layer(inner)
-    return f"dense codes ({kernel.name if kernel else 'reference'})", _layout_bytes(inner)
+    return f"dense codes ({kernel.name if kernel else 'reference'})", _layout_bytes(inner) + transposed.layout_bytes(inner)
 
 
 def _prepare_float_head(model, planner: _Planner) -> int:
@@ -165,9 +177,10 @@ def prepare_kernels(model, policy: str | None = None, activations: str | None = 
         if kernel is not None:
             kernel.prepare(module)
         module.kernel = kernel
-        _install(module, planner.routes(module, kernel))
+        _install(module, _plan(module, kernel, planner))
         chosen[name] = kernel.name if kernel else "reference"
         memory["kernel layouts"] += _layout_bytes(module)
+        memory["transposed uint8 codes (dequant-t)"] += transposed.layout_bytes(module)
         if kernel is None:
             slow[name] = reason
     groups = fuse_siblings(model) if policy != "reference" else []
