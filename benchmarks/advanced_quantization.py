@@ -99,9 +99,44 @@ def worker(row: str, args) -> dict:
         if args.zero_shot_limit:
             from optimum_agentos.evaluation.tasks import evaluate_model
 
-            scores = evaluate_model(model, tokenizer, ZERO_SHOT, limit=args.zero_shot_limit, batch_size=8)
-            result["zero_shot"] = {r.task: {"acc": r.value, "n": r.n} for r in scores}
+            scores = evaluate_model(model, tokenizer, ZERO_SHOT, limit=args.zero_shot_limit, batch_size=8,
+                                    per_example=True)
+            # per example (in split order) for the paired comparison with GPTQ on the same examples
+            result["zero_shot"] = {r.task: {"acc": r.value, "n": r.n, "correct": r.extra["per_example"][r.metric]}
+                                   for r in scores}
     return result
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of the per-example differences `a - b` on the same examples, and its standard error sd(d)/sqrt(n): the
+    paired test, which the per-row standard errors overstate when both models get most examples equally right."""
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1)
+    return mean, math.sqrt(var / len(d))
+
+
+def paired_markdown(shots: list[dict], by_row: dict) -> list[str]:
+    """Each row against GPTQ at its bits and group size, where both kept per-example results for the same n."""
+    rows = []
+    for r in shots:
+        gptq = by_row.get("-".join(r["row"].split("-")[:2]) + "-gptq")
+        if gptq is None or gptq is r or "zero_shot" not in gptq:
+            continue
+        cells = []
+        for task in ZERO_SHOT:
+            mine, theirs = r["zero_shot"][task], gptq["zero_shot"][task]
+            if "correct" not in mine or "correct" not in theirs or mine["n"] != theirs["n"]:
+                break
+            diff, se = paired(mine["correct"], theirs["correct"])
+            cells.append(f"{diff:+.3f} ± {se:.3f} ({diff / se if se else float('inf'):+.1f} SE)")
+        if len(cells) == len(ZERO_SHOT):
+            rows.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r['zero_shot'][ZERO_SHOT[0]]['n']} |")
+    if not rows:
+        return []
+    return ["", "Against GPTQ on the same examples (paired: accuracy difference ± sd(per-example difference)/sqrt(n); "
+            "beyond 2 SE is a shown difference, inside it noise):", "",
+            "| row | " + " | ".join(ZERO_SHOT) + " | n |", "|---|" + "---:|" * (len(ZERO_SHOT) + 1), *rows]
 
 
 def write_markdown(results: list[dict], meta: dict) -> str:
@@ -149,6 +184,7 @@ def write_markdown(results: list[dict], meta: dict) -> str:
                 acc, n = r["zero_shot"][task]["acc"], r["zero_shot"][task]["n"]
                 cells.append(f"{acc:.3f} ± {math.sqrt(acc * (1 - acc) / max(n - 1, 1)):.3f}")
             lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r['zero_shot'][ZERO_SHOT[0]]['n']} |")
+    lines += paired_markdown(shots, by_row)
     learned = [r for r in results if "block_error" in r]
     if learned:
         lines += ["", "Learned rounding's block-output mean squared error (mean over blocks, first 4 calibration "

@@ -152,8 +152,11 @@ def lm_eval_wrapper(model, tokenizer, batch_size: int = 16, max_length: int | No
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)
 
 
-def run_harness(model, tokenizer, names: list[str], limit: int | None = None, batch_size: int = 16) -> dict:
-    """Run zero-shot tasks with lm-eval's `simple_evaluate`; returns `{task: {metric: value, "n": docs}}`."""
+def run_harness(model, tokenizer, names: list[str], limit: int | None = None, batch_size: int = 16,
+                per_example: bool = False) -> dict:
+    """Run zero-shot tasks with lm-eval's `simple_evaluate`; returns `{task: {metric: value, "n": docs}}`, plus
+    `"per_example": {metric: [value per document, in split order]}` with `per_example=True` (for paired
+    comparisons of two models on the same documents)."""
     import logging as std_logging
 
     from lm_eval import simple_evaluate
@@ -167,7 +170,7 @@ def run_harness(model, tokenizer, names: list[str], limit: int | None = None, ba
         output = simple_evaluate(
             model=lm_eval_wrapper(model, tokenizer, batch_size), tasks=list(tasks.values()), limit=limit,
             # stderr: closed form for accuracies; a 100-draw bootstrap for LAMBADA's perplexity
-            log_samples=False, bootstrap_iters=100, verbosity="ERROR",
+            log_samples=per_example, bootstrap_iters=100, verbosity="ERROR",
         )
     finally:
         lm_eval_logger.setLevel(level)
@@ -178,5 +181,8 @@ def run_harness(model, tokenizer, names: list[str], limit: int | None = None, ba
         metrics = {key.split(",")[0]: value for key, value in raw.items()
                    if "," in key and isinstance(value, (int, float)) and not isinstance(value, bool)}
         metrics["n"] = output["n-samples"][task_name]["effective"]
+        if per_example:
+            samples = sorted(output["samples"][task_name], key=lambda sample: sample["doc_id"])
+            metrics["per_example"] = {m: [float(s[m]) for s in samples] for m in samples[0]["metrics"]} if samples else {}
         results[name] = metrics
     return results

@@ -105,7 +105,7 @@ def check_tasks(names, model=None) -> list[str]:
 
 
 def evaluate_model(model, tokenizer, tasks, limit: int | None = None, ppl_windows: int | None = 64,
-                   seq_len: int = 512, batch_size: int = 16) -> list[TaskResult]:
+                   seq_len: int = 512, batch_size: int = 16, per_example: bool = False) -> list[TaskResult]:
     """Evaluate an in-memory model on standard tasks.
 
     Args:
@@ -115,6 +115,8 @@ def evaluate_model(model, tokenizer, tasks, limit: int | None = None, ppl_window
         limit (`int`, *optional*): first `limit` examples of zero-shot and GLUE tasks (`None`: the full split).
         ppl_windows (`int`, *optional*, defaults to 64): perplexity windows of `seq_len` tokens (`None`: all).
         batch_size (`int`, *optional*, defaults to 16): lm-eval and GLUE batch size.
+        per_example (`bool`, *optional*, defaults to `False`): zero-shot results also keep each document's metrics
+            in `extra["per_example"]` (`{metric: [value per document]}`), to compare two models on the same documents.
 
     Example:
     ```python
@@ -139,7 +141,8 @@ def evaluate_model(model, tokenizer, tasks, limit: int | None = None, ppl_window
                                    info.higher_is_better, info.hub_dataset, info.hub_config, extra))
 
     zero_shot = [n for n in names if TASKS[n].kind == "zero-shot"]
-    harness_scores = run_harness(model, tokenizer, zero_shot, limit=limit, batch_size=batch_size) if zero_shot else {}
+    harness_scores = run_harness(model, tokenizer, zero_shot, limit=limit, batch_size=batch_size,
+                                  per_example=per_example) if zero_shot else {}
     for name in names:
         info = TASKS[name]
         if info.kind == "perplexity":

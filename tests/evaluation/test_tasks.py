@@ -171,7 +171,7 @@ def test_harness_equals_lm_eval_run_directly(smollm2, name, tmp_path):
     from optimum_agentos.evaluation.harness import _base_config, lm_eval_wrapper
 
     model, tokenizer = smollm2
-    ours = run_harness(model, tokenizer, [name], limit=24)[name]
+    ours = run_harness(model, tokenizer, [name], limit=24, per_example=True)[name]
     spec = HARNESS_TASKS[name]
     data_file = tmp_path / "rows.jsonl"
     data_file.write_text("\n".join(json.dumps(r) for r in local_rows(name)))
@@ -183,11 +183,15 @@ def test_harness_equals_lm_eval_run_directly(smollm2, name, tmp_path):
                   training_split=None, validation_split=None, test_split=None, fewshot_split=None, num_fewshot=0)
     config[split_key] = spec.split
     direct = simple_evaluate(model=lm_eval_wrapper(model, tokenizer), tasks=[ConfigurableTask(config=config)],
-                             limit=24, log_samples=False, bootstrap_iters=0)
+                             limit=24, log_samples=True, bootstrap_iters=0)
     theirs = direct["results"][spec.lm_eval_name]
     assert ours["n"] == 24
     assert ours["acc"] == theirs["acc,none"]
     assert 0.0 <= ours["acc"] <= 1.0
+    # per document, in split order: lm-eval's own per-sample scores, and they average to the accuracy
+    samples = sorted(direct["samples"][spec.lm_eval_name], key=lambda sample: sample["doc_id"])
+    assert ours["per_example"]["acc"] == [float(sample["acc"]) for sample in samples]
+    assert sum(ours["per_example"]["acc"]) / 24 == pytest.approx(ours["acc"])
 
 
 @pytest.mark.slow
