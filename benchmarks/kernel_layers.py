@@ -48,10 +48,12 @@ def candidates(in_features: int, out_features: int) -> dict:
         "int8pack-bf16": _layer(weight, 8, -1, "int8pack-bf16"),
         "int8 dequant-bf16": _layer(weight, 8, -1, "dequant-bf16"),
         "int8 dequant-exact": _layer(weight, 8, -1, "dequant-exact"),
+        "int8 dequant-t": _layer(weight, 8, -1, "dequant-t"),
         "int4-g128 (dispatch)": _layer(weight, 4, 128, "auto"),
         "int4pack-bf16": _layer(weight, 4, 128, "int4pack-bf16"),
         "int4 dequant-bf16": _layer(weight, 4, 128, "dequant-bf16"),
         "int4 dequant-exact": _layer(weight, 4, 128, "dequant-exact"),
+        "int4 dequant-t": _layer(weight, 4, 128, "dequant-t"),
         "int4-g128 reference": _layer(weight, 4, 128, "reference"),
         "w8a8 (dispatch)": _layer(weight, 8, -1, "auto", "int8-dynamic"),
     }
@@ -86,7 +88,8 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         "measured fastest for the token count at load, `optimum_agentos/nn/dispatch.py`); the other columns force "
         "one path at every length (`OPTIMUM_AGENTOS_KERNELS=<path>`): `*pack-bf16` the packed kernel, "
         "`dequant-bf16` / `dequant-exact` the weight dequantized into a reused buffer and multiplied in bf16 / "
-        "float32; `reference`: `policy=\"reference\"`; `w8a8 (dispatch)`: "
+        "float32, `dequant-t` the same in float32 from codes kept transposed (`[in, out]`); `reference`: "
+        "`policy=\"reference\"`; `w8a8 (dispatch)`: "
         "`activations=\"int8-dynamic\"`, int8 x int8 with per-token activation grids (fbgemm below "
         f"{meta.get('onednn_min_tokens', ONEDNN_MIN_TOKENS)} tokens, oneDNN from there where it runs).",
         "",

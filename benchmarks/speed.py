@@ -27,7 +27,8 @@ from pathlib import Path
 from common import cpu_flags, load_for_render, publish, run_meta, run_rows
 from runtime_rows import llamacpp_row, shipped_gguf
 
-MARK_BEGIN, MARK_END = "<!-- speed:begin -->", "<!-- speed:end -->"
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
 # row -> AgentOSConfig kwargs (None: a float dtype row)
 ROWS = {
     "fp32": None,
@@ -309,9 +310,11 @@ def sweep_markdown(results: list[dict]) -> list[str]:
 def write_markdown(results: list[dict], args, meta: dict) -> str:
     fp32 = next(r for r in results if r["row"] == "fp32")
     ppl = "wikitext2_ppl" in fp32
+    name = meta.get("name", "speed")
     lines = [
-        MARK_BEGIN,
-        "## CPU inference speed: SmolLM2-135M-Instruct",
+        markers(name)[0],
+        "## CPU inference speed: SmolLM2-135M-Instruct" + (f", {meta.get('cpu', 'another CPU')}" if name != "speed"
+                                                           else ""),
         "",
         f"Written by `python benchmarks/speed.py` on {meta['date']}, {meta.get('cpu', 'CPU')} "
         f"({meta.get('cpu_flags', 'flags not recorded')}), {meta['cpu_count']} CPU cores, torch "
@@ -327,7 +330,10 @@ def write_markdown(results: list[dict], args, meta: dict) -> str:
         "head as one int8 matrix), with the paths measured fastest on this machine at load "
         "(`optimum_agentos/nn/dispatch.py`: per layer shape and token count, the packed kernels "
         "`_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm` with bf16 activations, or the weight dequantized "
-        "into a reused buffer and multiplied in bf16 or float32; q/k/v and gate/up in one packed-kernel call each at "
+        "into a reused buffer and multiplied in bf16 or float32"
+        + (" (`dequant-t`: from codes kept transposed, half a byte per weight up to 4 bits and one at 8, in the RSS "
+           "column when chosen)" if meta.get("dequant_t") else "")
+        + "; q/k/v and gate/up in one packed-kernel call each at "
         "decode; a float32 output head beside quantized layers measured against a bfloat16 copy of it (when chosen, its "
         "54 MiB are in the RSS column)); w8a8 (`activations='int8-dynamic'`) runs int8 x "
         "int8 matmuls with per-token activation grids (fbgemm at decode, oneDNN at prefill). `agentos-sparse50`: "
@@ -366,7 +372,7 @@ def write_markdown(results: list[dict], args, meta: dict) -> str:
     for r in failed:
         lines += ["", f"{r['row']}: did not run in this run ({r['failed']})."]
     lines += sweep_markdown(results)
-    lines += ["", "Raw results: `benchmarks/results/speed.json`.", MARK_END]
+    lines += ["", f"Raw results: `benchmarks/results/{name}.json`.", markers(name)[1]]
     return "\n".join(lines)
 
 
@@ -391,6 +397,9 @@ def main() -> None:
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--name", default="speed",
+                        help="Results file and BENCHMARKS.md section (another name: a second table, e.g. for "
+                             "another CPU, beside the main one).")
     args = parser.parse_args()
     for spec in args.gguf:
         name, _, path = spec.partition("=")
@@ -402,9 +411,10 @@ def main() -> None:
         _exit_now()
     options = ["threads", "prefill_tokens", "new_tokens", "repeats", "ppl_windows", "sweep", "sweep_repeats"]
     if args.render_only:
-        results, meta = load_for_render("speed")
+        results, meta = load_for_render(args.name)
+        meta.setdefault("name", args.name)
         args = argparse.Namespace(**meta["args"])
-        publish("speed", results, write_markdown(results, args, meta), MARK_BEGIN, MARK_END, meta)
+        publish(meta["name"], results, write_markdown(results, args, meta), *markers(meta["name"]), meta)
         return
     rows = available_rows(args.rows + [r for r in GGUF_ROWS if r not in args.rows])
     with tempfile.TemporaryDirectory() as work:
@@ -417,12 +427,13 @@ def main() -> None:
     results = [{**memory[row], **speed[row]} for row in rows if row in speed]
     results += [{"row": row, "failed": why} for row, why in FAILED.items()]
     meta = run_meta(args, options)
-    meta.update(cpu=cpu_name(), cpu_flags=cpu_flags(), xllamacpp=_version("xllamacpp"))
+    meta.update(cpu=cpu_name(), cpu_flags=cpu_flags(), xllamacpp=_version("xllamacpp"), name=args.name,
+                dequant_t=True)  # runs since the transposed-codes path existed
     if args.no_publish:
         print(json.dumps(results, indent=1))
         print(write_markdown(results, args, meta))
         return
-    publish("speed", results, write_markdown(results, args, meta), MARK_BEGIN, MARK_END, meta)
+    publish(args.name, results, write_markdown(results, args, meta), *markers(args.name), meta)
     _exit_now()  # the timed llama.cpp servers live in this process too
 
 

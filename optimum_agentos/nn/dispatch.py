@@ -178,6 +178,16 @@ def routes_from(timings: dict[int, dict[str, float]]) -> list[list]:
     return routes
 
 
+def routes_without(entry: dict, unavailable: set[str]) -> list[list]:
+    """A cache entry's routes without the paths this layer cannot take now (e.g. `dequant-t` turned off): the
+    fastest of the remaining measured paths per bucket; the reference path when none was measured."""
+    timings = {int(tokens): {name: us for name, us in row.items() if name not in unavailable}
+               for tokens, row in entry.get("us", {}).items()}
+    if not timings or not all(timings.values()):
+        return [[None, "reference"]]
+    return routes_from(timings)
+
+
 def measure(layer, kernel, dtype: torch.dtype) -> dict:
     """The cache entry of one signature, measured on `layer` (its values do not change the speed)."""
     paths, rejected = accurate(layer, candidates(layer, kernel), dtype)

@@ -71,6 +71,9 @@ class _Planner:
         self.chosen[key] = self.chosen.get(key, 0) + 1
         return self.cached[key]["routes"]
 
+    def entry(self, module, kernel) -> dict:
+        return self.cached.get(dispatch.signature(module, kernel, self.activations, self.dtype), {})
+
     def finish(self) -> None:
         if self.measured:
             dispatch.write_cache(self.path, self.cached)
@@ -88,11 +91,14 @@ class _Planner:
 def _plan(module, kernel, planner: _Planner) -> list[list]:
     """The layer's routes; the transposed layout (`transposed`) is built for the choice and kept only where a token
     count chose it."""
-    if planner.policy in ("auto", transposed.NAME) and not getattr(kernel, "quantizes_activations", False):
+    if (planner.policy in ("auto", transposed.NAME) and not getattr(kernel, "quantizes_activations", False)
+            and os.environ.get(transposed.ENV, "1") != "0"):
         transposed.prepare(module)
     routes = planner.routes(module, kernel)
     if not any(name == transposed.NAME for _, name in routes):
         transposed.drop(module)
+    elif transposed.layout_bytes(module) == 0:  # chosen in the cache, but turned off now
+        routes = dispatch.routes_without(planner.entry(module, kernel), {transposed.NAME})
     return routes
 
 
@@ -180,7 +186,7 @@ def prepare_kernels(model, policy: str | None = None, activations: str | None = 
         _install(module, _plan(module, kernel, planner))
         chosen[name] = kernel.name if kernel else "reference"
         memory["kernel layouts"] += _layout_bytes(module)
-        memory["transposed uint8 codes (dequant-t)"] += transposed.layout_bytes(module)
+        memory[f"transposed codes for dequant-t ({transposed.ENV}=0 saves them)"] += transposed.layout_bytes(module)
         if kernel is None:
             slow[name] = reason
     groups = fuse_siblings(model) if policy != "reference" else []

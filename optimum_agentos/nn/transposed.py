@@ -3,16 +3,18 @@
 On such CPUs the bf16 paths run emulated, so long inputs compute in float32 and the cost beside the matmul is
 dequantizing the weight on every call. Two things make that cheap here:
 
-- the codes are kept once more, unpacked to one byte per weight and transposed to `[in, out]`: dequantizing is then a
-  contiguous uint8 -> float32 copy plus one multiply-add whose group scales broadcast along the contiguous `out`
-  dimension, about 4x faster than unpacking the int4 kernel's interleaved nibbles (measured on an Intel Xeon with
-  AVX-512 but no bf16: 1536 x 576 in 0.21 ms instead of 0.87 ms);
+- the codes are kept once more, transposed to `[in, out]` (codes of up to 4 bits two to a byte: column `j` in the low
+  nibble, column `j + out/2` in the high one, so both halves unpack with one contiguous operation each; 8-bit codes
+  one to a byte): dequantizing is then contiguous uint8 -> float32 copies plus one multiply-add whose group scales
+  broadcast along the contiguous `out` dimension, 2-4x faster than from the int4 kernel's interleaved 64-row blocks
+  (measured on an Intel Xeon with AVX-512 but no bf16, 1536 x 576: 0.21 ms from bytes, 0.31 ms from nibbles,
+  0.87 ms from the kernel's blocks);
 - `x @ W` with `W` stored `[in, out]` is also the faster operand order for oneDNN's float32 GEMM at 16-32 tokens
   on that CPU (0.13 ms against 0.84 ms for `F.linear` with `[out, in]`, 1536 x 576, 16 tokens).
 Per-row quantization (one group per row) skips the multiply-add: the row scale and zero point apply to the output.
 
-The extra layout costs one byte per weight (a float32 copy would cost four). `prepare.prepare_kernels` builds it
-before choosing, and drops it again when no token count chose this path, so it only costs memory where it pays.
+The extra layout costs half a byte per weight up to 4 bits, one byte at 8 bits (a float32 copy would cost four). `prepare.prepare_kernels` builds it
+before choosing, and drops it again when no token count chose this path, so it only costs memory where it pays; `OPTIMUM_AGENTOS_TRANSPOSED=0` never builds it (the other paths serve).
 The weight is dequantized into the scratch buffer the other dequant paths share (`dequant.scratch`); layers larger
 than that buffer (the output head) are not served.
 """
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from . import dequant, qmath
 
 NAME = "dequant-t"
+ENV = "OPTIMUM_AGENTOS_TRANSPOSED"  # "0": never build the layout
 BUFFERS = ("kernel_codes_t", "kernel_t_scale", "kernel_t_shift")
 
 
@@ -45,15 +48,23 @@ def unsupported(layer) -> str | None:
     return None
 
 
+def _nibbles(layer) -> bool:
+    return layer.bits <= 4 and layer.out_features % 2 == 0
+
+
 def prepare(layer) -> None:
-    """Build the layout from the layer's codes: `[in, out]` uint8 codes, `[groups, out]` float32 scales and shifts
-    (`-zero * scale`, so that `(q - z) s == q s + shift`)."""
+    """Build the layout from the layer's codes: `[in, out]` codes (`[in, out/2]` nibble pairs up to 4 bits),
+    `[groups, out]` float32 scales and shifts (`-zero * scale`, so that `(q - z) s == q s + shift`)."""
     drop(layer)
     if unsupported(layer) is not None:
         return
     scale = layer.weight_scale.float()
     shift = -layer.weight_zero.float() * scale
-    layer.register_buffer("kernel_codes_t", layer.codes().t().contiguous(), persistent=False)
+    codes = layer.codes().t()
+    if _nibbles(layer):
+        half = layer.out_features // 2
+        codes = torch.bitwise_or(codes[:, :half], torch.bitwise_left_shift(codes[:, half:], 4))
+    layer.register_buffer("kernel_codes_t", codes.contiguous(), persistent=False)
     layer.register_buffer("kernel_t_scale", scale.t().contiguous(), persistent=False)
     layer.register_buffer("kernel_t_shift", shift.t().contiguous(), persistent=False)
 
@@ -70,8 +81,22 @@ def drop(layer) -> None:
             del layer._buffers[name]
 
 
+def _unpack(layer, weight: torch.Tensor) -> None:
+    """The codes, as float32, into `weight` `[in, out]`."""
+    codes = layer.kernel_codes_t
+    if codes.shape[1] == layer.out_features:
+        weight.copy_(codes)
+        return
+    half = layer.out_features // 2  # nibble pairs: through a uint8 scratch, one contiguous operation per half
+    unpacked = dequant.scratch(layer.in_features * layer.out_features, torch.uint8)
+    unpacked = unpacked.view(layer.in_features, layer.out_features)
+    torch.bitwise_and(codes, 15, out=unpacked[:, :half])
+    torch.bitwise_right_shift(codes, 4, out=unpacked[:, half:])
+    weight.copy_(unpacked)
+
+
 class DequantTransposed:
-    """float32 codes `[in, out]` in the scratch buffer, scaled per group, times float32 activations."""
+    """The codes `[in, out]` as float32 in the scratch buffer, scaled per group, times float32 activations."""
 
     name = NAME
     tolerance = 1e-5  # float32 throughout: only the rounding order differs from the reference
@@ -90,7 +115,7 @@ class DequantTransposed:
         flat = x.reshape(-1, layer.in_features).float()
         weight = dequant.scratch(layer.in_features * layer.out_features, torch.float32)
         weight = weight.view(layer.in_features, layer.out_features)
-        weight.copy_(layer.kernel_codes_t)
+        _unpack(layer, weight)
         scale, shift = layer.kernel_t_scale, layer.kernel_t_shift
         if scale.shape[0] == 1:  # one group per row: scale and zero point apply to the output
             y = torch.mm(flat, weight).mul_(scale[0]).addcmul_(flat.sum(-1, keepdim=True), shift[0])

@@ -37,6 +37,7 @@ def reference(module, x):
     (8, -1, 576, 192, Int8PackKernel),  # one group per row: scale and zero point applied to the output
     (3, 128, 576, 100, None),  # no packed kernel
     (2, 64, 128, 96, None),
+    (4, 64, 128, 97, None),  # odd out_features: one code per byte
 ])
 def test_matches_the_reference_to_float32_rounding(bits, group_size, in_features, out_features, kernel):
     module = layer(bits, group_size, in_features, out_features)
@@ -45,7 +46,8 @@ def test_matches_the_reference_to_float32_rounding(bits, group_size, in_features
     module.kernel = kernel
     transposed.prepare(module)
     groups = module.weight_scale.shape[1]
-    assert transposed.layout_bytes(module) == in_features * out_features + 2 * groups * out_features * 4
+    code_bytes = in_features * out_features // (2 if bits <= 4 and out_features % 2 == 0 else 1)  # nibble pairs
+    assert transposed.layout_bytes(module) == code_bytes + 2 * groups * out_features * 4
     x = torch.randn(2, 37, in_features)
     with torch.no_grad():
         ref = reference(module, x)
@@ -74,8 +76,8 @@ def test_forced_path_keeps_the_layout_and_reports_its_memory(monkeypatch, caplog
         prepare_kernels(torch.nn.Sequential(module))
     assert module.route_names == ((None, "dequant-t"),)
     size = transposed.layout_bytes(module)
-    assert size == 576 * 192 + 2 * 5 * 192 * 4
-    assert f"transposed uint8 codes (dequant-t) {size / 2**20:.1f} MiB" in caplog.text
+    assert size == 576 * 192 // 2 + 2 * 5 * 192 * 4
+    assert f"transposed codes for dequant-t (OPTIMUM_AGENTOS_TRANSPOSED=0 saves them) {size / 2**20:.1f} MiB" in caplog.text
     x = torch.randn(1, 300, 576)
     with torch.no_grad():
         assert (module(x) - reference(module, x)).abs().max() <= 1e-5 * reference(module, x).abs().max()
@@ -111,3 +113,28 @@ def test_the_layout_is_dropped_where_no_token_count_chose_it(cache_dir):
         assert (third(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
     prepare_kernels(third, policy="reference")  # no measured paths: no layout
     assert transposed.layout_bytes(third) == 0
+
+
+def test_the_layout_can_be_turned_off(monkeypatch, cache_dir):
+    monkeypatch.setenv("OPTIMUM_AGENTOS_TRANSPOSED", "0")
+    module = layer()
+    prepare_kernels(module)
+    assert transposed.layout_bytes(module) == 0
+    assert all(name != "dequant-t" for _, name in module.route_names)
+    # a cached choice of dequant-t (measured while it was on): the fastest of the other measured paths instead
+    (path,) = cache_dir.glob("choices-*.json")
+    data = json.loads(path.read_text())
+    (key,) = data["choices"]
+    entry = data["choices"][key]
+    entry["us"] = {tokens: {**row, "dequant-t": 0.1} for tokens, row in entry.get("us", {"512": {}}).items()}
+    entry["routes"] = [[None, "dequant-t"]]
+    path.write_text(json.dumps(data))
+    other = layer(seed=3)
+    prepare_kernels(other)
+    assert transposed.layout_bytes(other) == 0
+    expected = dispatch.routes_without(entry, {"dequant-t"})
+    assert [list(r) for r in other.route_names] == expected and expected != [[None, "dequant-t"]]
+    x = torch.randn(1, 100, 576)
+    with torch.no_grad():
+        ref = reference(other, x)
+        assert (other(x) - ref).abs().max() <= 1e-2 * ref.abs().max()
