@@ -134,7 +134,8 @@ def paired_markdown(shots: list[dict], by_row: dict) -> list[str]:
             rows.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r['zero_shot'][ZERO_SHOT[0]]['n']} |")
     if not rows:
         return []
-    return ["", "Against GPTQ on the same examples (paired: accuracy difference ± sd(per-example difference)/sqrt(n); "
+    return ["", "Against GPTQ on the same examples (paired: accuracy difference ± sd(per-example difference)"
+            "/sqrt(n); "
             "beyond 2 SE is a shown difference, inside it noise):", "",
             "| row | " + " | ".join(ZERO_SHOT) + " | n |", "|---|" + "---:|" * (len(ZERO_SHOT) + 1), *rows]
 

@@ -334,7 +334,8 @@ def write_markdown(results: list[dict], args, meta: dict) -> str:
         + (" (`dequant-t`: from codes kept transposed, half a byte per weight up to 4 bits and one at 8, in the RSS "
            "column when chosen)" if meta.get("dequant_t") else "")
         + "; q/k/v and gate/up in one packed-kernel call each at "
-        "decode; a float32 output head beside quantized layers measured against a bfloat16 copy of it (when chosen, its "
+        "decode; a float32 output head beside quantized layers measured against a bfloat16 copy of it (when chosen, "
+        "its "
         "54 MiB are in the RSS column)); w8a8 (`activations='int8-dynamic'`) runs int8 x "
         "int8 matmuls with per-token activation grids (fbgemm at decode, oneDNN at prefill). `agentos-sparse50`: "
         "magnitude pruning to 50%, saved (float32 values + bitmask) and reloaded; it computes with a dense copy "

@@ -183,6 +183,7 @@ def run_harness(model, tokenizer, names: list[str], limit: int | None = None, ba
         metrics["n"] = output["n-samples"][task_name]["effective"]
         if per_example:
             samples = sorted(output["samples"][task_name], key=lambda sample: sample["doc_id"])
-            metrics["per_example"] = {m: [float(s[m]) for s in samples] for m in samples[0]["metrics"]} if samples else {}
+            names = samples[0]["metrics"] if samples else []
+            metrics["per_example"] = {m: [float(s[m]) for s in samples] for m in names}
         results[name] = metrics
     return results

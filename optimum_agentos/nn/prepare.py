@@ -126,7 +126,8 @@ def _prepare_sparse(module: SparseLinear, planner: _Planner, dtype: torch.dtype)
     inner.kernel = kernel
     _install(inner, _plan(inner, kernel, planner))
     module.use_compute_layer(inner)
-    return f"dense codes ({kernel.name if kernel else 'reference'})", _layout_bytes(inner) + transposed.layout_bytes(inner)
+    path = f"dense codes ({kernel.name if kernel else 'reference'})"
+    return path, _layout_bytes(inner) + transposed.layout_bytes(inner)
 
 
 def _prepare_float_head(model, planner: _Planner) -> int:

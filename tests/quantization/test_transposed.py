@@ -6,29 +6,12 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from optimum_agentos import QuantLinear
 from optimum_agentos.nn import dequant, dispatch, transposed
 from optimum_agentos.nn.kernels import Int4PackKernel, Int8PackKernel
 from optimum_agentos.nn.prepare import prepare_kernels
 
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(dispatch.CACHE_ENV, str(tmp_path / "kernels"))
-    monkeypatch.delenv("OPTIMUM_AGENTOS_KERNELS", raising=False)
-    return tmp_path / "kernels"
-
-
-def layer(bits=4, group_size=128, in_features=576, out_features=192, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(out_features, in_features, generator=g) * 0.05
-    return QuantLinear.from_float(weight, torch.randn(out_features, generator=g), bits, group_size, sym=False)
-
-
-def reference(module, x):
-    return F.linear(x, module.dequantize(x.dtype), None if module.bias is None else module.bias.to(x.dtype))
+from .test_dispatch import cache_dir, layer, reference  # noqa: F401  (cache_dir: an autouse fixture)
 
 
 @pytest.mark.parametrize("bits, group_size, in_features, out_features, kernel", [
@@ -77,7 +60,8 @@ def test_forced_path_keeps_the_layout_and_reports_its_memory(monkeypatch, caplog
     assert module.route_names == ((None, "dequant-t"),)
     size = transposed.layout_bytes(module)
     assert size == 576 * 192 // 2 + 2 * 5 * 192 * 4
-    assert f"transposed codes for dequant-t (OPTIMUM_AGENTOS_TRANSPOSED=0 saves them) {size / 2**20:.1f} MiB" in caplog.text
+    label = "transposed codes for dequant-t (OPTIMUM_AGENTOS_TRANSPOSED=0 saves them)"
+    assert f"{label} {size / 2**20:.1f} MiB" in caplog.text
     x = torch.randn(1, 300, 576)
     with torch.no_grad():
         assert (module(x) - reference(module, x)).abs().max() <= 1e-5 * reference(module, x).abs().max()
