@@ -112,9 +112,20 @@ def tiny_folder(tmp_path):
     return make
 
 
+def child_env(env: dict | None) -> dict:
+    """The environment of a fresh interpreter: this one's, plus `env`. The child reads the kernel choices this process
+    measured (unless `env` names another cache), as a second load on this machine would: a child with its own
+    `HF_HOME` would otherwise measure again, may pick another path for a layer, and then differ from this process
+    by rounding instead of bit for bit."""
+    from optimum_agentos.nn import dispatch
+
+    cache = str(dispatch.cache_path().parent)
+    return {**os.environ, "PYTHONPATH": str(REPO), dispatch.CACHE_ENV: cache, **(env or {})}
+
+
 def run_python(code: str, env: dict | None = None, timeout: int = 300) -> str:
     """Run `code` in a fresh interpreter (the "it loads" proof); return stdout, fail with stderr on error."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full_env = child_env(env)
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=timeout
     )
@@ -124,7 +135,7 @@ def run_python(code: str, env: dict | None = None, timeout: int = 300) -> str:
 
 
 def run_python_expect_failure(code: str, env: dict | None = None, timeout: int = 300) -> str:
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full_env = child_env(env)
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=timeout
     )

@@ -89,10 +89,12 @@ class _Planner:
 
 
 def _plan(module, kernel, planner: _Planner) -> list[list]:
-    """The layer's routes; the transposed layout (`transposed`) is built for the choice and kept only where a token
-    count chose it."""
-    if (planner.policy in ("auto", transposed.NAME) and not getattr(kernel, "quantizes_activations", False)
-            and os.environ.get(transposed.ENV, "1") != "0"):
+    """The layer's routes; the transposed layout (`transposed`) is built to be measured or where the cache chose it,
+    and kept only where a token count chose it (a load with the cache builds no layout it then drops)."""
+    cached = planner.entry(module, kernel).get("routes") if planner.policy == "auto" else None
+    wanted = (planner.policy == transposed.NAME or (planner.policy == "auto" and (
+        cached is None or any(name == transposed.NAME for _, name in cached))))  # to measure, or chosen
+    if wanted and not getattr(kernel, "quantizes_activations", False) and os.environ.get(transposed.ENV, "1") != "0":
         transposed.prepare(module)
     routes = planner.routes(module, kernel)
     if not any(name == transposed.NAME for _, name in routes):

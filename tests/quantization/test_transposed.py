@@ -74,7 +74,7 @@ def test_forced_path_keeps_the_layout_and_reports_its_memory(monkeypatch, caplog
     assert module.state_dict().keys() == other.state_dict().keys()  # the layout is never saved
 
 
-def test_the_layout_is_dropped_where_no_token_count_chose_it(cache_dir):
+def test_the_layout_is_dropped_where_no_token_count_chose_it(cache_dir, monkeypatch):
     first = layer()
     prepare_kernels(first)
     (path,) = cache_dir.glob("choices-*.json")
@@ -84,8 +84,11 @@ def test_the_layout_is_dropped_where_no_token_count_chose_it(cache_dir):
     data["choices"][key]["routes"] = [[64, "int4pack-bf16"], [None, "dequant-exact"]]
     path.write_text(json.dumps(data))
     second = layer(seed=1)
-    prepare_kernels(second)
-    assert transposed.layout_bytes(second) == 0
+    built = []
+    with monkeypatch.context() as patch:
+        patch.setattr(transposed, "prepare", built.append)
+        prepare_kernels(second)
+    assert built == [] and transposed.layout_bytes(second) == 0  # the cache said no: never built
     data["choices"][key]["routes"] = [[64, "int4pack-bf16"], [None, "dequant-t"]]
     path.write_text(json.dumps(data))
     third = layer(seed=2)
