@@ -26,7 +26,6 @@ from common import (
 )
 
 NAME = "advanced_quantization"
-MARK_BEGIN, MARK_END = f"<!-- {NAME}:begin -->", f"<!-- {NAME}:end -->"
 
 INT4, INT3, INT2 = dict(bits=4, group_size=128), dict(bits=3, group_size=128), dict(bits=2, group_size=64)
 ROWS = {  # the table's order; --rows picks the run order
@@ -99,7 +98,7 @@ def worker(row: str, args) -> dict:
         if args.zero_shot_limit:
             from optimum_agentos.evaluation.tasks import evaluate_model
 
-            scores = evaluate_model(model, tokenizer, ZERO_SHOT, limit=args.zero_shot_limit, batch_size=8,
+            scores = evaluate_model(model, tokenizer, args.zero_shot_tasks, limit=args.zero_shot_limit, batch_size=8,
                                     per_example=True)
             # per example (in split order) for the paired comparison with GPTQ on the same examples
             result["zero_shot"] = {r.task: {"acc": r.value, "n": r.n, "correct": r.extra["per_example"][r.metric]}
@@ -116,7 +115,7 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / len(d))
 
 
-def paired_markdown(shots: list[dict], by_row: dict) -> list[str]:
+def paired_markdown(shots: list[dict], by_row: dict, tasks: list[str]) -> list[str]:
     """Each row against GPTQ at its bits and group size, where both kept per-example results for the same n."""
     rows = []
     for r in shots:
@@ -124,32 +123,40 @@ def paired_markdown(shots: list[dict], by_row: dict) -> list[str]:
         if gptq is None or gptq is r or "zero_shot" not in gptq:
             continue
         cells = []
-        for task in ZERO_SHOT:
+        for task in tasks:
             mine, theirs = r["zero_shot"][task], gptq["zero_shot"][task]
             if "correct" not in mine or "correct" not in theirs or mine["n"] != theirs["n"]:
                 break
             diff, se = paired(mine["correct"], theirs["correct"])
             cells.append(f"{diff:+.3f} ± {se:.3f} ({diff / se if se else float('inf'):+.1f} SE)")
-        if len(cells) == len(ZERO_SHOT):
-            rows.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r['zero_shot'][ZERO_SHOT[0]]['n']} |")
+        if len(cells) == len(tasks):
+            rows.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r['zero_shot'][tasks[0]]['n']} |")
     if not rows:
         return []
     return ["", "Against GPTQ on the same examples (paired: accuracy difference ± sd(per-example difference)"
             "/sqrt(n); "
             "beyond 2 SE is a shown difference, inside it noise):", "",
-            "| row | " + " | ".join(ZERO_SHOT) + " | n |", "|---|" + "---:|" * (len(ZERO_SHOT) + 1), *rows]
+            "| row | " + " | ".join(tasks) + " | n |", "|---|" + "---:|" * (len(tasks) + 1), *rows]
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
 
 
 def write_markdown(results: list[dict], meta: dict) -> str:
     args = meta["args"]
+    name = meta.get("name", NAME)
+    tasks = args.get("zero_shot_tasks") or ZERO_SHOT  # runs before --zero-shot-tasks evaluated both
     results = sorted(results, key=lambda r: list(ROWS).index(r["row"]))
     by_row = {r["row"]: r for r in results}
     fp = by_row.get("fp32")
+    command = f"python benchmarks/{NAME}.py" + ("" if name == NAME else f" --name {name}")
     lines = [
-        MARK_BEGIN,
-        "## AWQ and learned rounding beside GPTQ: SmolLM2-135M-Instruct",
+        markers(name)[0],
+        "## AWQ and learned rounding beside GPTQ: SmolLM2-135M-Instruct"
+        + ("" if name == NAME else f" ({name.replace('-', ' ')})"),
         "",
-        f"Written by `python benchmarks/{NAME}.py` on {meta['date']}, {meta['cpu_count']} CPU cores, rows one "
+        f"Written by `{command}` on {meta['date']}, {meta['cpu_count']} CPU cores, rows one "
         f"at a time. WikiText-2 raw test, first {args['eval_windows']} windows of 512 tokens, "
         f"no BOS; calibration on WikiText-2 validation: {args['calib_windows']} windows of 512 for GPTQ and AWQ, "
         f"{args['rounding_windows']} windows of 512 for learned rounding (`method='autoround'`, "
@@ -178,20 +185,20 @@ def write_markdown(results: list[dict], meta: dict) -> str:
     if shots:
         lines += ["", "Zero-shot accuracy (lm-eval, first examples of each split as `n` says; ± the standard error "
                   "sqrt(p(1-p)/(n-1)), as lm-eval reports it: a difference inside it is noise):", "",
-                  "| row | " + " | ".join(ZERO_SHOT) + " | n |", "|---|" + "---:|" * (len(ZERO_SHOT) + 1)]
+                  "| row | " + " | ".join(tasks) + " | n |", "|---|" + "---:|" * (len(tasks) + 1)]
         for r in shots:
             cells = []
-            for task in ZERO_SHOT:
+            for task in tasks:
                 acc, n = r["zero_shot"][task]["acc"], r["zero_shot"][task]["n"]
                 cells.append(f"{acc:.3f} ± {math.sqrt(acc * (1 - acc) / max(n - 1, 1)):.3f}")
-            lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r['zero_shot'][ZERO_SHOT[0]]['n']} |")
-    lines += paired_markdown(shots, by_row)
+            lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r['zero_shot'][tasks[0]]['n']} |")
+    lines += paired_markdown(shots, by_row, tasks)
     learned = [r for r in results if "block_error" in r]
     if learned:
         lines += ["", "Learned rounding's block-output mean squared error (mean over blocks, first 4 calibration "
                   "windows): " + "; ".join(f"{r['row']} {r['block_error_rtn']:.3g} at the start (round to nearest) "
                                            f"-> {r['block_error']:.3g}" for r in learned) + "."]
-    lines += ["", f"Raw results: `benchmarks/results/{NAME}.json`.", MARK_END]
+    lines += ["", f"Raw results: `benchmarks/results/{name}.json`.", markers(name)[1]]
     return "\n".join(lines)
 
 
@@ -207,27 +214,34 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--zero-shot-limit", type=int, default=0,
-                        help=f"Examples per zero-shot task ({', '.join(ZERO_SHOT)}); 0 skips them.")
+                        help="Examples per zero-shot task (the first of each split; more than a split holds: all "
+                             "of it); 0 skips them.")
+    parser.add_argument("--zero-shot-tasks", nargs="+", default=ZERO_SHOT, choices=ZERO_SHOT)
+    parser.add_argument("--name", default=NAME,
+                        help="Results file and BENCHMARKS.md section (another name: a second table beside the "
+                             "main one, e.g. zero-shot on whole splits for a few rows).")
     args = parser.parse_args()
-    options = ["eval_windows", "calib_windows", "rounding_windows", "rounding_steps", "zero_shot_limit"]
+    options = ["eval_windows", "calib_windows", "rounding_windows", "rounding_steps", "zero_shot_limit",
+               "zero_shot_tasks"]
     if args.worker:
         Path(args.out).write_text(json.dumps(worker(args.worker, args)))
         return
     if args.render_only:
-        results, meta = load_for_render(NAME)
+        results, meta = load_for_render(args.name)
     else:
-        passthrough = [f"--{o.replace('_', '-')}={getattr(args, o)}" for o in options]
+        passthrough = [f"--{o.replace('_', '-')}={getattr(args, o)}" for o in options if o != "zero_shot_tasks"]
+        passthrough += ["--zero-shot-tasks", *args.zero_shot_tasks]
         results = []
         for row in args.rows:  # one at a time, each saved at once: a long run interrupted keeps its finished rows
             try:
-                results = merge_with_saved(NAME, run_rows(__file__, [row], passthrough))
+                results = merge_with_saved(args.name, run_rows(__file__, [row], passthrough))
             except subprocess.CalledProcessError as err:  # a failed row is reported, the others still run
                 print(f"== {row} failed: {err}", flush=True)
                 continue
-            meta = run_meta(args, options)
-            publish(NAME, results, write_markdown(results, meta), MARK_BEGIN, MARK_END, meta)
+            meta = {**run_meta(args, options), "name": args.name}
+            publish(args.name, results, write_markdown(results, meta), *markers(args.name), meta)
         return
-    publish(NAME, results, write_markdown(results, meta), MARK_BEGIN, MARK_END, meta)
+    publish(args.name, results, write_markdown(results, meta), *markers(args.name), meta)
 
 
 if __name__ == "__main__":
