@@ -132,11 +132,21 @@ def _matmul(layer, flat: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | 
     return y
 
 
+def unsupported(layer) -> str | None:
+    """Why the dequant paths cannot serve `layer` (None when they can)."""
+    if layer.weight.device.type != "cpu":
+        return f"device {layer.weight.device.type}"
+    if _int4_layout(layer) and _rows_per_chunk(layer) % 64:
+        return "int4 block layout with a chunk not a multiple of 64 rows"
+    return None
+
+
 class DequantBF16:
     """bf16 weight (dequantized into the scratch buffer) times bf16 activations."""
 
     name = "dequant-bf16"
     tolerance = 1e-2  # of the output's magnitude: bf16 rounding of activations and weights
+    unsupported = staticmethod(unsupported)
 
     @staticmethod
     def run(layer, x: torch.Tensor) -> torch.Tensor:
@@ -153,6 +163,7 @@ class DequantExact:
 
     name = "dequant-exact"
     tolerance = 1e-5
+    unsupported = staticmethod(unsupported)
 
     @staticmethod
     def run(layer, x: torch.Tensor) -> torch.Tensor:
@@ -160,14 +171,3 @@ class DequantExact:
         y = _matmul(layer, x.reshape(-1, layer.in_features), x.dtype, bias)
         return y.reshape(*x.shape[:-1], layer.out_features)
 
-
-def unsupported(layer) -> str | None:
-    """Why the dequant paths cannot serve `layer` (None when they can)."""
-    if layer.weight.device.type != "cpu":
-        return f"device {layer.weight.device.type}"
-    if _int4_layout(layer) and _rows_per_chunk(layer) % 64:
-        return "int4 block layout with a chunk not a multiple of 64 rows"
-    return None
-
-
-DequantBF16.unsupported = DequantExact.unsupported = staticmethod(unsupported)
