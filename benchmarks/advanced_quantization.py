@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from common import (
-    cpu_description, cpu_note, load_for_render, merge_with_saved, peak_rss_mib, publish, run_meta, run_rows,
+    cpu_description, cpu_note, load_for_render, markers, merge_with_saved, peak_rss_mib, publish, run_meta, run_rows,
 )
 
 NAME = "advanced_quantization"
@@ -137,10 +137,6 @@ def paired_markdown(shots: list[dict], by_row: dict, tasks: list[str]) -> list[s
             "/sqrt(n); "
             "beyond 2 SE is a shown difference, inside it noise):", "",
             "| row | " + " | ".join(tasks) + " | n |", "|---|" + "---:|" * (len(tasks) + 1), *rows]
-
-
-def markers(name: str) -> tuple[str, str]:
-    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
 
 
 def write_markdown(results: list[dict], meta: dict) -> str:

@@ -143,6 +143,11 @@ def load_for_render(name: str) -> tuple[list[dict], dict]:
     return results, json.loads(meta_path.read_text())
 
 
+def markers(name: str) -> tuple[str, str]:
+    """The BENCHMARKS.md markers around section NAME."""
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
 def publish(name: str, results: list[dict], section: str, begin: str, end: str, meta: dict | None = None) -> None:
     """Raw results to benchmarks/results/NAME.json (and the run's metadata to NAME.meta.json), the markdown section
     into BENCHMARKS.md, and to stdout."""

@@ -24,11 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_flags, load_for_render, publish, run_meta, run_rows
+from common import cpu_flags, load_for_render, markers, publish, run_meta, run_rows
 from runtime_rows import llamacpp_row, shipped_gguf
 
-def markers(name: str) -> tuple[str, str]:
-    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
 # row -> AgentOSConfig kwargs (None: a float dtype row)
 ROWS = {
     "fp32": None,
