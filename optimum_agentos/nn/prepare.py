@@ -91,16 +91,17 @@ class _Planner:
 def _plan(module, kernel, planner: _Planner) -> list[list]:
     """The layer's routes; the transposed layout (`transposed`) is built to be measured or where the cache chose it,
     and kept only where a token count chose it (a load with the cache builds no layout it then drops)."""
-    cached = planner.entry(module, kernel).get("routes") if planner.policy == "auto" else None
-    wanted = (planner.policy == transposed.NAME or (planner.policy == "auto" and (
-        cached is None or any(name == transposed.NAME for _, name in cached))))  # to measure, or chosen
+    entry = planner.entry(module, kernel) if planner.policy == "auto" else {}
+    cached = entry.get("routes")
+    wanted = planner.policy == transposed.NAME or (planner.policy == "auto" and (
+        cached is None or any(name == transposed.NAME for _, name in cached)))  # to measure, or chosen
     if wanted and not getattr(kernel, "quantizes_activations", False) and os.environ.get(transposed.ENV, "1") != "0":
         transposed.prepare(module)
     routes = planner.routes(module, kernel)
     if not any(name == transposed.NAME for _, name in routes):
         transposed.drop(module)
     elif transposed.layout_bytes(module) == 0:  # chosen in the cache, but turned off now
-        routes = dispatch.routes_without(planner.entry(module, kernel), {transposed.NAME})
+        routes = dispatch.routes_without(entry, {transposed.NAME})
     return routes
 
 
