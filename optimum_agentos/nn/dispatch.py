@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
-from . import dequant, transposed
+from . import dequant, native, transposed
 
 
 logger = logging.get_logger(__name__)
@@ -32,10 +32,12 @@ BUCKETS = (1, 4, 8, 16, 32, 64, 128, 256, 512)  # token counts timed; a call use
 REPEATS = 3  # timed calls per path and bucket (after one warm-up call)
 LONG_CALL_S = 0.05  # a warm-up call this slow is timed once, not REPEATS times: the head at 512 tokens
 CACHE_ENV = "OPTIMUM_AGENTOS_KERNEL_CACHE"  # folder of the choice cache (default: under the HF cache directory)
-CACHE_FORMAT = 3  # 2: the float head's paths (`float_head`); 3: `dequant-t` (`transposed`). Each format has its own
-# file, so older versions sharing the cache folder keep reading theirs instead of rejecting entries they do not know
+CACHE_FORMAT = 4  # 2: the float head's paths (`float_head`); 3: `dequant-t` (`transposed`); 4: the native paths
+# (`native`). Each format has its own file, so older versions sharing the cache folder keep reading theirs instead of
+# rejecting entries they do not know
 DEFAULT_TOLERANCE = 1e-2  # the packed bf16 kernels: bf16 rounding of activations (and int4 scales), of max |y|
 DEQUANT_PATHS = (dequant.DequantBF16, dequant.DequantExact, transposed.DequantTransposed)
+OTHER_PATHS = DEQUANT_PATHS + native.PATHS  # every path besides the layer's packed kernel
 
 
 def cpu_name() -> str:
@@ -111,11 +113,11 @@ def signature(layer, kernel, activations: str | None, dtype: torch.dtype) -> str
 
 def candidates(layer, kernel) -> list:
     """The paths that can serve `layer`: its own list (`float_head.FloatHead`), or its packed kernel (if any) then
-    the dequant paths that fit it."""
+    the dequant and native paths that fit it."""
     if getattr(layer, "candidate_paths", None) is not None:
         return list(layer.candidate_paths)
     paths = [kernel] if kernel is not None else []
-    return paths + [path for path in DEQUANT_PATHS if path.unsupported(layer) is None]
+    return paths + [path for path in OTHER_PATHS if path.unsupported(layer) is None]
 
 
 def _reference(layer, x: torch.Tensor) -> torch.Tensor:
@@ -140,9 +142,12 @@ def accurate(layer, paths: list, dtype: torch.dtype) -> tuple[list, list[str]]:
 def time_paths(layer, paths: list, dtype: torch.dtype) -> dict[int, dict[str, float]]:
     """Microseconds of each path at each bucket's token count: the fastest of its calls, timed round-robin."""
     timings = {}
+    every_path = paths
     for tokens in BUCKETS:
         x = torch.randn(tokens, layer.in_features).to(dtype)
         warm = {}
+        # paths made for few tokens (`max_tokens`) are not timed, nor chosen, above their limit
+        paths = [p for p in every_path if getattr(p, "max_tokens", None) is None or tokens <= p.max_tokens]
         for path in paths:  # a new view each call: nothing cached from the previous call's input is reused
             start = time.perf_counter()
             path.run(layer, x.view_as(x))

@@ -4,17 +4,19 @@ At one decoded token a packed kernel call costs tens of microseconds whatever it
 the threads), more than the bytes it reads for SmolLM2's layers; a Llama-style block makes seven such calls. At load
 (`prepare.prepare_kernels`) the packed codes of each sibling group are concatenated along the output rows into one
 buffer, and each layer's own kernel buffer becomes a view of its rows in it (no second copy of the codes; the int4
-scales, a few KiB per layer, are copied). The first sibling called with an input runs the group's kernel once and
-keeps the others' outputs for that same input tensor (same object, same version); they return them. Any other call
-(another input, an in-place change, `inference_mode` tensors without a version, autograd on, compiled graphs, token
-counts where a sibling's measured path is not its packed kernel) computes the layer alone, exactly as without
-fusion. The kernels compute each output row from its own weight row, so the outputs are the same numbers.
+scales, a few KiB per layer, are copied). The first sibling called with an input runs the group's path (the packed
+kernel, or the native path reading its layout, whichever the siblings' measured routes give their shortest calls)
+once and keeps the others' outputs for that same input tensor (same object, same version); they return them. Any
+other call (another input, an in-place change, `inference_mode` tensors without a version, autograd on, compiled
+graphs, token counts beyond the group's path) computes the layer alone, exactly as without fusion. The paths compute
+each output row from its own weight row, so the outputs are the same numbers.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import native
 from .kernels import ALIGNMENT
 
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -25,6 +27,7 @@ class FusedGroup:
 
     def __init__(self, members: list, kernel):
         self.members, self.kernel = members, kernel
+        self.run = members[0].routes[0][1]  # the path serving the shortest calls: the packed kernel or a native one
         self.in_features = members[0].in_features
         self.out_features = sum(m.out_features for m in members)
         self.sizes = [m.out_features for m in members]
@@ -40,7 +43,12 @@ class FusedGroup:
                 m.register_buffer("kernel_weight", view, persistent=False)
         if kernel.name == "int4pack-bf16":
             self.kernel_scales = torch.cat([m.kernel_scales for m in members], dim=1)
+            if getattr(members[0], "kernel_group_scales", None) is not None:  # `native-int4`
+                self.kernel_group_scales = torch.cat([m.kernel_group_scales for m in members], dim=1)
+                self.kernel_group_shifts = torch.cat([m.kernel_group_shifts for m in members], dim=1)
+                self.kernel_stored_group = members[0].kernel_stored_group
         else:
+            self.kernel_row_scales = torch.cat([m.kernel_row_scales for m in members])  # `native-int8`
             scales = torch.cat([m.kernel_scales for m in members])
             self.kernel_scales, start = scales, 0
             for m in members:
@@ -53,7 +61,7 @@ class FusedGroup:
         self.bias = None if all(b is None for b in biases) else torch.cat(
             [torch.zeros(m.out_features, dtype=next(b for b in biases if b is not None).dtype) if b is None
              else b.detach() for m, b in zip(members, biases)])
-        self.max_tokens = min(m.routes[0][0] for m in members)  # all siblings on their packed kernel up to here
+        self.max_tokens = min(m.routes[0][0] for m in members)  # all siblings on the group's path up to here
         self._kept = (None, -1, {})
 
     def output(self, layer, x: torch.Tensor) -> torch.Tensor | None:
@@ -64,7 +72,7 @@ class FusedGroup:
         source, version, outputs = self._kept
         if source is x and version == x._version and layer in outputs:
             return outputs.pop(layer)
-        parts = self.kernel.run(self, x).split(self.sizes, dim=-1)
+        parts = self.run(self, x).split(self.sizes, dim=-1)
         outputs = dict(zip(self.members, parts))
         mine = outputs.pop(layer)
         self._kept = (x, x._version, outputs)
@@ -72,7 +80,9 @@ class FusedGroup:
 
     def layout_bytes(self) -> int:
         """Bytes the group adds beside its members' views (int4 scales, zero-point terms, biases)."""
-        extra = [self.kernel_scales] if self.kernel.name == "int4pack-bf16" else [getattr(self, "kernel_zero_term", None)]
+        extra = [getattr(self, n, None) for n in ("kernel_scales", "kernel_group_scales", "kernel_group_shifts")] \
+            if self.kernel.name == "int4pack-bf16" else [getattr(self, n, None) for n in ("kernel_zero_term",
+                                                                                         "kernel_row_scales")]
         return sum(t.numel() * t.element_size() for t in extra + [self.bias] if t is not None)
 
 
@@ -81,14 +91,17 @@ def _fusable(members: list) -> bool:
     kernel = first.kernel
     if getattr(kernel, "name", None) not in ("int4pack-bf16", "int8pack-bf16"):
         return False
+    if first.routes is None or first.routes[0][1] not in (kernel.run, *(path.run for path in native.PATHS)):
+        return False  # the packed kernel or a native path (reading its layout) serves the shortest calls
     for m in members:
         if m.kernel is not kernel or m.routes is None or m.in_features != first.in_features:
             return False
-        if m.routes[0][1] is not kernel.run:  # the packed kernel serves the shortest calls
+        if m.routes[0][1] is not first.routes[0][1]:
             return False
         if kernel.name == "int4pack-bf16" and not (getattr(m, "int4_layout_known", False)
-                                                     and m.kernel_group == first.kernel_group):
-            return False  # rows concatenate only in the known 64-row block layout
+                                                     and m.kernel_group == first.kernel_group
+                                                     and m.group_size == first.group_size):
+            return False  # rows concatenate only in the known 64-row block layout, groups alike
     return True
 
 

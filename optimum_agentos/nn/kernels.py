@@ -8,6 +8,8 @@ measured on the machine (`dispatch`, `prepare.prepare_kernels`), against the deq
 - int4 whose group size and `in_features` share a factor 32/64/128/256: `_weight_int4pack_mm_for_cpu` with bf16
   activations.
 - the int8 output head (`embedding.QuantHead`): `Int8RowsKernel`, `_weight_int8pack_mm` on its symmetric rows.
+- `native.NativeInt8Rows` / `native.NativeInt4Blocks`: float32 activations times the codes in the int8 and int4
+  kernels' layouts (compiled once per machine), for calls of up to `native.MAX_TOKENS` tokens.
 - training and `policy="reference"`: the reference path (dequantize, then `F.linear` in the activation dtype),
   which is always exact.
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import qmath
+from . import native, qmath
 from .dynamic_int8 import Int8DynamicKernel, per_row_int8_unsupported
 from .memory import keep_only_kernel_copy
 
@@ -138,6 +140,12 @@ class Int4PackKernel:
         layer.int4_layout_known = unpacked is not None and torch.equal(unpacked, codes)
         if layer.int4_layout_known:  # the kernel's copy is exact: keep only it
             keep_only_kernel_copy(layer)
+            if native.unavailable() is None:  # float32 scales and shifts per stored group for `native-int4`
+                stored_scale = layer.weight_scale.float()
+                layer.register_buffer("kernel_group_scales", stored_scale.t().contiguous(), persistent=False)
+                shift = (stored_scale * layer.weight_zero.float()).t().contiguous()
+                layer.register_buffer("kernel_group_shifts", shift, persistent=False)
+                layer.kernel_stored_group = stored
 
     @staticmethod
     def codes(layer) -> torch.Tensor:
@@ -172,6 +180,7 @@ class Int8PackKernel:
         layer.register_buffer("kernel_weight", codes, persistent=False)
         scale = layer.weight_scale.float()[:, 0]
         layer.register_buffer("kernel_scales", scale.to(torch.bfloat16), persistent=False)
+        layer.register_buffer("kernel_row_scales", scale.contiguous(), persistent=False)  # float32, for `native-int8`
         zero_term = (layer.weight_zero.float()[:, 0] - 128) * scale
         # symmetric codes (every zero point 128) have no zero-point share: two ops fewer per call
         layer.register_buffer("kernel_zero_term", zero_term if zero_term.any() else None, persistent=False)

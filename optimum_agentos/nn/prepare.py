@@ -9,7 +9,7 @@ from collections import Counter
 import torch
 from transformers.utils import logging
 
-from . import dequant, dispatch, transposed
+from . import dequant, dispatch, native, transposed
 from .embedding import QuantHead
 from .float_head import PATHS as FLOAT_HEAD_PATHS, float_head
 from .fusion import fuse_siblings
@@ -21,7 +21,7 @@ from .sparse_linear import SparseLinear
 
 logger = logging.get_logger(__name__)
 
-PATHS = {path.name: path for path in (*KERNELS, *HEAD_KERNELS, *dispatch.DEQUANT_PATHS, *FLOAT_HEAD_PATHS)}
+PATHS = {path.name: path for path in (*KERNELS, *HEAD_KERNELS, *dispatch.OTHER_PATHS, *FLOAT_HEAD_PATHS)}
 MIB = 1 << 20
 
 
@@ -98,10 +98,13 @@ def _plan(module, kernel, planner: _Planner) -> list[list]:
     if wanted and not getattr(kernel, "quantizes_activations", False) and os.environ.get(transposed.ENV, "1") != "0":
         transposed.prepare(module)
     routes = planner.routes(module, kernel)
+    unavailable = {path.name for path in native.PATHS} if native.unavailable() else set()
     if not any(name == transposed.NAME for _, name in routes):
         transposed.drop(module)
     elif transposed.layout_bytes(module) == 0:  # chosen in the cache, but turned off now
-        routes = dispatch.routes_without(entry, {transposed.NAME})
+        unavailable.add(transposed.NAME)
+    if any(name in unavailable for _, name in routes):
+        routes = dispatch.routes_without(entry, unavailable)
     return routes
 
 

@@ -7,7 +7,7 @@ import transformers
 
 import optimum_agentos  # noqa: F401
 from optimum_agentos import AgentOSConfig, QuantLinear
-from optimum_agentos.nn import dispatch
+from optimum_agentos.nn import dispatch, native
 from optimum_agentos.nn.fusion import FusedGroup
 from optimum_agentos.nn.prepare import prepare_kernels
 
@@ -41,8 +41,13 @@ def groups(model):
 
 
 @pytest.mark.parametrize("settings", SETTINGS)
-def test_fused_calls_give_the_same_outputs_and_share_the_codes(tmp_path, settings):
+@pytest.mark.parametrize("native_path", [False, True])  # the packed kernel, or a native path reading its layout
+def test_fused_calls_give_the_same_outputs_and_share_the_codes(tmp_path, settings, native_path):
+    if native_path and native.unavailable():
+        pytest.skip(native.unavailable())
     kernel = "int4pack-bf16" if settings["bits"] == 4 else "int8pack-bf16"
+    if native_path:
+        kernel = "native-int4" if settings["bits"] == 4 else "native-int8"
     model = load(tmp_path, settings, kernel)
     found = list(groups(model).values())
     assert len(found) == 4 and sorted(len(g.members) for g in found) == [2, 2, 3, 3]  # 2 blocks x (qkv, gate/up)

@@ -1,0 +1,366 @@
+// optimum-agentos native CPU kernels: matrix products that read int8 or int4 codes directly, with float32 activations
+// and float32 accumulation, for few-token calls (decode, short prompts). Built once per machine by
+// `optimum_agentos/nn/native.py` (-O3 -march=native: the compiler vectorises the loops for the CPU it runs on:
+// AVX2, AVX-512, NEON), registered as `torch.ops.agentos_native.*`; a Meta implementation lets torch.compile trace them.
+//
+// Both read a layout the layer's packed kernel already keeps (no second copy of the codes):
+// - int8_rows_matmul: codes `w` [N, K] int8 (`q - 128` for asymmetric rows, the symmetric codes as they are),
+//   y[m, n] = scale[n] * sum_k w[n, k] x[m, k] - zero_term[n] * sum_k x[m, k].
+// - int4_blocks_matmul: `_convert_weight_to_int4pack_for_cpu`'s layout (torch 2.13, AVX-512): blocks of 64 rows, for
+//   input k 32 bytes whose low nibbles are rows 0-31 and high nibbles rows 32-63 of the block; per stored group g
+//   (`group` inputs, the last one may be shorter) and row n, w[n, k] = scale[g, n] (q[n, k] - zero[g, n]), so
+//   y[m, n] = sum_g scale[g, n] sum_{k in g} q[n, k] x[m, k] - shift[g, n] sum_{k in g} x[m, k], shift = scale zero.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define AGENTOS_AVX512 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#define AGENTOS_AVX2 1
+#include <immintrin.h>
+#endif
+
+#if defined(AGENTOS_AVX512)
+// One 64-row block of int4 codes times T tokens, every stored group folded in as it ends; y rows are N apart.
+template <int T>
+void int4_block_avx512(const uint8_t* block, const float* x, int64_t K, int64_t group, int64_t G, const float* s,
+                       const float* h, int64_t N, const float* sums, float* y) {
+  const __m256i nibble = _mm256_set1_epi8(15);
+  __m512 out[T][4];
+  for (int t = 0; t < T; ++t)
+    for (int i = 0; i < 4; ++i) out[t][i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc[T][4];
+    for (int t = 0; t < T; ++t)
+      for (int i = 0; i < 4; ++i) acc[t][i] = _mm512_setzero_ps();
+    const int64_t stop = std::min(K, (g + 1) * group);
+    for (int64_t k = g * group; k < stop; ++k) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + k * 32));
+      const __m256i lo = _mm256_and_si256(v, nibble);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      __m512 c[4];
+      c[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo)));
+      c[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lo, 1)));
+      c[2] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi)));
+      c[3] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(hi, 1)));
+      for (int t = 0; t < T; ++t) {
+        const __m512 xv = _mm512_set1_ps(x[t * K + k]);
+        for (int i = 0; i < 4; ++i) acc[t][i] = _mm512_fmadd_ps(c[i], xv, acc[t][i]);
+      }
+    }
+    for (int i = 0; i < 4; ++i) {
+      const __m512 sv = _mm512_loadu_ps(s + g * N + 16 * i);
+      const __m512 hv = _mm512_loadu_ps(h + g * N + 16 * i);
+      for (int t = 0; t < T; ++t) {
+        out[t][i] = _mm512_fmadd_ps(sv, acc[t][i], out[t][i]);
+        out[t][i] = _mm512_fnmadd_ps(hv, _mm512_set1_ps(sums[t * G + g]), out[t][i]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(y + t * N + 16 * i, out[t][i]);
+}
+
+// R int8 rows times T tokens, vectorised along K; returns the dot products in dots[t][r].
+template <int T, int R>
+void int8_rows_avx512(const int8_t* w, const float* x, int64_t K, float dots[][4]) {
+  __m512 acc[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 c[R];
+    for (int r = 0; r < R; ++r)
+      c[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k))));
+    for (int t = 0; t < T; ++t) {
+      const __m512 xv = _mm512_loadu_ps(x + t * K + k);
+      for (int r = 0; r < R; ++r) acc[t][r] = _mm512_fmadd_ps(c[r], xv, acc[t][r]);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) {
+      float d = _mm512_reduce_add_ps(acc[t][r]);
+      for (int64_t j = k; j < K; ++j) d += static_cast<float>(w[r * K + j]) * x[t * K + j];
+      dots[t][r] = d;
+    }
+}
+#endif
+
+#if defined(AGENTOS_AVX2)
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int T>
+void int4_block_avx2(const uint8_t* block, const float* x, int64_t K, int64_t group, int64_t G, const float* s,
+                     const float* h, int64_t N, const float* sums, float* y) {
+  static_assert(T == 1, "one token per pass: 8 accumulators of 8 rows");
+  const __m128i nibble = _mm_set1_epi8(15);
+  __m256 out[8];
+  for (int i = 0; i < 8; ++i) out[i] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    const int64_t stop = std::min(K, (g + 1) * group);
+    for (int64_t k = g * group; k < stop; ++k) {
+      const __m256 xv = _mm256_set1_ps(x[k]);
+      for (int half = 0; half < 2; ++half) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + k * 32 + 16 * half));
+        const __m128i lo = _mm_and_si128(v, nibble);
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
+        // rows 16 half + 0-7, 8-15 (low nibbles) and 32 + 16 half + 0-7, 8-15 (high nibbles)
+        acc[2 * half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), xv, acc[2 * half]);
+        acc[2 * half + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), xv,
+                                            acc[2 * half + 1]);
+        acc[4 + 2 * half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), xv, acc[4 + 2 * half]);
+        acc[5 + 2 * half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), xv,
+                                            acc[5 + 2 * half]);
+      }
+    }
+    const __m256 total = _mm256_set1_ps(sums[g]);
+    for (int i = 0; i < 8; ++i) {
+      out[i] = _mm256_fmadd_ps(_mm256_loadu_ps(s + g * N + 8 * i), acc[i], out[i]);
+      out[i] = _mm256_fnmadd_ps(_mm256_loadu_ps(h + g * N + 8 * i), total, out[i]);
+    }
+  }
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(y + 8 * i, out[i]);
+}
+
+template <int T, int R>
+void int8_rows_avx2(const int8_t* w, const float* x, int64_t K, float dots[][4]) {
+  __m256 acc[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 c[R];
+    for (int r = 0; r < R; ++r)
+      c[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + r * K + k))));
+    for (int t = 0; t < T; ++t) {
+      const __m256 xv = _mm256_loadu_ps(x + t * K + k);
+      for (int r = 0; r < R; ++r) acc[t][r] = _mm256_fmadd_ps(c[r], xv, acc[t][r]);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) {
+      float d = hsum256(acc[t][r]);
+      for (int64_t j = k; j < K; ++j) d += static_cast<float>(w[r * K + j]) * x[t * K + j];
+      dots[t][r] = d;
+    }
+}
+#endif
+
+constexpr int64_t kTokensPerPass = 4;  // tokens multiplied per pass over the weights (each read M / 4 times)
+constexpr int64_t kRowsPerPass = 4;    // int8 rows per pass (their codes converted once for all tokens of the pass)
+
+// Portable fallback: the compiler vectorises the inner loops for whatever the target has.
+template <int T, int R>
+void int8_rows_generic(const int8_t* w, const float* x, int64_t K, float dots[][4]) {
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) {
+      const int8_t* row = w + r * K;
+      const float* xr = x + t * K;
+      float d = 0.f;
+#pragma omp simd reduction(+ : d)
+      for (int64_t k = 0; k < K; ++k) d += static_cast<float>(row[k]) * xr[k];
+      dots[t][r] = d;
+    }
+}
+
+template <int T, int R>
+void int8_rows(const int8_t* w, const float* x, int64_t K, float dots[][4]) {
+#if defined(AGENTOS_AVX512)
+  int8_rows_avx512<T, R>(w, x, K, dots);
+#elif defined(AGENTOS_AVX2)
+  int8_rows_avx2<T, R>(w, x, K, dots);
+#else
+  int8_rows_generic<T, R>(w, x, K, dots);
+#endif
+}
+
+template <int T>
+void int8_rows_tokens(const int8_t* w, const float* x, int64_t K, int64_t R, float dots[][4]) {
+  switch (R) {
+    case 4: int8_rows<T, 4>(w, x, K, dots); break;
+    case 3: int8_rows<T, 3>(w, x, K, dots); break;
+    case 2: int8_rows<T, 2>(w, x, K, dots); break;
+    default: int8_rows<T, 1>(w, x, K, dots); break;
+  }
+}
+
+at::Tensor int8_rows_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                            const c10::optional<at::Tensor>& zero_term) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(), "w: contiguous int8 [N, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) == K, "w has ", w.size(1), " inputs, x ", K);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N, "scale: float32 [N]");
+  const float* zp = nullptr;
+  if (zero_term.has_value()) {
+    TORCH_CHECK(zero_term->scalar_type() == at::kFloat && zero_term->is_contiguous() && zero_term->numel() == N,
+                "zero_term: float32 [N]");
+    zp = zero_term->data_ptr<float>();
+  }
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  std::vector<float> sums(M, 0.f);
+  if (zp != nullptr) {
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = xp + m * K;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < K; ++k) s += xr[k];
+      sums[m] = s;
+    }
+  }
+  const int64_t passes = (N + kRowsPerPass - 1) / kRowsPerPass;
+  at::parallel_for(0, passes, 8, [&](int64_t begin, int64_t end) {
+    float dots[kTokensPerPass][4];
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n0 = p * kRowsPerPass, R = std::min(kRowsPerPass, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += kTokensPerPass) {
+        const int64_t T = std::min(kTokensPerPass, M - m0);
+        const int8_t* rows = wp + n0 * K;
+        const float* xr = xp + m0 * K;
+        switch (T) {
+          case 4: int8_rows_tokens<4>(rows, xr, K, R, dots); break;
+          case 3: int8_rows_tokens<3>(rows, xr, K, R, dots); break;
+          case 2: int8_rows_tokens<2>(rows, xr, K, R, dots); break;
+          default: int8_rows_tokens<1>(rows, xr, K, R, dots); break;
+        }
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t r = 0; r < R; ++r)
+            yp[(m0 + t) * N + n0 + r] = dots[t][r] * sp[n0 + r] - (zp != nullptr ? zp[n0 + r] * sums[m0 + t] : 0.f);
+      }
+    }
+  });
+  return y;
+}
+
+// Portable fallback of one 64-row int4 block times one token.
+void int4_block_generic(const uint8_t* block, const float* x, int64_t K, int64_t group, int64_t G, const float* s,
+                        const float* h, int64_t N, const float* sums, float* y) {
+  alignas(64) float low[32], high[32], out[64];
+  for (int64_t j = 0; j < 64; ++j) out[j] = 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t j = 0; j < 32; ++j) low[j] = high[j] = 0.f;
+    const int64_t stop = std::min(K, (g + 1) * group);
+    for (int64_t k = g * group; k < stop; ++k) {
+      const uint8_t* bytes = block + k * 32;
+      const float xk = x[k];
+#pragma omp simd
+      for (int64_t j = 0; j < 32; ++j) {
+        low[j] += static_cast<float>(bytes[j] & 15) * xk;
+        high[j] += static_cast<float>(bytes[j] >> 4) * xk;
+      }
+    }
+    for (int64_t j = 0; j < 32; ++j) {
+      out[j] += s[g * N + j] * low[j] - h[g * N + j] * sums[g];
+      out[j + 32] += s[g * N + j + 32] * high[j] - h[g * N + j + 32] * sums[g];
+    }
+  }
+  std::copy(out, out + 64, y);
+}
+
+at::Tensor int4_blocks_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                              const at::Tensor& shift, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() % (32 * K) == 0,
+              "packed: contiguous uint8 blocks [N / 64, K, 32]");
+  const int64_t blocks = packed.numel() / (32 * K), N = blocks * 64;
+  TORCH_CHECK(group > 0, "group must be positive");
+  const int64_t G = (K + group - 1) / group;
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == G * N,
+              "scale: float32 [groups, N]");
+  TORCH_CHECK(shift.scalar_type() == at::kFloat && shift.is_contiguous() && shift.numel() == G * N,
+              "shift: float32 [groups, N]");
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* bp = packed.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* hp = shift.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  std::vector<float> sums(M * G, 0.f);  // each token's inputs summed per group
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < G; ++g) {
+      const float* xr = xp + m * K + g * group;
+      const int64_t len = std::min(group, K - g * group);
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < len; ++k) s += xr[k];
+      sums[m * G + g] = s;
+    }
+  }
+#if defined(AGENTOS_AVX512)
+  constexpr int64_t tokens_per_pass = kTokensPerPass;
+#else
+  constexpr int64_t tokens_per_pass = 1;
+#endif
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* block = bp + b * K * 32;
+      const float* s = sp + b * 64;
+      const float* h = hp + b * 64;
+      for (int64_t m0 = 0; m0 < M; m0 += tokens_per_pass) {
+        const float* xr = xp + m0 * K;
+        float* yr = yp + m0 * N + b * 64;
+        const float* sm = sums.data() + m0 * G;
+#if defined(AGENTOS_AVX512)
+        switch (std::min(tokens_per_pass, M - m0)) {
+          case 4: int4_block_avx512<4>(block, xr, K, group, G, s, h, N, sm, yr); break;
+          case 3: int4_block_avx512<3>(block, xr, K, group, G, s, h, N, sm, yr); break;
+          case 2: int4_block_avx512<2>(block, xr, K, group, G, s, h, N, sm, yr); break;
+          default: int4_block_avx512<1>(block, xr, K, group, G, s, h, N, sm, yr); break;
+        }
+#elif defined(AGENTOS_AVX2)
+        int4_block_avx2<1>(block, xr, K, group, G, s, h, N, sm, yr);
+#else
+        int4_block_generic(block, xr, K, group, G, s, h, N, sm, yr);
+#endif
+      }
+    }
+  });
+  return y;
+}
+
+at::Tensor int8_rows_matmul_meta(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                                 const c10::optional<at::Tensor>& zero_term) {
+  return at::empty({x.size(0), w.size(0)}, x.options());
+}
+
+at::Tensor int4_blocks_matmul_meta(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                                   const at::Tensor& shift, int64_t group) {
+  return at::empty({x.size(0), packed.numel() / (32 * x.size(1)) * 64}, x.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(agentos_native, m) {
+  m.def("int8_rows_matmul(Tensor x, Tensor w, Tensor scale, Tensor? zero_term) -> Tensor");
+  m.def("int4_blocks_matmul(Tensor x, Tensor packed, Tensor scale, Tensor shift, int group) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(agentos_native, CPU, m) {
+  m.impl("int8_rows_matmul", &int8_rows_matmul);
+  m.impl("int4_blocks_matmul", &int4_blocks_matmul);
+}
+
+TORCH_LIBRARY_IMPL(agentos_native, Meta, m) {
+  m.impl("int8_rows_matmul", &int8_rows_matmul_meta);
+  m.impl("int4_blocks_matmul", &int4_blocks_matmul_meta);
+}

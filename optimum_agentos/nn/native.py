@@ -1,0 +1,180 @@
+"""Native CPU paths for few-token calls: matrix products that read the int8 / int4 codes where the packed kernels
+keep them, with float32 activations and accumulation (`csrc/native_cpu.cpp`).
+
+torch's packed kernels take bfloat16 activations; on CPUs without AVX512-BF16 or AMX (AVX2 laptops and desktops,
+many AVX-512 servers) they convert them in software. These loops convert the codes to float32 in registers and
+multiply them with the float32 activations: the reference path's numbers up to the order of the sums (tolerance 1e-5
+of max |y|, as `dequant-t`), reading one byte (int8) or half a byte (int4) per weight. The source has AVX-512 and
+AVX2 (+FMA) versions and a portable one that the compiler vectorises for anything else (NEON, SSE).
+
+The extension is compiled once per machine with the C++ compiler torch.utils.cpp_extension finds (`-O3
+-march=native`, or `OPTIMUM_AGENTOS_NATIVE_ARCH`), into `OPTIMUM_AGENTOS_NATIVE_DIR` (default
+`~/.cache/optimum_agentos/native`), under a name that hashes the source, the compiler flags, the torch and Python
+versions and the CPU's model and flags (a library built for one CPU is never loaded on another); later loads only
+load it. Without a compiler (or with `OPTIMUM_AGENTOS_NATIVE=0`) the paths are unavailable, the load log says why,
+and the measured dispatch (`dispatch`) picks among the others. Which calls they serve is measured like every other
+path.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+ENV = "OPTIMUM_AGENTOS_NATIVE"  # "0" turns the native paths off
+DIR_ENV = "OPTIMUM_AGENTOS_NATIVE_DIR"  # where the compiled library is kept
+SOURCE = Path(__file__).parent / "csrc" / "native_cpu.cpp"
+ARCH_ENV = "OPTIMUM_AGENTOS_NATIVE_ARCH"  # the -march target (default "native"; tests build x86-64-v3 = AVX2 too)
+LDFLAGS = ("-fopenmp",)  # at::parallel_for runs on torch's OpenMP threads
+MAX_TOKENS = 64  # timed (and chosen) up to this many tokens: they read each weight once per 4 tokens, no blocking
+STALE_LOCK_S = 600  # a build lock older than this was left by a build that died
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags (a library built with -march=native must not run on another CPU)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            lines = [line for line in info if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def cflags() -> list[str]:
+    return ["-O3", f"-march={os.environ.get(ARCH_ENV) or 'native'}", "-fopenmp"]
+
+
+def build_dir() -> Path:
+    folder = os.environ.get(DIR_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
+        "optimum_agentos" / "native"
+    key = "\n".join([SOURCE.read_text(), " ".join(cflags() + list(LDFLAGS)), torch.__version__, sys.version,
+                     _cpu_signature()])
+    return Path(folder) / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _ninja_on_path() -> None:
+    """torch builds with ninja; the `ninja` wheel's binary is not on PATH unless its environment is activated."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+@functools.cache
+def library() -> tuple[bool, str | None]:
+    """`(True, None)` once the library is loaded in this process, else `(False, why)`. Builds it on first use."""
+    if os.environ.get(ENV, "1") == "0":
+        return False, f"{ENV}=0"
+    if not torch.backends.cpu.get_cpu_capability() or sys.platform == "win32":
+        return False, "not supported on this platform"
+    folder = build_dir()
+    name = f"agentos_native_{folder.name}"
+    built = folder / f"{name}.so"
+    try:
+        if not built.exists():
+            from torch.utils import cpp_extension
+
+            _ninja_on_path()
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = folder / "lock"
+            if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+                lock.unlink()  # our own lock file, left by a build that was killed
+            logger.warning(f"Compiling optimum-agentos' native CPU kernels for this machine into {folder} (once; "
+                           f"about 20 s; {ENV}=0 skips them).")
+            start = time.perf_counter()
+            cpp_extension.load(name, [str(SOURCE)], extra_cflags=cflags(), extra_ldflags=list(LDFLAGS),
+                               build_directory=str(folder), is_python_module=False, verbose=False)
+            logger.info(f"Native CPU kernels compiled in {time.perf_counter() - start:.1f} s.")
+        else:
+            torch.ops.load_library(str(built))
+    except Exception as error:  # no compiler, no ninja, a compile error: the other paths serve every call
+        why = str(error).strip().splitlines()
+        reason = f"native kernels unavailable ({type(error).__name__}: {why[-1] if why else ''})"
+        logger.warning(f"{reason}; the packed and dequant paths serve every call. {ENV}=0 skips the attempt.")
+        return False, reason
+    return True, None
+
+
+def unavailable() -> str | None:
+    return library()[1]
+
+
+def _float_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    flat = x.reshape(-1, in_features)
+    return flat.float().contiguous() if flat.dtype != torch.float32 else flat.contiguous()
+
+
+def _finish(layer, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if getattr(layer, "bias", None) is not None:
+        y = y + layer.bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
+class NativeInt8Rows:
+    """int8 with one scale per output row: the int8 kernel's `q - 128` rows (`QuantLinear`) or a `QuantHead`'s
+    symmetric rows, times float32 activations."""
+
+    name = "native-int8"
+    tolerance = 1e-5  # float32 throughout: only the rounding order differs from the reference
+    max_tokens = MAX_TOKENS
+
+    @staticmethod
+    def unsupported(layer) -> str | None:
+        if layer.weight.device.type != "cpu":
+            return f"device {layer.weight.device.type}"
+        if hasattr(layer, "weight_zero"):  # QuantLinear
+            if getattr(layer.kernel, "name", None) != "int8pack-bf16":
+                return "no int8 row layout (int8pack kernel)"
+        elif layer.weight.dtype != torch.int8:
+            return "not int8 rows"
+        return unavailable()
+
+    @staticmethod
+    def run(layer, x: torch.Tensor) -> torch.Tensor:
+        flat = _float_rows(x, layer.in_features)
+        if hasattr(layer, "kernel_row_scales"):
+            y = torch.ops.agentos_native.int8_rows_matmul(flat, layer.kernel_weight, layer.kernel_row_scales,
+                                                          layer.kernel_zero_term)
+        else:  # QuantHead: symmetric rows, float scales [N, 1]
+            y = torch.ops.agentos_native.int8_rows_matmul(flat, layer.weight, layer.weight_scale.reshape(-1).float(),
+                                                          None)
+        return _finish(layer, y, x)
+
+
+class NativeInt4Blocks:
+    """int4 in the int4 kernel's 64-row blocks of nibble pairs, with the stored groups' float32 scales and shifts."""
+
+    name = "native-int4"
+    tolerance = 1e-5
+    max_tokens = MAX_TOKENS
+
+    @staticmethod
+    def unsupported(layer) -> str | None:
+        if getattr(layer.kernel, "name", None) != "int4pack-bf16" or not getattr(layer, "int4_layout_known", False):
+            return "no int4 block layout (int4pack kernel with a known layout)"
+        return unavailable()
+
+    @staticmethod
+    def run(layer, x: torch.Tensor) -> torch.Tensor:
+        flat = _float_rows(x, layer.in_features)
+        y = torch.ops.agentos_native.int4_blocks_matmul(flat, layer.kernel_weight, layer.kernel_group_scales,
+                                                        layer.kernel_group_shifts, layer.kernel_stored_group)
+        return _finish(layer, y, x)
+
+
+PATHS = (NativeInt8Rows, NativeInt4Blocks)

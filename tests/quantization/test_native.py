@@ -1,0 +1,156 @@
+"""The native few-token paths (nn/native.py, nn/csrc/native_cpu.cpp): their numbers against the reference, the
+layouts they read, their place in the measured dispatch, and what happens where they cannot be built. Which path is
+faster is never asserted."""
+
+import ast
+import json
+import platform
+
+import pytest
+import torch
+
+from optimum_agentos.nn import dispatch, native
+from optimum_agentos.nn.embedding import QuantHead
+from optimum_agentos.nn.kernels import Int4PackKernel, Int8PackKernel
+from optimum_agentos.nn.prepare import prepare_kernels
+
+from ..conftest import run_python
+from .test_dispatch import cache_dir, layer, reference  # noqa: F401  (cache_dir: an autouse fixture)
+
+pytestmark = pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
+
+
+@pytest.mark.parametrize("bits, group_size, in_features, out_features, sym", [
+    (8, -1, 576, 192, False),  # asymmetric rows: the zero points' share is taken off per token
+    (8, -1, 256, 320, True),
+    (4, 128, 576, 192, False),  # short last group (576 = 4 x 128 + 64)
+    (4, 32, 256, 128, False),
+    (4, 64, 1536, 64, False),
+])
+@pytest.mark.parametrize("tokens", [1, 3, 4, 9])  # whole passes of 4 tokens and the rest
+def test_matches_the_reference_to_float32_rounding(bits, group_size, in_features, out_features, sym, tokens):
+    g = torch.Generator().manual_seed(tokens)
+    module = layer(bits, group_size, in_features, out_features)
+    if sym:
+        module = type(module).from_float(torch.randn(out_features, in_features, generator=g) * 0.05, None, bits,
+                                         group_size, sym=True)
+    kernel = Int8PackKernel if bits == 8 else Int4PackKernel
+    kernel.prepare(module)
+    module.kernel = kernel
+    path = native.NativeInt8Rows if bits == 8 else native.NativeInt4Blocks
+    assert path.unsupported(module) is None
+    x = torch.randn(2, tokens, in_features, generator=g) + 0.5  # a mean, so that the zero points' share matters
+    with torch.no_grad():
+        ref = reference(module, x)
+        out = path.run(module, x)
+        out16 = path.run(module, x.bfloat16())  # bfloat16 activations: computed in float32, returned in bfloat16
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert out16.dtype == torch.bfloat16
+    assert (out16.float() - reference(module, x.bfloat16().float())).abs().max() <= 1e-2 * ref.abs().max()
+
+
+def test_int8_output_head_rows():
+    torch.manual_seed(0)
+    head = QuantHead.from_float(torch.nn.Linear(192, 1000, bias=False))
+    assert native.NativeInt8Rows.unsupported(head) is None
+    x = torch.randn(1, 5, 192)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, head.dequantize())
+        out = native.NativeInt8Rows.run(head, x)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_layers_without_the_layout_are_refused_with_the_reason():
+    assert "int4pack" in native.NativeInt4Blocks.unsupported(layer(3, 128, 576, 192))
+    module = layer(8, 128, 576, 192)  # grouped int8: no row layout
+    assert "int8pack" in native.NativeInt8Rows.unsupported(module)
+    assert native.NativeInt8Rows not in dispatch.candidates(module, None)
+
+
+def test_measured_only_up_to_their_token_limit_and_chosen_by_the_dispatch(cache_dir):
+    module = layer(4, 128, 576, 192)
+    prepare_kernels(module)
+    (path,) = cache_dir.glob("choices-*.json")
+    (entry,) = json.loads(path.read_text())["choices"].values()
+    for tokens, row in entry["us"].items():
+        assert ("native-int4" in row) == (int(tokens) <= native.MAX_TOKENS), (tokens, row)
+    # wherever the measurement puts it, the layer computes within the native bound
+    x = torch.randn(1, 2, 576)
+    with torch.no_grad():
+        ref = reference(module, x)
+        assert (module(x) - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+def test_a_cached_native_choice_falls_back_when_the_library_is_unavailable(cache_dir, monkeypatch):
+    first = layer(8, -1, 576, 192)
+    prepare_kernels(first)
+    (path,) = cache_dir.glob("choices-*.json")
+    data = json.loads(path.read_text())
+    (key,) = data["choices"]
+    entry = data["choices"][key]
+    entry["routes"] = [[4, "native-int8"], [None, "dequant-exact"]]
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(native, "unavailable", lambda: "turned off for this test")
+    second = layer(8, -1, 576, 192, seed=1)
+    prepare_kernels(second)
+    assert all(name != "native-int8" for _, name in second.route_names)
+    assert [list(r) for r in second.route_names] == dispatch.routes_without(entry, {"native-int8", "native-int4"})
+    x = torch.randn(1, 1, 576)
+    with torch.no_grad():
+        ref = reference(second, x)
+        assert (second(x) - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+def test_without_a_compiler_the_paths_are_unavailable_and_say_why(tmp_path):
+    out = run_python("""
+        import torch
+        from optimum_agentos.nn import native, prepare
+        ok, why = native.library()
+        print("OK", ok)
+        print("WHY", why)
+        from optimum_agentos.nn.linear import QuantLinear
+        module = QuantLinear.from_float(torch.randn(64, 128), None, 8, -1, sym=False)
+        prepare.prepare_kernels(module)
+        print("ROUTES", [name for _, name in module.route_names])
+    """, env={native.DIR_ENV: str(tmp_path / "native"), "CXX": str(tmp_path / "no-such-compiler"),
+              dispatch.CACHE_ENV: str(tmp_path / "kernels")})
+    assert "OK False" in out and "WHY native kernels unavailable" in out
+    routes = ast.literal_eval(out.split("ROUTES", 1)[1].strip())
+    assert routes and set(routes) <= {"int8pack-bf16", "dequant-exact", "dequant-bf16", "dequant-t"}
+    assert not list((tmp_path / "native").rglob("*.so"))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 targets")
+@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64"])  # the AVX2 + FMA version, the portable one (SSE2)
+def test_other_cpus_versions_compute_the_same_numbers(tmp_path, arch):
+    """The versions other CPUs compile (chosen by the preprocessor from -march), built here with an older target:
+    every CPU that runs AVX-512 also runs these."""
+    out = run_python("""
+        import torch
+        from optimum_agentos.nn import native
+        from optimum_agentos.nn.kernels import Int4PackKernel, Int8PackKernel
+        from optimum_agentos.nn.linear import QuantLinear
+        assert native.library() == (True, None), native.library()
+        g = torch.Generator().manual_seed(0)
+        worst = 0.0
+        for bits, group, k, n, kernel, path in [(8, -1, 584, 192, Int8PackKernel, native.NativeInt8Rows),
+                                                (4, 128, 576, 128, Int4PackKernel, native.NativeInt4Blocks)]:
+            layer = QuantLinear.from_float(torch.randn(n, k, generator=g) * 0.05, None, bits, group, sym=False)
+            kernel.prepare(layer)
+            layer.kernel = kernel
+            for tokens in (1, 2, 5):
+                x = torch.randn(tokens, k, generator=g) + 0.5
+                ref = torch.nn.functional.linear(x.double(), layer.dequantize(torch.float64))
+                worst = max(worst, ((path.run(layer, x).double() - ref).abs().max() / ref.abs().max()).item())
+        print("WORST", worst)
+    """, env={native.DIR_ENV: str(tmp_path / "native"), native.ARCH_ENV: arch})
+    assert float(out.split("WORST")[1]) <= 1e-5
+
+
+def test_turned_off_by_the_environment(tmp_path):
+    out = run_python("""
+        from optimum_agentos.nn import native
+        print(native.library())
+    """, env={native.ENV: "0", native.DIR_ENV: str(tmp_path / "native")})
+    assert "(False, 'OPTIMUM_AGENTOS_NATIVE=0')" in out
