@@ -39,7 +39,8 @@ SOURCE = Path(__file__).parent / "csrc" / "native_cpu.cpp"
 ARCH_ENV = "OPTIMUM_AGENTOS_NATIVE_ARCH"  # the -march target (default "native"; tests build x86-64-v3 = AVX2 too)
 LDFLAGS = ("-fopenmp",)  # at::parallel_for runs on torch's OpenMP threads
 MAX_TOKENS = 64  # timed (and chosen) up to this many tokens: they read each weight once per 4 tokens, no blocking
-STALE_LOCK_S = 600  # a build lock older than this was left by a build that died
+STALE_LOCK_S = 600
+FAILED = "build-failed.txt"  # written where a build failed, with the reason  # a build lock older than this was left by a build that died
 
 
 def _cpu_signature() -> str:
@@ -84,7 +85,9 @@ def library() -> tuple[bool, str | None]:
         return False, "not supported on this platform"
     folder = build_dir()
     name = f"agentos_native_{folder.name}"
-    built = folder / f"{name}.so"
+    built, failed = folder / f"{name}.so", folder / FAILED
+    if not built.exists() and failed.exists():  # tried on this machine before: loads do not pay a failing build
+        return False, f"{failed.read_text().strip()} (delete {failed} to try again)"
     try:
         if not built.exists():
             from torch.utils import cpp_extension
@@ -106,6 +109,11 @@ def library() -> tuple[bool, str | None]:
         why = str(error).strip().splitlines()
         reason = f"native kernels unavailable ({type(error).__name__}: {why[-1] if why else ''})"
         logger.warning(f"{reason}; the packed and dequant paths serve every call. {ENV}=0 skips the attempt.")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            failed.write_text(reason + "\n")
+        except OSError:
+            pass
         return False, reason
     return True, None
 

@@ -119,6 +119,12 @@ def test_without_a_compiler_the_paths_are_unavailable_and_say_why(tmp_path):
     routes = ast.literal_eval(out.split("ROUTES", 1)[1].strip())
     assert routes and set(routes) <= {"int8pack-bf16", "dequant-exact", "dequant-bf16", "dequant-t"}
     assert not list((tmp_path / "native").rglob("*.so"))
+    # the next load on this machine does not try again (a failing build can take seconds), and says how to retry
+    again = run_python("""
+        from optimum_agentos.nn import native
+        print(native.library())
+    """, env={native.DIR_ENV: str(tmp_path / "native"), "CXX": str(tmp_path / "no-such-compiler")})
+    assert "native kernels unavailable" in again and "build-failed.txt to try again" in again
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 targets")
