@@ -39,8 +39,8 @@ SOURCE = Path(__file__).parent / "csrc" / "native_cpu.cpp"
 ARCH_ENV = "OPTIMUM_AGENTOS_NATIVE_ARCH"  # the -march target (default "native"; tests build x86-64-v3 = AVX2 too)
 LDFLAGS = ("-fopenmp",)  # at::parallel_for runs on torch's OpenMP threads
 MAX_TOKENS = 64  # timed (and chosen) up to this many tokens: they read each weight once per 4 tokens, no blocking
-STALE_LOCK_S = 600
-FAILED = "build-failed.txt"  # written where a build failed, with the reason  # a build lock older than this was left by a build that died
+STALE_LOCK_S = 600  # a build lock older than this was left by a build that died
+FAILED = "build-failed.txt"  # written where a build failed, with the reason
 
 
 def _cpu_signature() -> str:
@@ -106,8 +106,9 @@ def library() -> tuple[bool, str | None]:
         else:
             torch.ops.load_library(str(built))
     except Exception as error:  # no compiler, no ninja, a compile error: the other paths serve every call
-        why = str(error).strip().splitlines()
-        reason = f"native kernels unavailable ({type(error).__name__}: {why[-1] if why else ''})"
+        lines = str(error).strip().splitlines()
+        why = next((line for line in lines if "error:" in line), lines[-1] if lines else "")  # the compiler's first
+        reason = f"native kernels unavailable ({type(error).__name__}: {why.strip()})"
         logger.warning(f"{reason}; the packed and dequant paths serve every call. {ENV}=0 skips the attempt.")
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 // optimum-agentos native CPU kernels: matrix products that read int8 or int4 codes directly, with float32 activations
 // and float32 accumulation, for few-token calls (decode, short prompts). Built once per machine by
-// `optimum_agentos/nn/native.py` (-O3 -march=native: the compiler vectorises the loops for the CPU it runs on:
-// AVX2, AVX-512, NEON), registered as `torch.ops.agentos_native.*`; a Meta implementation lets torch.compile trace them.
+// `optimum_agentos/nn/native.py` with -O3 -march=native: AVX-512 and AVX2 (+FMA) versions below, and a portable one
+// the compiler vectorises for anything else (NEON, SSE). Registered as `torch.ops.agentos_native.*`; a Meta
+// implementation lets torch.compile trace them.
 //
 // Both read a layout the layer's packed kernel already keeps (no second copy of the codes):
 // - int8_rows_matmul: codes `w` [N, K] int8 (`q - 128` for asymmetric rows, the symmetric codes as they are),
@@ -78,8 +79,10 @@ void int8_rows_avx512(const int8_t* w, const float* x, int64_t K, float dots[][4
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     __m512 c[R];
-    for (int r = 0; r < R; ++r)
-      c[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k))));
+    for (int r = 0; r < R; ++r) {
+      const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k));
+      c[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+    }
     for (int t = 0; t < T; ++t) {
       const __m512 xv = _mm512_loadu_ps(x + t * K + k);
       for (int r = 0; r < R; ++r) acc[t][r] = _mm512_fmadd_ps(c[r], xv, acc[t][r]);
@@ -145,8 +148,10 @@ void int8_rows_avx2(const int8_t* w, const float* x, int64_t K, float dots[][4])
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
     __m256 c[R];
-    for (int r = 0; r < R; ++r)
-      c[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + r * K + k))));
+    for (int r = 0; r < R; ++r) {
+      const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + r * K + k));
+      c[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));
+    }
     for (int t = 0; t < T; ++t) {
       const __m256 xv = _mm256_loadu_ps(x + t * K + k);
       for (int r = 0; r < R; ++r) acc[t][r] = _mm256_fmadd_ps(c[r], xv, acc[t][r]);
