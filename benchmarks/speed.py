@@ -305,6 +305,13 @@ def sweep_markdown(results: list[dict]) -> list[str]:
     return lines
 
 
+def native_state() -> str:
+    """"built" when this machine has the native CPU paths, else why not (the rows' processes load the same build)."""
+    from optimum_agentos.nn import native
+
+    return native.unavailable() or "built"
+
+
 def write_markdown(results: list[dict], args, meta: dict) -> str:
     fp32 = next(r for r in results if r["row"] == "fp32")
     ppl = "wikitext2_ppl" in fp32
@@ -331,6 +338,10 @@ def write_markdown(results: list[dict], args, meta: dict) -> str:
         "into a reused buffer and multiplied in bf16 or float32"
         + (" (`dequant-t`: from codes kept transposed, half a byte per weight up to 4 bits and one at 8, in the RSS "
            "column when chosen)" if meta.get("dequant_t") else "")
+        + ("; for calls of up to 64 tokens also `native-int8` / `native-int4`: float32 activations times the codes "
+           "in the packed kernels' layouts, compiled once per machine (`optimum_agentos/nn/native.py`)"
+           if meta.get("native") == "built" else
+           f" (native paths unavailable: {meta['native']})" if meta.get("native") else "")
         + "; q/k/v and gate/up in one packed-kernel call each at "
         "decode; a float32 output head beside quantized layers measured against a bfloat16 copy of it (when chosen, "
         "its "
@@ -434,7 +445,8 @@ def main() -> None:
     results += [{"row": row, "failed": why} for row, why in FAILED.items()]
     meta = run_meta(args, options)
     meta.update(cpu=cpu_name(), cpu_flags=cpu_flags(), xllamacpp=_version("xllamacpp"), name=args.name,
-                dequant_t=True, llamacpp_process=True)  # runs since dequant-t and the llama.cpp child process
+                dequant_t=True, llamacpp_process=True,  # runs since dequant-t and the llama.cpp child process
+                native=native_state())
     if args.no_publish:
         print(json.dumps(results, indent=1))
         print(write_markdown(results, args, meta))
