@@ -65,15 +65,17 @@ def build_dir() -> Path:
     return Path(folder) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _ninja_on_path() -> None:
-    """torch builds with ninja; the `ninja` wheel's binary is not on PATH unless its environment is activated."""
+def _path_with_ninja() -> str:
+    """PATH for the build: torch builds with ninja, and the `ninja` wheel's binary is not on PATH unless its
+    environment is activated."""
+    path = os.environ.get("PATH", "")
     if shutil.which("ninja"):
-        return
+        return path
     try:
         import ninja
     except ImportError:
-        return
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        return path
+    return ninja.BIN_DIR + os.pathsep + path
 
 
 @functools.cache
@@ -92,16 +94,22 @@ def library() -> tuple[bool, str | None]:
         if not built.exists():
             from torch.utils import cpp_extension
 
-            _ninja_on_path()
             folder.mkdir(parents=True, exist_ok=True)
             lock = folder / "lock"
             if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
                 lock.unlink()  # our own lock file, left by a build that was killed
             logger.warning(f"Compiling optimum-agentos' native CPU kernels for this machine into {folder} (once; "
                            f"about 20 s; {ENV}=0 skips them).")
-            start = time.perf_counter()
-            cpp_extension.load(name, [str(SOURCE)], extra_cflags=cflags(), extra_ldflags=list(LDFLAGS),
-                               build_directory=str(folder), is_python_module=False, verbose=False)
+            start, path = time.perf_counter(), os.environ.get("PATH")
+            os.environ["PATH"] = _path_with_ninja()  # for the build only
+            try:
+                cpp_extension.load(name, [str(SOURCE)], extra_cflags=cflags(), extra_ldflags=list(LDFLAGS),
+                                   build_directory=str(folder), is_python_module=False, verbose=False)
+            finally:
+                if path is None:
+                    os.environ.pop("PATH", None)
+                else:
+                    os.environ["PATH"] = path
             logger.info(f"Native CPU kernels compiled in {time.perf_counter() - start:.1f} s.")
         else:
             torch.ops.load_library(str(built))

@@ -93,18 +93,22 @@ def _plan(module, kernel, planner: _Planner) -> list[list]:
     and kept only where a token count chose it (a load with the cache builds no layout it then drops)."""
     entry = planner.entry(module, kernel) if planner.policy == "auto" else {}
     cached = entry.get("routes")
+    allowed = not getattr(kernel, "quantizes_activations", False) and os.environ.get(transposed.ENV, "1") != "0"
     wanted = planner.policy == transposed.NAME or (planner.policy == "auto" and (
         cached is None or any(name == transposed.NAME for _, name in cached)))  # to measure, or chosen
-    if wanted and not getattr(kernel, "quantizes_activations", False) and os.environ.get(transposed.ENV, "1") != "0":
+    if wanted and allowed:
         transposed.prepare(module)
     routes = planner.routes(module, kernel)
     unavailable = {path.name for path in native.PATHS} if native.unavailable() else set()
+    if any(name in unavailable for _, name in routes):  # a cached native choice, the library gone: the next fastest
+        routes = dispatch.routes_without(entry, unavailable)  # measured path (which may be `dequant-t`)
+    if any(name == transposed.NAME for _, name in routes):
+        if allowed and transposed.layout_bytes(module) == 0:
+            transposed.prepare(module)
+        if transposed.layout_bytes(module) == 0:  # chosen in the cache, but turned off now (or too large)
+            routes = dispatch.routes_without(entry, unavailable | {transposed.NAME})
     if not any(name == transposed.NAME for _, name in routes):
         transposed.drop(module)
-    elif transposed.layout_bytes(module) == 0:  # chosen in the cache, but turned off now
-        unavailable.add(transposed.NAME)
-    if any(name in unavailable for _, name in routes):
-        routes = dispatch.routes_without(entry, unavailable)
     return routes
 
 

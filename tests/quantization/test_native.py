@@ -9,7 +9,7 @@ import platform
 import pytest
 import torch
 
-from optimum_agentos.nn import dispatch, native
+from optimum_agentos.nn import dispatch, native, transposed
 from optimum_agentos.nn.embedding import QuantHead
 from optimum_agentos.nn.kernels import Int4PackKernel, Int8PackKernel
 from optimum_agentos.nn.prepare import prepare_kernels
@@ -90,12 +90,17 @@ def test_a_cached_native_choice_falls_back_when_the_library_is_unavailable(cache
     (key,) = data["choices"]
     entry = data["choices"][key]
     entry["routes"] = [[4, "native-int8"], [None, "dequant-exact"]]
+    # next fastest where native-int8 was fastest: dequant-t, whose layout the cached routes did not ask for
+    entry["us"] = {tokens: {**row, "native-int8": 0.1, "dequant-t": 0.2} if "native-int8" in row else row
+                   for tokens, row in entry["us"].items()}
     path.write_text(json.dumps(data))
     monkeypatch.setattr(native, "unavailable", lambda: "turned off for this test")
     second = layer(8, -1, 576, 192, seed=1)
     prepare_kernels(second)
     assert all(name != "native-int8" for _, name in second.route_names)
-    assert [list(r) for r in second.route_names] == dispatch.routes_without(entry, {"native-int8", "native-int4"})
+    expected = dispatch.routes_without(entry, {"native-int8", "native-int4"})
+    assert [list(r) for r in second.route_names] == expected and expected[0][1] == "dequant-t"
+    assert transposed.layout_bytes(second) > 0  # built for the fallback
     x = torch.randn(1, 1, 576)
     with torch.no_grad():
         ref = reference(second, x)
