@@ -142,23 +142,22 @@ def accurate(layer, paths: list, dtype: torch.dtype) -> tuple[list, list[str]]:
 def time_paths(layer, paths: list, dtype: torch.dtype) -> dict[int, dict[str, float]]:
     """Microseconds of each path at each bucket's token count: the fastest of its calls, timed round-robin."""
     timings = {}
-    every_path = paths
     for tokens in BUCKETS:
         x = torch.randn(tokens, layer.in_features).to(dtype)
         warm = {}
         # paths made for few tokens (`max_tokens`) are not timed, nor chosen, above their limit
-        paths = [p for p in every_path if getattr(p, "max_tokens", None) is None or tokens <= p.max_tokens]
-        for path in paths:  # a new view each call: nothing cached from the previous call's input is reused
+        active = [p for p in paths if getattr(p, "max_tokens", None) is None or tokens <= p.max_tokens]
+        for path in active:  # a new view each call: nothing cached from the previous call's input is reused
             start = time.perf_counter()
             path.run(layer, x.view_as(x))
             warm[path.name] = time.perf_counter() - start
         repeats = 1 if max(warm.values()) > LONG_CALL_S else REPEATS
-        samples = {path.name: [] for path in paths}
+        samples = {path.name: [] for path in active}
         # long calls: a path already 4x slower than the best warm-up keeps its warm-up time (the output head at
         # 512 tokens would otherwise cost seconds per slow path)
         fastest = min(warm.values())
-        timed = [p for p in paths if warm[p.name] <= LONG_CALL_S or warm[p.name] <= 4 * fastest]
-        for path in paths:
+        timed = [p for p in active if warm[p.name] <= LONG_CALL_S or warm[p.name] <= 4 * fastest]
+        for path in active:
             if path not in timed:
                 samples[path.name].append(warm[path.name])
         for _ in range(repeats):

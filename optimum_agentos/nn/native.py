@@ -95,9 +95,11 @@ def library() -> tuple[bool, str | None]:
             from torch.utils import cpp_extension
 
             folder.mkdir(parents=True, exist_ok=True)
-            lock = folder / "lock"
+            lock = folder / "lock"  # torch's build lock: another process is building, or a build was killed
             if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-                lock.unlink()  # our own lock file, left by a build that was killed
+                # never deleted here (we cannot tell who wrote it): waiting on it would hang every load
+                return False, (f"native kernels unavailable (a build lock older than {STALE_LOCK_S} s is in "
+                               f"{folder}: a build was killed; delete {lock} to build again)")
             logger.warning(f"Compiling optimum-agentos' native CPU kernels for this machine into {folder} (once; "
                            f"about 20 s; {ENV}=0 skips them).")
             start, path = time.perf_counter(), os.environ.get("PATH")

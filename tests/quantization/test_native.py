@@ -162,6 +162,23 @@ def test_other_cpus_versions_compute_the_same_numbers(tmp_path, arch):
     assert float(out.split("WORST")[1]) <= 1e-5
 
 
+def test_a_lock_left_by_a_killed_build_is_reported_and_never_deleted(tmp_path):
+    out = run_python("""
+        import os, time
+        from optimum_agentos.nn import native
+        folder = native.build_dir()
+        folder.mkdir(parents=True)
+        lock = folder / "lock"
+        lock.write_text("")
+        old = time.time() - 2 * native.STALE_LOCK_S
+        os.utime(lock, (old, old))
+        print(native.library())
+        print("LOCK", lock.exists())
+    """, env={native.DIR_ENV: str(tmp_path / "native")})
+    assert "a build was killed" in out and "LOCK True" in out
+    assert not list((tmp_path / "native").rglob("*.so"))
+
+
 def test_turned_off_by_the_environment(tmp_path):
     out = run_python("""
         from optimum_agentos.nn import native
