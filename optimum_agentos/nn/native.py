@@ -197,3 +197,11 @@ class NativeInt4Blocks:
 
 
 PATHS = (NativeInt8Rows, NativeInt4Blocks)
+INT4_BUFFERS = ("kernel_group_scales", "kernel_group_shifts")  # float32, built by `kernels.Int4PackKernel.prepare`
+
+
+def drop_unused(module) -> None:
+    """Free the int4 path's float32 scales and shifts where no token count chose it (8 bytes per group and row)."""
+    if not any(name == NativeInt4Blocks.name for _, name in getattr(module, "route_names", None) or ()):
+        for buffer in INT4_BUFFERS:
+            module._buffers.pop(buffer, None)

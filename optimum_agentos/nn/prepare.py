@@ -135,6 +135,7 @@ def _prepare_sparse(module: SparseLinear, planner: _Planner, dtype: torch.dtype)
         kernel.prepare(inner)
     inner.kernel = kernel
     _install(inner, _plan(inner, kernel, planner))
+    native.drop_unused(inner)
     module.use_compute_layer(inner)
     path = f"dense codes ({kernel.name if kernel else 'reference'})"
     return path, _layout_bytes(inner) + transposed.layout_bytes(inner)
@@ -195,6 +196,7 @@ def prepare_kernels(model, policy: str | None = None, activations: str | None = 
             kernel.prepare(module)
         module.kernel = kernel
         _install(module, _plan(module, kernel, planner))
+        native.drop_unused(module)
         chosen[name] = kernel.name if kernel else "reference"
         memory["kernel layouts"] += _layout_bytes(module)
         memory[f"transposed codes for dequant-t ({transposed.ENV}=0 saves them)"] += transposed.layout_bytes(module)

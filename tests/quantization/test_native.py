@@ -76,6 +76,9 @@ def test_measured_only_up_to_their_token_limit_and_chosen_by_the_dispatch(cache_
     (entry,) = json.loads(path.read_text())["choices"].values()
     for tokens, row in entry["us"].items():
         assert ("native-int4" in row) == (int(tokens) <= native.MAX_TOKENS), (tokens, row)
+    # the float32 scales and shifts of the int4 path are kept only where a token count chose it
+    chose = any(name == "native-int4" for _, name in module.route_names)
+    assert (getattr(module, "kernel_group_scales", None) is not None) == chose
     # wherever the measurement puts it, the layer computes within the native bound
     x = torch.randn(1, 2, 576)
     with torch.no_grad():
