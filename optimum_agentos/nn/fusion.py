@@ -91,7 +91,8 @@ def _fusable(members: list) -> bool:
     kernel = first.kernel
     if getattr(kernel, "name", None) not in ("int4pack-bf16", "int8pack-bf16"):
         return False
-    if first.routes is None or first.routes[0][1] not in (kernel.run, *(path.run for path in native.PATHS)):
+    few_token_paths = (kernel.run, *(path.run for path in native.FEW_TOKEN_PATHS))
+    if first.routes is None or first.routes[0][1] not in few_token_paths:
         return False  # the packed kernel or a native path (reading its layout) serves the shortest calls
     for m in members:
         if m.kernel is not kernel or m.routes is None or m.in_features != first.in_features:

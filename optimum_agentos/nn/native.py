@@ -38,6 +38,7 @@ DIR_ENV = "OPTIMUM_AGENTOS_NATIVE_DIR"  # where the compiled library is kept
 SOURCE = Path(__file__).parent / "csrc" / "native_cpu.cpp"
 ARCH_ENV = "OPTIMUM_AGENTOS_NATIVE_ARCH"  # the -march target (default "native"; tests build x86-64-v3 = AVX2 too)
 LDFLAGS = ("-fopenmp",)  # at::parallel_for runs on torch's OpenMP threads
+FLOAT_CHANNELS = 8  # input channels the int8-activation paths multiply in float32: those with the largest |x|
 MAX_TOKENS = 64  # timed (and chosen) up to this many tokens: they read each weight once per 4 tokens, no blocking
 STALE_LOCK_S = 600  # a build lock older than this was left by a build that died
 FAILED = "build-failed.txt"  # written where a build failed, with the reason
@@ -144,6 +145,13 @@ def _finish(layer, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
+def _int8_rows(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`(codes [N, K] int8, float32 row scales, zero-point share or None)` of an int8 row layout (`NativeInt8Rows`)."""
+    if hasattr(layer, "kernel_row_scales"):
+        return layer.kernel_weight, layer.kernel_row_scales, layer.kernel_zero_term
+    return layer.weight, layer.weight_scale.reshape(-1).float(), None
+
+
 class NativeInt8Rows:
     """int8 with one scale per output row: the int8 kernel's `q - 128` rows (`QuantLinear`) or a `QuantHead`'s
     symmetric rows, times float32 activations."""
@@ -166,12 +174,7 @@ class NativeInt8Rows:
     @staticmethod
     def run(layer, x: torch.Tensor) -> torch.Tensor:
         flat = _float_rows(x, layer.in_features)
-        if hasattr(layer, "kernel_row_scales"):
-            y = torch.ops.agentos_native.int8_rows_matmul(flat, layer.kernel_weight, layer.kernel_row_scales,
-                                                          layer.kernel_zero_term)
-        else:  # QuantHead: symmetric rows, float scales [N, 1]
-            y = torch.ops.agentos_native.int8_rows_matmul(flat, layer.weight, layer.weight_scale.reshape(-1).float(),
-                                                          None)
+        y = torch.ops.agentos_native.int8_rows_matmul(flat, *_int8_rows(layer))
         return _finish(layer, y, x)
 
 
@@ -196,12 +199,80 @@ class NativeInt4Blocks:
         return _finish(layer, y, x)
 
 
-PATHS = (NativeInt8Rows, NativeInt4Blocks)
-INT4_BUFFERS = ("kernel_group_scales", "kernel_group_shifts")  # float32, built by `kernels.Int4PackKernel.prepare`
+def _int8_tokens_matmul(layer, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                        zero_term: torch.Tensor | None) -> torch.Tensor:
+    """`x` times int8 weight codes `weight` `[K, N]` (w = scale[n] weight[k, n] - zero_term[n]), the activations
+    rounded to int8 per token with their residual (`int8_tokens_quantize`): one `torch._int_mm` of twice the tokens.
+    The `FLOAT_CHANNELS` input channels with the largest |x| are multiplied in float32 (LLM.int8()'s outliers)."""
+    flat = _float_rows(x, layer.in_features)
+    ops = torch.ops.agentos_native
+    codes, step, sums, channels = ops.int8_tokens_quantize(flat, min(FLOAT_CHANNELS, layer.in_features), True)
+    bias = getattr(layer, "bias", None)
+    y = ops.int8_tokens_epilogue(torch._int_mm(codes, weight), step, scale, sums, zero_term,
+                                 None if bias is None else bias.float())
+    # the left-out channels' codes are 0: their float32 products
+    y = y.addmm_(flat.index_select(1, channels), weight.index_select(0, channels).float().mul_(scale))
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _int_mm_unsupported() -> str | None:
+    return None if hasattr(torch, "_int_mm") else "this torch build has no torch._int_mm"
+
+
+class NativeInt8Activations:
+    """int8 rows times the activations rounded to int8 per token, for long inputs: float32 matmuls are bound by
+    arithmetic there, and int8 x int8 (`torch._int_mm`: oneDNN's VNNI / AMX kernels) multiplies several times faster
+    per instruction. Reads the rows `NativeInt8Rows` reads (no new copy).
+
+    Each token gets one symmetric grid plus a second, 254 times finer one for its rounding error
+    (`int8_tokens_quantize`): the activations are kept to about 16 bits (within 1/508 of the token's largest |x|), so
+    the outputs are the weight-only model's to about 1e-4 of max |y| (bfloat16 activations are off by about 1e-3), at
+    the price of a matmul over twice the tokens."""
+
+    name = "native-int8-act"
+    tolerance = 1e-4
+
+    @staticmethod
+    def unsupported(layer) -> str | None:
+        return _int_mm_unsupported() or NativeInt8Rows.unsupported(layer)
+
+    @staticmethod
+    def run(layer, x: torch.Tensor) -> torch.Tensor:
+        weight, scale, zero_term = _int8_rows(layer)
+        return _int8_tokens_matmul(layer, x, weight.t(), scale, zero_term)
+
+
+class NativeInt4Activations:
+    """int4 for long inputs: the layer's weights rounded onto one int8 grid per row at each call
+    (`int4_blocks_to_int8`, from the int4 kernel's blocks: no second copy kept), then `NativeInt8Activations`'
+    int8 x int8 matmul. That rounding moves each weight by at most half of 1/127 of its row's largest |w| (a
+    seventeenth of an int4 step or less), about 1e-2 of max |y| on random layers: its bound is 2e-2."""
+
+    name = "native-int4-act"
+    tolerance = 2e-2
+
+    @staticmethod
+    def unsupported(layer) -> str | None:
+        return _int_mm_unsupported() or NativeInt4Blocks.unsupported(layer)
+
+    @staticmethod
+    def run(layer, x: torch.Tensor) -> torch.Tensor:
+        weight = torch.ops.agentos_native.int4_blocks_to_int8(
+            layer.kernel_weight, layer.kernel_group_scales, layer.kernel_group_shifts, layer.kernel_int8_inverse,
+            layer.in_features, layer.kernel_stored_group)
+        return _int8_tokens_matmul(layer, x, weight, layer.kernel_int8_scale, None)
+
+
+FEW_TOKEN_PATHS = (NativeInt8Rows, NativeInt4Blocks)  # float32 activations; what a fused sibling group can run
+PATHS = (*FEW_TOKEN_PATHS, NativeInt8Activations, NativeInt4Activations)
+# float32, built by `kernels.Int4PackKernel.prepare` for the native int4 paths
+INT4_BUFFERS = ("kernel_group_scales", "kernel_group_shifts", "kernel_int8_scale", "kernel_int8_inverse")
 
 
 def drop_unused(module) -> None:
-    """Free the int4 path's float32 scales and shifts where no token count chose it (8 bytes per group and row)."""
-    if not any(name == NativeInt4Blocks.name for _, name in getattr(module, "route_names", None) or ()):
+    """Free the native int4 paths' float32 scales and shifts where no token count chose them (8 bytes per group and
+    row)."""
+    int4_paths = {NativeInt4Blocks.name, NativeInt4Activations.name}
+    if not any(name in int4_paths for _, name in getattr(module, "route_names", None) or ()):
         for buffer in INT4_BUFFERS:
             module._buffers.pop(buffer, None)

@@ -62,6 +62,101 @@ def test_int8_output_head_rows():
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+def _int8_activation_layer(bits, sym, in_features, out_features, g):
+    weight = torch.randn(out_features, in_features, generator=g) * 0.05
+    module = type(layer()).from_float(weight, torch.randn(out_features, generator=g), bits, -1 if bits == 8 else 128,
+                                      sym=sym)
+    kernel = Int8PackKernel if bits == 8 else Int4PackKernel
+    kernel.prepare(module)
+    module.kernel = kernel
+    return module
+
+
+@pytest.mark.parametrize("bits, sym, in_features, out_features", [
+    (8, False, 576, 1536), (8, True, 1536, 576), (4, False, 576, 192), (4, False, 1536, 128)])
+@pytest.mark.parametrize("tokens", [1, 9, 300])
+def test_int8_activation_paths_stay_within_their_rounding_bound(bits, sym, in_features, out_features, tokens):
+    """Each output is off by at most what its roundings allow: the activations' residual grid (1/508 of the token's
+    largest |x| outside the float32 channels) times sum_k |w[n, k]|, and for int4 the weights' int8 grid (half of
+    1/127 of the row's largest |w|) times sum_k |x_k|. The `FLOAT_CHANNELS` largest channels are multiplied in
+    float32."""
+    g = torch.Generator().manual_seed(tokens + bits)
+    module = _int8_activation_layer(bits, sym, in_features, out_features, g)
+    path = native.NativeInt8Activations if bits == 8 else native.NativeInt4Activations
+    assert path.unsupported(module) is None
+    x = torch.randn(tokens, in_features, generator=g) + 0.5
+    x[:, 7] *= 30  # an outlier channel: left out of the grids
+    with torch.no_grad():
+        ref = reference(module, x)
+        out = path.run(module, x)
+        out16 = path.run(module, x.bfloat16())
+    weight = module.dequantize()
+    inliers = torch.ones(in_features, dtype=torch.bool)
+    inliers[x.abs().amax(dim=0).topk(native.FLOAT_CHANNELS).indices] = False
+    assert not inliers[7]
+    step = x[:, inliers].abs().amax(dim=1, keepdim=True) / 127
+    bound = step / 508 * weight[:, inliers].abs().sum(dim=1)
+    if bits == 4:
+        row_step = weight.abs().amax(dim=1) / 127
+        bound = bound + row_step / 2 * x.abs().sum(dim=1, keepdim=True)
+    error = (out - ref).abs()
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert (error <= 1.01 * bound + 1e-5 * ref.abs().max()).all(), (error - bound).max()
+    assert error.max() <= path.tolerance * ref.abs().max()
+    assert out16.dtype == torch.bfloat16
+    assert (out16.float() - reference(module, x.bfloat16().float())).abs().max() <= 1e-2 * ref.abs().max()
+
+
+def test_int8_activation_grids_and_the_int4_weights_on_int8_grids():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 256, generator=g)
+    x[2, 9] = 7.5  # channel 9 is left off the grids, with the next three largest
+    codes, step, sums, channels = torch.ops.agentos_native.int8_tokens_quantize(x, 4, True)
+    assert codes.shape == (10, 256) and codes.dtype == torch.int8
+    assert channels.tolist() == x.abs().amax(dim=0).topk(4).indices.tolist() and channels[0] == 9
+    assert (codes[:, channels] == 0).all() and codes.abs().max() <= 127
+    inliers = x.clone()
+    inliers[:, channels] = 0
+    assert torch.allclose(step, inliers.abs().amax(dim=1) / 127)
+    assert torch.allclose(sums, x.sum(dim=1), atol=1e-5)
+    back = step[:, None] * (codes[:5].float() + codes[5:].float() / 254)
+    assert ((back - inliers).abs() <= step[:, None] / 508 * 1.01).all()  # 1%: float32 rounding of x / step
+    # int4 blocks onto one int8 grid per row: round(w / (max |w| / 127)), as [in, out]
+    module = _int8_activation_layer(4, False, 576, 128, g)
+    int8 = torch.ops.agentos_native.int4_blocks_to_int8(
+        module.kernel_weight, module.kernel_group_scales, module.kernel_group_shifts, module.kernel_int8_inverse, 576,
+        module.kernel_stored_group)
+    weight = module.dequantize()
+    scaled = weight / (weight.abs().amax(dim=1, keepdim=True) / 127)
+    assert int8.shape == (576, 128) and int8.dtype == torch.int8
+    assert ((int8.t().float() - scaled).abs() <= 0.5 + 1e-4).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int8_activation_paths_trace_whole_for_torch_compile(bits):
+    g = torch.Generator().manual_seed(1)
+    module = _int8_activation_layer(bits, False, 256, 128, g)
+    path = native.NativeInt8Activations if bits == 8 else native.NativeInt4Activations
+    x = torch.randn(3, 40, 256, generator=g)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(lambda t: path.run(module, t), backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(x), path.run(module, x))  # static shapes (Meta implementations), no break
+    torch._dynamo.reset()
+
+
+def test_int8_activations_on_the_int8_output_head():
+    torch.manual_seed(0)
+    head = QuantHead.from_float(torch.nn.Linear(192, 1000, bias=False))
+    assert native.NativeInt8Activations.unsupported(head) is None
+    x = torch.randn(1, 70, 192)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, head.dequantize())
+        out = native.NativeInt8Activations.run(head, x)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() <= native.NativeInt8Activations.tolerance * ref.abs().max()
+
+
 def test_layers_without_the_layout_are_refused_with_the_reason():
     assert "int4pack" in native.NativeInt4Blocks.unsupported(layer(3, 128, 576, 192))
     module = layer(8, 128, 576, 192)  # grouped int8: no row layout
@@ -77,7 +172,7 @@ def test_measured_only_up_to_their_token_limit_and_chosen_by_the_dispatch(cache_
     for tokens, row in entry["us"].items():
         assert ("native-int4" in row) == (int(tokens) <= native.MAX_TOKENS), (tokens, row)
     # the float32 scales and shifts of the int4 path are kept only where a token count chose it
-    chose = any(name == "native-int4" for _, name in module.route_names)
+    chose = any(name in ("native-int4", "native-int4-act") for _, name in module.route_names)
     assert (getattr(module, "kernel_group_scales", None) is not None) == chose
     # wherever the measurement puts it, the layer computes within the native bound
     x = torch.randn(1, 2, 576)
@@ -102,7 +197,7 @@ def test_a_cached_native_choice_falls_back_when_the_library_is_unavailable(cache
     second = layer(8, -1, 576, 192, seed=1)
     prepare_kernels(second)
     assert all(name != "native-int8" for _, name in second.route_names)
-    expected = dispatch.routes_without(entry, {"native-int8", "native-int4"})
+    expected = dispatch.routes_without(entry, {path.name for path in native.PATHS})
     assert [list(r) for r in second.route_names] == expected and expected[0][1] == "dequant-t"
     assert transposed.layout_bytes(second) > 0  # built for the fallback
     x = torch.randn(1, 1, 576)

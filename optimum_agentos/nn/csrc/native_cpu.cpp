@@ -17,6 +17,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -343,6 +345,179 @@ at::Tensor int4_blocks_matmul(const at::Tensor& x, const at::Tensor& packed, con
   return y;
 }
 
+// Activations rounded to int8 for int8 x int8 matmuls (`int8_tokens_quantize`, torch._int_mm, then
+// `int8_tokens_epilogue`), one symmetric grid per token: v = x[m, k] / a[m] in [-127, 127] with
+// a[m] = max_k |x[m, k]| / 127 over the channels kept on the grid, codes j = round(v) in rows 0..M-1 and, with
+// `residual`, the rounding error on a 254 times finer grid, r = round((v - j) 254), in rows M..2M-1: then
+// x = a (j + r / 254) to within a / 508 (about 16-bit activations; without it, within a / 2). The `outliers` channels
+// with the largest max |x| over the tokens are left off the grids (codes 0), so that a few large activations do not
+// coarsen every token's grid; the caller multiplies them in float32 (as LLM.int8() does with its outliers). A fixed
+// count keeps every shape static (torch.compile). Also returned: the exact sums of each token's inputs (for the
+// weights' zero points).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_tokens_quantize(const at::Tensor& x, int64_t outliers,
+                                                                                 bool residual) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(outliers >= 0 && outliers <= K, "outliers must be in [0, ", K, "]");
+  const float* xp = x.data_ptr<float>();
+  std::vector<float> peak(K, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = xp + m * K;
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) peak[k] = std::max(peak[k], std::abs(xr[k]));
+  }
+  std::vector<int64_t> order(K);
+  for (int64_t k = 0; k < K; ++k) order[k] = k;
+  std::partial_sort(order.begin(), order.begin() + outliers, order.end(),
+                    [&](int64_t i, int64_t j) { return peak[i] > peak[j] || (peak[i] == peak[j] && i < j); });
+  auto channels = at::empty({outliers}, x.options().dtype(at::kLong));
+  std::vector<float> keep(K, 1.f);
+  for (int64_t i = 0; i < outliers; ++i) {
+    channels.data_ptr<int64_t>()[i] = order[i];
+    keep[order[i]] = 0.f;
+  }
+  auto codes = at::empty({residual ? 2 * M : M, K}, x.options().dtype(at::kChar));
+  auto step = at::empty({M}, x.options());
+  auto sums = at::empty({M}, x.options());
+  int8_t* cp = codes.data_ptr<int8_t>();
+  float* ap = step.data_ptr<float>();
+  float* sp = sums.data_ptr<float>();
+  const float* kp = keep.data();
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* xr = xp + m * K;
+      float high = 0.f, total = 0.f;
+#pragma omp simd reduction(max : high) reduction(+ : total)
+      for (int64_t k = 0; k < K; ++k) {
+        high = std::max(high, std::abs(xr[k]) * kp[k]);
+        total += xr[k];
+      }
+      const float inverse = high > 0.f ? 127.f / high : 0.f;
+      int8_t* cr = cp + m * K;
+      int8_t* rr = cp + (M + m) * K;  // used with `residual` only
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = xr[k] * kp[k] * inverse;  // in [-127, 127]
+        const int32_t j = static_cast<int32_t>(v + (v >= 0.f ? 0.5f : -0.5f));  // nearest
+        cr[k] = static_cast<int8_t>(j);
+        if (residual) {
+          const float r = (v - static_cast<float>(j)) * 254.f;  // in [-127, 127]
+          rr[k] = static_cast<int8_t>(static_cast<int32_t>(r + (r >= 0.f ? 0.5f : -0.5f)));
+        }
+      }
+      ap[m] = high / 127.f;
+      sp[m] = total;
+    }
+  });
+  return {codes, step, sums, channels};
+}
+
+// y[m, n] = step[m] scale[n] c[m, n] - zero_term[n] sums[m] (+ bias[n]), c = acc[m, n] (+ acc[M + m, n] / 254 when
+// acc has the residual codes' rows too): the int32 products of `int8_tokens_quantize`'s codes with the weight codes
+// (`q - 128`, or symmetric codes) back to float32, in one pass.
+at::Tensor int8_tokens_epilogue(const at::Tensor& acc, const at::Tensor& step, const at::Tensor& scale,
+                                const at::Tensor& sums, const c10::optional<at::Tensor>& zero_term,
+                                const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == at::kInt && acc.is_contiguous(), "acc: contiguous int32 [M, N]");
+  const int64_t M = step.numel(), N = acc.size(1);
+  TORCH_CHECK(acc.size(0) == M || acc.size(0) == 2 * M, "acc: ", M, " or ", 2 * M, " rows, not ", acc.size(0));
+  const bool residual = acc.size(0) == 2 * M;
+  TORCH_CHECK(step.scalar_type() == at::kFloat && step.is_contiguous() && step.numel() == M, "step: float32 [M]");
+  TORCH_CHECK(sums.scalar_type() == at::kFloat && sums.is_contiguous() && sums.numel() == M, "sums: float32 [M]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N, "scale: float32 [N]");
+  auto vector = [N](const c10::optional<at::Tensor>& t, const char* name) -> const float* {
+    if (!t.has_value()) return nullptr;
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == N, name, ": float32 [N]");
+    return t->data_ptr<float>();
+  };
+  const float* zp = vector(zero_term, "zero_term");
+  const float* bp = vector(bias, "bias");
+  auto y = at::empty({M, N}, acc.options().dtype(at::kFloat));
+  const int32_t* ip = acc.data_ptr<int32_t>();
+  const float *ap = step.data_ptr<float>(), *sp = scale.data_ptr<float>(), *tp = sums.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int32_t* ir = ip + m * N;
+      const int32_t* rr = residual ? ip + (M + m) * N : ir;
+      const float fine = residual ? 1.f / 254.f : 0.f;
+      float* yr = yp + m * N;
+      const float a = ap[m], total = tp[m];
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n)
+        yr[n] = a * sp[n] * (static_cast<float>(ir[n]) + fine * static_cast<float>(rr[n])) -
+                (zp != nullptr ? zp[n] * total : 0.f) + (bp != nullptr ? bp[n] : 0.f);
+    }
+  });
+  return y;
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_tokens_quantize_meta(const at::Tensor& x,
+                                                                                      int64_t outliers,
+                                                                                      bool residual) {
+  return {at::empty({residual ? 2 * x.size(0) : x.size(0), x.size(1)}, x.options().dtype(at::kChar)),
+          at::empty({x.size(0)}, x.options()),
+          at::empty({x.size(0)}, x.options()), at::empty({outliers}, x.options().dtype(at::kLong))};
+}
+
+at::Tensor int8_tokens_epilogue_meta(const at::Tensor& acc, const at::Tensor& step, const at::Tensor& scale,
+                                     const at::Tensor& sums, const c10::optional<at::Tensor>& zero_term,
+                                     const c10::optional<at::Tensor>& bias) {
+  return at::empty({step.size(0), acc.size(1)}, acc.options().dtype(at::kFloat));
+}
+
+// The int4 blocks' weights (as `int4_blocks_matmul` reads them) rounded onto one int8 grid per output row:
+// out[k, n] = round((q[n, k] scale[g, n] - shift[g, n]) inverse[n]), [K, N] int8, with `inverse[n]` = 127 / the
+// row's largest |w| (so |out| <= 127). Made per call for `int8_tokens` matmuls (a quarter of a float32 copy's
+// writes), so the int4 model keeps no second copy of its weights.
+at::Tensor int4_blocks_to_int8(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& shift,
+                               const at::Tensor& inverse, int64_t K, int64_t group) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() % (32 * K) == 0,
+              "packed: contiguous uint8 blocks [N / 64, K, 32]");
+  const int64_t blocks = packed.numel() / (32 * K), N = blocks * 64;
+  TORCH_CHECK(group > 0, "group must be positive");
+  const int64_t G = (K + group - 1) / group;
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == G * N,
+              "scale: float32 [groups, N]");
+  TORCH_CHECK(shift.scalar_type() == at::kFloat && shift.is_contiguous() && shift.numel() == G * N,
+              "shift: float32 [groups, N]");
+  TORCH_CHECK(inverse.scalar_type() == at::kFloat && inverse.is_contiguous() && inverse.numel() == N,
+              "inverse: float32 [N]");
+  auto out = at::empty({K, N}, packed.options().dtype(at::kChar));
+  const uint8_t* bp = packed.data_ptr<uint8_t>();
+  const float *sp = scale.data_ptr<float>(), *hp = shift.data_ptr<float>(), *ip = inverse.data_ptr<float>();
+  int8_t* op = out.data_ptr<int8_t>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float a[64], b[64];  // per row of the block: q a + b = (q scale - shift) inverse
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n0 = blk * 64;
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t j = 0; j < 64; ++j) {
+          a[j] = sp[g * N + n0 + j] * ip[n0 + j];
+          b[j] = -hp[g * N + n0 + j] * ip[n0 + j];
+        }
+        const int64_t stop = std::min(K, (g + 1) * group);
+        for (int64_t k = g * group; k < stop; ++k) {
+          const uint8_t* bytes = bp + (blk * K + k) * 32;
+          int8_t* o = op + k * N + n0;
+#pragma omp simd
+          for (int64_t j = 0; j < 32; ++j) {
+            const float lo = static_cast<float>(bytes[j] & 15) * a[j] + b[j];
+            const float hi = static_cast<float>(bytes[j] >> 4) * a[j + 32] + b[j + 32];
+            o[j] = static_cast<int8_t>(static_cast<int32_t>(lo + (lo >= 0.f ? 0.5f : -0.5f)));
+            o[j + 32] = static_cast<int8_t>(static_cast<int32_t>(hi + (hi >= 0.f ? 0.5f : -0.5f)));
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor int4_blocks_to_int8_meta(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& shift,
+                                    const at::Tensor& inverse, int64_t K, int64_t group) {
+  return at::empty({K, packed.numel() / (32 * K) * 64}, packed.options().dtype(at::kChar));
+}
+
 at::Tensor int8_rows_matmul_meta(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                                  const c10::optional<at::Tensor>& zero_term) {
   return at::empty({x.size(0), w.size(0)}, x.options());
@@ -358,14 +533,24 @@ at::Tensor int4_blocks_matmul_meta(const at::Tensor& x, const at::Tensor& packed
 TORCH_LIBRARY(agentos_native, m) {
   m.def("int8_rows_matmul(Tensor x, Tensor w, Tensor scale, Tensor? zero_term) -> Tensor");
   m.def("int4_blocks_matmul(Tensor x, Tensor packed, Tensor scale, Tensor shift, int group) -> Tensor");
+  m.def("int8_tokens_quantize(Tensor x, int outliers, bool residual) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("int8_tokens_epilogue(Tensor acc, Tensor step, Tensor scale, Tensor sums, Tensor? zero_term, Tensor? bias) "
+        "-> Tensor");
+  m.def("int4_blocks_to_int8(Tensor packed, Tensor scale, Tensor shift, Tensor inverse, int K, int group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(agentos_native, CPU, m) {
   m.impl("int8_rows_matmul", &int8_rows_matmul);
   m.impl("int4_blocks_matmul", &int4_blocks_matmul);
+  m.impl("int8_tokens_quantize", &int8_tokens_quantize);
+  m.impl("int8_tokens_epilogue", &int8_tokens_epilogue);
+  m.impl("int4_blocks_to_int8", &int4_blocks_to_int8);
 }
 
 TORCH_LIBRARY_IMPL(agentos_native, Meta, m) {
   m.impl("int8_rows_matmul", &int8_rows_matmul_meta);
   m.impl("int4_blocks_matmul", &int4_blocks_matmul_meta);
+  m.impl("int8_tokens_quantize", &int8_tokens_quantize_meta);
+  m.impl("int8_tokens_epilogue", &int8_tokens_epilogue_meta);
+  m.impl("int4_blocks_to_int8", &int4_blocks_to_int8_meta);
 }
