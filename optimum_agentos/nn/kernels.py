@@ -10,6 +10,9 @@ measured on the machine (`dispatch`, `prepare.prepare_kernels`), against the deq
 - the int8 output head (`embedding.QuantHead`): `Int8RowsKernel`, `_weight_int8pack_mm` on its symmetric rows.
 - `native.NativeInt8Rows` / `native.NativeInt4Blocks`: float32 activations times the codes in the int8 and int4
   kernels' layouts (compiled once per machine), for calls of up to `native.MAX_TOKENS` tokens.
+- `native.NativeInt8Activations` / `native.NativeInt4Activations`: long inputs as one int8 x int8 matmul, the
+  activations rounded to about 16 bits per token (int8 codes and their residual), int4 weights put on an int8 grid
+  per call.
 - training and `policy="reference"`: the reference path (dequantize, then `F.linear` in the activation dtype),
   which is always exact.
 

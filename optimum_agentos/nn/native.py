@@ -1,11 +1,15 @@
-"""Native CPU paths for few-token calls: matrix products that read the int8 / int4 codes where the packed kernels
-keep them, with float32 activations and accumulation (`csrc/native_cpu.cpp`).
+"""Native CPU paths that read the int8 / int4 codes where the packed kernels keep them (`csrc/native_cpu.cpp`).
 
-torch's packed kernels take bfloat16 activations; on CPUs without AVX512-BF16 or AMX (AVX2 laptops and desktops,
-many AVX-512 servers) they convert them in software. These loops convert the codes to float32 in registers and
-multiply them with the float32 activations: the reference path's numbers up to the order of the sums (tolerance 1e-5
-of max |y|, as `dequant-t`), reading one byte (int8) or half a byte (int4) per weight. The source has AVX-512 and
-AVX2 (+FMA) versions and a portable one that the compiler vectorises for anything else (NEON, SSE).
+- Few-token calls (`NativeInt8Rows`, `NativeInt4Blocks`): torch's packed kernels take bfloat16 activations, which
+  CPUs without AVX512-BF16 or AMX (AVX2 laptops and desktops, many AVX-512 servers) convert in software. These loops
+  convert the codes to float32 in registers and multiply them with the float32 activations: the reference path's
+  numbers up to the order of the sums (tolerance 1e-5 of max |y|, as `dequant-t`), reading one byte (int8) or half a
+  byte (int4) per weight. AVX-512 and AVX2 (+FMA) versions, and a portable one the compiler vectorises for anything
+  else (NEON, SSE).
+- Long inputs (`NativeInt8Activations`, `NativeInt4Activations`): float32 matmuls are bound by arithmetic there, and
+  int8 x int8 products (`torch._int_mm`, oneDNN: VNNI, AMX) do several times more per instruction. The activations
+  are rounded to int8 per token together with their rounding error on a finer grid (about 16 bits), the few largest
+  channels stay in float32; the rounding and the conversion back to float32 are native loops.
 
 The extension is compiled once per machine with the C++ compiler torch.utils.cpp_extension finds (`-O3
 -march=native`, or `OPTIMUM_AGENTOS_NATIVE_ARCH`), into `OPTIMUM_AGENTOS_NATIVE_DIR` (default

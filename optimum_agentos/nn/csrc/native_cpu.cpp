@@ -345,6 +345,13 @@ at::Tensor int4_blocks_matmul(const at::Tensor& x, const at::Tensor& packed, con
   return y;
 }
 
+// Round to the nearest integer (ties to even) for |v| < 2^22: adding and subtracting 1.5 * 2^23 leaves no fraction
+// bits. Plain arithmetic, so loops over it vectorise (std::nearbyint calls a library function without -ffast-math).
+inline float nearest(float v) {
+  constexpr float kShift = 12582912.f;
+  return (v + kShift) - kShift;
+}
+
 // Activations rounded to int8 for int8 x int8 matmuls (`int8_tokens_quantize`, torch._int_mm, then
 // `int8_tokens_epilogue`), one symmetric grid per token: v = x[m, k] / a[m] in [-127, 127] with
 // a[m] = max_k |x[m, k]| / 127 over the channels kept on the grid, codes j = round(v) in rows 0..M-1 and, with
@@ -364,7 +371,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_tokens_quantize(
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = xp + m * K;
 #pragma omp simd
-    for (int64_t k = 0; k < K; ++k) peak[k] = std::max(peak[k], std::abs(xr[k]));
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = std::fabs(xr[k]);
+      peak[k] = peak[k] > a ? peak[k] : a;
+    }
   }
   std::vector<int64_t> order(K);
   for (int64_t k = 0; k < K; ++k) order[k] = k;
@@ -383,26 +393,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_tokens_quantize(
   float* ap = step.data_ptr<float>();
   float* sp = sums.data_ptr<float>();
   const float* kp = keep.data();
-  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+  // int8 stores may alias anything: the loops read only locals and __restrict__ pointers, or they do not vectorise
+  at::parallel_for(0, M, 16, [xp, kp, cp, ap, sp, M, K, residual](int64_t begin, int64_t end) {
+    const float* __restrict__ keep_row = kp;
     for (int64_t m = begin; m < end; ++m) {
-      const float* xr = xp + m * K;
+      const float* __restrict__ xr = xp + m * K;
+      int8_t* __restrict__ cr = cp + m * K;
+      int8_t* __restrict__ rr = cp + (M + m) * K;  // with `residual`
       float high = 0.f, total = 0.f;
-#pragma omp simd reduction(max : high) reduction(+ : total)
+#pragma omp simd reduction(max : high)
       for (int64_t k = 0; k < K; ++k) {
-        high = std::max(high, std::abs(xr[k]) * kp[k]);
-        total += xr[k];
+        const float a = std::fabs(xr[k]) * keep_row[k];
+        high = high > a ? high : a;
       }
+#pragma omp simd reduction(+ : total)
+      for (int64_t k = 0; k < K; ++k) total += xr[k];
       const float inverse = high > 0.f ? 127.f / high : 0.f;
-      int8_t* cr = cp + m * K;
-      int8_t* rr = cp + (M + m) * K;  // used with `residual` only
 #pragma omp simd
-      for (int64_t k = 0; k < K; ++k) {
-        const float v = xr[k] * kp[k] * inverse;  // in [-127, 127]
-        const int32_t j = static_cast<int32_t>(v + (v >= 0.f ? 0.5f : -0.5f));  // nearest
-        cr[k] = static_cast<int8_t>(j);
-        if (residual) {
-          const float r = (v - static_cast<float>(j)) * 254.f;  // in [-127, 127]
-          rr[k] = static_cast<int8_t>(static_cast<int32_t>(r + (r >= 0.f ? 0.5f : -0.5f)));
+      for (int64_t k = 0; k < K; ++k) cr[k] = static_cast<int8_t>(nearest(xr[k] * keep_row[k] * inverse));
+      if (residual) {
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) {
+          const float v = xr[k] * keep_row[k] * inverse;  // in [-127, 127]
+          rr[k] = static_cast<int8_t>(nearest((v - nearest(v)) * 254.f));  // in [-127, 127]
         }
       }
       ap[m] = high / 127.f;
@@ -436,17 +449,21 @@ at::Tensor int8_tokens_epilogue(const at::Tensor& acc, const at::Tensor& step, c
   const int32_t* ip = acc.data_ptr<int32_t>();
   const float *ap = step.data_ptr<float>(), *sp = scale.data_ptr<float>(), *tp = sums.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+  const std::vector<float> zeros(zp == nullptr || bp == nullptr ? N : 0, 0.f);  // for a missing zero term or bias
+  const float* zt = zp != nullptr ? zp : zeros.data();
+  const float* bt = bp != nullptr ? bp : zeros.data();
+  const float fine = residual ? 1.f / 254.f : 0.f;
+  at::parallel_for(0, M, 4, [ip, ap, sp, tp, yp, zt, bt, fine, M, N, residual](int64_t begin, int64_t end) {
+    const float *__restrict__ scales = sp, *__restrict__ zero = zt, *__restrict__ bias = bt;
     for (int64_t m = begin; m < end; ++m) {
-      const int32_t* ir = ip + m * N;
-      const int32_t* rr = residual ? ip + (M + m) * N : ir;
-      const float fine = residual ? 1.f / 254.f : 0.f;
-      float* yr = yp + m * N;
+      const int32_t* __restrict__ ir = ip + m * N;
+      const int32_t* __restrict__ rr = residual ? ip + (M + m) * N : ir;
+      float* __restrict__ yr = yp + m * N;
       const float a = ap[m], total = tp[m];
 #pragma omp simd
       for (int64_t n = 0; n < N; ++n)
-        yr[n] = a * sp[n] * (static_cast<float>(ir[n]) + fine * static_cast<float>(rr[n])) -
-                (zp != nullptr ? zp[n] * total : 0.f) + (bp != nullptr ? bp[n] : 0.f);
+        yr[n] = a * scales[n] * (static_cast<float>(ir[n]) + fine * static_cast<float>(rr[n])) - zero[n] * total +
+                bias[n];
     }
   });
   return y;
@@ -486,7 +503,7 @@ at::Tensor int4_blocks_to_int8(const at::Tensor& packed, const at::Tensor& scale
   const uint8_t* bp = packed.data_ptr<uint8_t>();
   const float *sp = scale.data_ptr<float>(), *hp = shift.data_ptr<float>(), *ip = inverse.data_ptr<float>();
   int8_t* op = out.data_ptr<int8_t>();
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks, 1, [bp, sp, hp, ip, op, G, K, N, group](int64_t begin, int64_t end) {
     alignas(64) float a[64], b[64];  // per row of the block: q a + b = (q scale - shift) inverse
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t n0 = blk * 64;
@@ -497,14 +514,12 @@ at::Tensor int4_blocks_to_int8(const at::Tensor& packed, const at::Tensor& scale
         }
         const int64_t stop = std::min(K, (g + 1) * group);
         for (int64_t k = g * group; k < stop; ++k) {
-          const uint8_t* bytes = bp + (blk * K + k) * 32;
-          int8_t* o = op + k * N + n0;
+          const uint8_t* __restrict__ bytes = bp + (blk * K + k) * 32;
+          int8_t* __restrict__ o = op + k * N + n0;
 #pragma omp simd
           for (int64_t j = 0; j < 32; ++j) {
-            const float lo = static_cast<float>(bytes[j] & 15) * a[j] + b[j];
-            const float hi = static_cast<float>(bytes[j] >> 4) * a[j + 32] + b[j + 32];
-            o[j] = static_cast<int8_t>(static_cast<int32_t>(lo + (lo >= 0.f ? 0.5f : -0.5f)));
-            o[j + 32] = static_cast<int8_t>(static_cast<int32_t>(hi + (hi >= 0.f ? 0.5f : -0.5f)));
+            o[j] = static_cast<int8_t>(nearest(static_cast<float>(bytes[j] & 15) * a[j] + b[j]));
+            o[j + 32] = static_cast<int8_t>(nearest(static_cast<float>(bytes[j] >> 4) * a[j + 32] + b[j + 32]));
           }
         }
       }
