@@ -203,22 +203,6 @@ class NativeInt4Blocks:
         return _finish(layer, y, x)
 
 
-def _int8_tokens_matmul(layer, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                        zero_term: torch.Tensor | None) -> torch.Tensor:
-    """`x` times int8 weight codes `weight` `[K, N]` (w = scale[n] weight[k, n] - zero_term[n]), the activations
-    rounded to int8 per token with their residual (`int8_tokens_quantize`): one `torch._int_mm` of twice the tokens.
-    The `FLOAT_CHANNELS` input channels with the largest |x| are multiplied in float32 (LLM.int8()'s outliers)."""
-    flat = _float_rows(x, layer.in_features)
-    ops = torch.ops.agentos_native
-    codes, step, sums, channels = ops.int8_tokens_quantize(flat, min(FLOAT_CHANNELS, layer.in_features), True)
-    bias = getattr(layer, "bias", None)
-    y = ops.int8_tokens_epilogue(torch._int_mm(codes, weight), step, scale, sums, zero_term,
-                                 None if bias is None else bias.float())
-    # the left-out channels' codes are 0: their float32 products
-    y = y.addmm_(flat.index_select(1, channels), weight.index_select(0, channels).float().mul_(scale))
-    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
-
-
 def _int_mm_unsupported() -> str | None:
     return None if hasattr(torch, "_int_mm") else "this torch build has no torch._int_mm"
 
@@ -242,8 +226,10 @@ class NativeInt8Activations:
 
     @staticmethod
     def run(layer, x: torch.Tensor) -> torch.Tensor:
-        weight, scale, zero_term = _int8_rows(layer)
-        return _int8_tokens_matmul(layer, x, weight.t(), scale, zero_term)
+        bias = getattr(layer, "bias", None)
+        y = torch.ops.agentos_native.int8_rows_act_matmul(_float_rows(x, layer.in_features), *_int8_rows(layer),
+                                                          None if bias is None else bias.float(), FLOAT_CHANNELS)
+        return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
 class NativeInt4Activations:
@@ -261,10 +247,12 @@ class NativeInt4Activations:
 
     @staticmethod
     def run(layer, x: torch.Tensor) -> torch.Tensor:
-        weight = torch.ops.agentos_native.int4_blocks_to_int8(
-            layer.kernel_weight, layer.kernel_group_scales, layer.kernel_group_shifts, layer.kernel_int8_inverse,
-            layer.in_features, layer.kernel_stored_group)
-        return _int8_tokens_matmul(layer, x, weight, layer.kernel_int8_scale, None)
+        bias = layer.bias
+        y = torch.ops.agentos_native.int4_blocks_act_matmul(
+            _float_rows(x, layer.in_features), layer.kernel_weight, layer.kernel_group_scales,
+            layer.kernel_group_shifts, layer.kernel_int8_inverse, layer.kernel_int8_scale, layer.kernel_stored_group,
+            None if bias is None else bias.float(), FLOAT_CHANNELS)
+        return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
 FEW_TOKEN_PATHS = (NativeInt8Rows, NativeInt4Blocks)  # float32 activations; what a fused sibling group can run

@@ -352,46 +352,33 @@ inline float nearest(float v) {
   return (v + kShift) - kShift;
 }
 
-// Activations rounded to int8 for int8 x int8 matmuls (`int8_tokens_quantize`, torch._int_mm, then
-// `int8_tokens_epilogue`), one symmetric grid per token: v = x[m, k] / a[m] in [-127, 127] with
-// a[m] = max_k |x[m, k]| / 127 over the channels kept on the grid, codes j = round(v) in rows 0..M-1 and, with
-// `residual`, the rounding error on a 254 times finer grid, r = round((v - j) 254), in rows M..2M-1: then
-// x = a (j + r / 254) to within a / 508 (about 16-bit activations; without it, within a / 2). The `outliers` channels
-// with the largest max |x| over the tokens are left off the grids (codes 0), so that a few large activations do not
-// coarsen every token's grid; the caller multiplies them in float32 (as LLM.int8() does with its outliers). A fixed
-// count keeps every shape static (torch.compile). Also returned: the exact sums of each token's inputs (for the
-// weights' zero points).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_tokens_quantize(const at::Tensor& x, int64_t outliers,
-                                                                                 bool residual) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(outliers >= 0 && outliers <= K, "outliers must be in [0, ", K, "]");
-  const float* xp = x.data_ptr<float>();
+// Activations rounded to int8 for int8 x int8 matmuls, one symmetric grid per token: v = x[m, k] / a[m] in
+// [-127, 127] with a[m] = max_k |x[m, k]| / 127 over the channels kept on the grid, codes j = round(v) in rows
+// 0..M-1 and, with `residual`, the rounding error on a 254 times finer grid, r = round((v - j) 254), in rows
+// M..2M-1: then x = a (j + r / 254) to within a / 508 (about 16-bit activations; without it, within a / 2). The
+// `outliers` channels with the largest max |x| over the tokens are left off the grids (codes 0), so that a few large
+// activations do not coarsen every token's grid; the caller multiplies them in float32 (as LLM.int8() does with its
+// outliers). A fixed count keeps every shape static (torch.compile). Also: the exact sums of each token's inputs (for
+// the weights' zero points). Returns the left-out channels.
+std::vector<int64_t> quantize_tokens(const float* xp, int64_t M, int64_t K, int64_t outliers, bool residual,
+                                     int8_t* cp, float* ap, float* sp) {
   std::vector<float> peak(K, 0.f);
   for (int64_t m = 0; m < M; ++m) {
-    const float* xr = xp + m * K;
+    const float* __restrict__ xr = xp + m * K;
+    float* __restrict__ pk = peak.data();
 #pragma omp simd
     for (int64_t k = 0; k < K; ++k) {
       const float a = std::fabs(xr[k]);
-      peak[k] = peak[k] > a ? peak[k] : a;
+      pk[k] = pk[k] > a ? pk[k] : a;
     }
   }
   std::vector<int64_t> order(K);
   for (int64_t k = 0; k < K; ++k) order[k] = k;
   std::partial_sort(order.begin(), order.begin() + outliers, order.end(),
                     [&](int64_t i, int64_t j) { return peak[i] > peak[j] || (peak[i] == peak[j] && i < j); });
-  auto channels = at::empty({outliers}, x.options().dtype(at::kLong));
+  order.resize(outliers);
   std::vector<float> keep(K, 1.f);
-  for (int64_t i = 0; i < outliers; ++i) {
-    channels.data_ptr<int64_t>()[i] = order[i];
-    keep[order[i]] = 0.f;
-  }
-  auto codes = at::empty({residual ? 2 * M : M, K}, x.options().dtype(at::kChar));
-  auto step = at::empty({M}, x.options());
-  auto sums = at::empty({M}, x.options());
-  int8_t* cp = codes.data_ptr<int8_t>();
-  float* ap = step.data_ptr<float>();
-  float* sp = sums.data_ptr<float>();
+  for (int64_t k : order) keep[k] = 0.f;
   const float* kp = keep.data();
   // int8 stores may alias anything: the loops read only locals and __restrict__ pointers, or they do not vectorise
   at::parallel_for(0, M, 16, [xp, kp, cp, ap, sp, M, K, residual](int64_t begin, int64_t end) {
@@ -422,87 +409,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_tokens_quantize(
       sp[m] = total;
     }
   });
-  return {codes, step, sums, channels};
+  return order;
 }
 
-// y[m, n] = step[m] scale[n] c[m, n] - zero_term[n] sums[m] (+ bias[n]), c = acc[m, n] (+ acc[M + m, n] / 254 when
-// acc has the residual codes' rows too): the int32 products of `int8_tokens_quantize`'s codes with the weight codes
-// (`q - 128`, or symmetric codes) back to float32, in one pass.
-at::Tensor int8_tokens_epilogue(const at::Tensor& acc, const at::Tensor& step, const at::Tensor& scale,
-                                const at::Tensor& sums, const c10::optional<at::Tensor>& zero_term,
-                                const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == at::kInt && acc.is_contiguous(), "acc: contiguous int32 [M, N]");
-  const int64_t M = step.numel(), N = acc.size(1);
-  TORCH_CHECK(acc.size(0) == M || acc.size(0) == 2 * M, "acc: ", M, " or ", 2 * M, " rows, not ", acc.size(0));
-  const bool residual = acc.size(0) == 2 * M;
-  TORCH_CHECK(step.scalar_type() == at::kFloat && step.is_contiguous() && step.numel() == M, "step: float32 [M]");
-  TORCH_CHECK(sums.scalar_type() == at::kFloat && sums.is_contiguous() && sums.numel() == M, "sums: float32 [M]");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N, "scale: float32 [N]");
-  auto vector = [N](const c10::optional<at::Tensor>& t, const char* name) -> const float* {
-    if (!t.has_value()) return nullptr;
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == N, name, ": float32 [N]");
-    return t->data_ptr<float>();
-  };
-  const float* zp = vector(zero_term, "zero_term");
-  const float* bp = vector(bias, "bias");
-  auto y = at::empty({M, N}, acc.options().dtype(at::kFloat));
-  const int32_t* ip = acc.data_ptr<int32_t>();
-  const float *ap = step.data_ptr<float>(), *sp = scale.data_ptr<float>(), *tp = sums.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const std::vector<float> zeros(zp == nullptr || bp == nullptr ? N : 0, 0.f);  // for a missing zero term or bias
-  const float* zt = zp != nullptr ? zp : zeros.data();
-  const float* bt = bp != nullptr ? bp : zeros.data();
-  const float fine = residual ? 1.f / 254.f : 0.f;
-  at::parallel_for(0, M, 4, [ip, ap, sp, tp, yp, zt, bt, fine, M, N, residual](int64_t begin, int64_t end) {
-    const float *__restrict__ scales = sp, *__restrict__ zero = zt, *__restrict__ bias = bt;
-    for (int64_t m = begin; m < end; ++m) {
-      const int32_t* __restrict__ ir = ip + m * N;
-      const int32_t* __restrict__ rr = residual ? ip + (M + m) * N : ir;
-      float* __restrict__ yr = yp + m * N;
-      const float a = ap[m], total = tp[m];
-#pragma omp simd
-      for (int64_t n = 0; n < N; ++n)
-        yr[n] = a * scales[n] * (static_cast<float>(ir[n]) + fine * static_cast<float>(rr[n])) - zero[n] * total +
-                bias[n];
-    }
-  });
-  return y;
-}
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_tokens_quantize_meta(const at::Tensor& x,
-                                                                                      int64_t outliers,
-                                                                                      bool residual) {
-  return {at::empty({residual ? 2 * x.size(0) : x.size(0), x.size(1)}, x.options().dtype(at::kChar)),
-          at::empty({x.size(0)}, x.options()),
-          at::empty({x.size(0)}, x.options()), at::empty({outliers}, x.options().dtype(at::kLong))};
-}
-
-at::Tensor int8_tokens_epilogue_meta(const at::Tensor& acc, const at::Tensor& step, const at::Tensor& scale,
-                                     const at::Tensor& sums, const c10::optional<at::Tensor>& zero_term,
-                                     const c10::optional<at::Tensor>& bias) {
-  return at::empty({step.size(0), acc.size(1)}, acc.options().dtype(at::kFloat));
-}
-
-// The int4 blocks' weights (as `int4_blocks_matmul` reads them) rounded onto one int8 grid per output row:
-// out[k, n] = round((q[n, k] scale[g, n] - shift[g, n]) inverse[n]), [K, N] int8, with `inverse[n]` = 127 / the
-// row's largest |w| (so |out| <= 127). Made per call for `int8_tokens` matmuls (a quarter of a float32 copy's
-// writes), so the int4 model keeps no second copy of its weights.
-at::Tensor int4_blocks_to_int8(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& shift,
-                               const at::Tensor& inverse, int64_t K, int64_t group) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() % (32 * K) == 0,
-              "packed: contiguous uint8 blocks [N / 64, K, 32]");
-  const int64_t blocks = packed.numel() / (32 * K), N = blocks * 64;
-  TORCH_CHECK(group > 0, "group must be positive");
-  const int64_t G = (K + group - 1) / group;
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == G * N,
-              "scale: float32 [groups, N]");
-  TORCH_CHECK(shift.scalar_type() == at::kFloat && shift.is_contiguous() && shift.numel() == G * N,
-              "shift: float32 [groups, N]");
-  TORCH_CHECK(inverse.scalar_type() == at::kFloat && inverse.is_contiguous() && inverse.numel() == N,
-              "inverse: float32 [N]");
-  auto out = at::empty({K, N}, packed.options().dtype(at::kChar));
-  const uint8_t* bp = packed.data_ptr<uint8_t>();
-  const float *sp = scale.data_ptr<float>(), *hp = shift.data_ptr<float>(), *ip = inverse.data_ptr<float>();
-  int8_t* op = out.data_ptr<int8_t>();
+// The int4 blocks' weights (as `int4_blocks_matmul` reads them) on one int8 grid per output row, [K, N] at `op`:
+// round((q[n, k] scale[g, n] - shift[g, n]) inverse[n]), `inverse[n]` = 127 / the row's largest |w| (|out| <= 127).
+void int4_blocks_to_int8_into(const uint8_t* bp, const float* sp, const float* hp, const float* ip, int64_t blocks,
+                              int64_t K, int64_t group, int8_t* op) {
+  const int64_t N = blocks * 64, G = (K + group - 1) / group;
   at::parallel_for(0, blocks, 1, [bp, sp, hp, ip, op, G, K, N, group](int64_t begin, int64_t end) {
     alignas(64) float a[64], b[64];  // per row of the block: q a + b = (q scale - shift) inverse
     for (int64_t blk = begin; blk < end; ++blk) {
@@ -525,12 +439,159 @@ at::Tensor int4_blocks_to_int8(const at::Tensor& packed, const at::Tensor& scale
       }
     }
   });
+}
+
+// Scratch memory of the calling thread, kept between calls: fresh pages cost a page fault each (about 2 us per 4 KiB
+// on the machine this was written on: as much as the int8 matmul itself for a 576 x 576 layer at 512 tokens).
+// Requests above kScratchCap bytes get memory of their own, so a large call does not pin its size for good.
+constexpr size_t kScratchCap = size_t(32) << 20;
+
+template <typename T>
+at::Tensor scratch(std::vector<T>& kept, int64_t rows, int64_t cols, at::ScalarType dtype) {
+  const size_t count = static_cast<size_t>(rows * cols);
+  if (count * sizeof(T) > kScratchCap) return at::empty({rows, cols}, at::TensorOptions().dtype(dtype));
+  if (kept.size() < count) kept.resize(count);
+  return at::from_blob(kept.data(), {rows, cols}, at::TensorOptions().dtype(dtype));
+}
+
+// y = x W (+ bias) for int8 weight codes `weight` [K, N] (any strides), w[k, n] = scale[n] weight[k, n] -
+// zero_term[n]: the activations and their residual on int8 grids (`quantize_tokens`), one torch._int_mm over twice
+// the tokens, then per output y[m, n] = a[m] scale[n] (acc[m, n] + acc[M + m, n] / 254) - zero_term[n] sums[m]
+// + bias[n] + the left-out channels' float32 products, in one pass.
+at::Tensor int8_tokens_matmul(const at::Tensor& x, const at::Tensor& weight, const float* scale,
+                              const float* zero_term, const float* bias, int64_t outliers) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(1);
+  thread_local std::vector<int8_t> codes_kept;
+  thread_local std::vector<int32_t> acc_kept;
+  at::Tensor codes = scratch(codes_kept, 2 * M, K, at::kChar);
+  std::vector<float> step(M), sums(M);
+  const std::vector<int64_t> channels = quantize_tokens(x.data_ptr<float>(), M, K, std::min(outliers, K), true,
+                                                        codes.data_ptr<int8_t>(), step.data(), sums.data());
+  at::Tensor acc = scratch(acc_kept, 2 * M, N, at::kInt);
+  at::_int_mm_out(acc, codes, weight);
+  const int64_t C = static_cast<int64_t>(channels.size());
+  std::vector<float> columns(C * N), inputs(M * C);  // the left-out channels: w[c, :] in float32, x[:, c]
+  const int8_t* wp = weight.data_ptr<int8_t>();
+  const float* xp = x.data_ptr<float>();
+  const int64_t ws0 = weight.stride(0), ws1 = weight.stride(1);
+  for (int64_t c = 0; c < C; ++c) {
+    const int8_t* row = wp + channels[c] * ws0;
+    for (int64_t n = 0; n < N; ++n) columns[c * N + n] = static_cast<float>(row[n * ws1]) * scale[n];
+    for (int64_t m = 0; m < M; ++m) inputs[m * C + c] = xp[m * K + channels[c]];
+  }
+  const std::vector<float> zeros(zero_term == nullptr || bias == nullptr ? N : 0, 0.f);
+  const float* zt = zero_term != nullptr ? zero_term : zeros.data();
+  const float* bt = bias != nullptr ? bias : zeros.data();
+  auto y = at::empty({M, N}, x.options());
+  const int32_t* ip = acc.data_ptr<int32_t>();
+  const float *ap = step.data(), *tp = sums.data(), *cp = columns.data(), *xc = inputs.data();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M, 4, [ip, ap, tp, cp, xc, yp, scale, zt, bt, M, N, C](int64_t begin, int64_t end) {
+    const float *__restrict__ scales = scale, *__restrict__ zero = zt, *__restrict__ shift = bt;
+    for (int64_t m = begin; m < end; ++m) {
+      const int32_t* __restrict__ coarse = ip + m * N;
+      const int32_t* __restrict__ fine = ip + (M + m) * N;
+      float* __restrict__ yr = yp + m * N;
+      const float a = ap[m], total = tp[m];
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n)
+        yr[n] = a * scales[n] * (static_cast<float>(coarse[n]) + static_cast<float>(fine[n]) * (1.f / 254.f)) -
+                zero[n] * total + shift[n];
+      for (int64_t c = 0; c < C; ++c) {
+        const float xv = xc[m * C + c];
+        const float* __restrict__ column = cp + c * N;
+#pragma omp simd
+        for (int64_t n = 0; n < N; ++n) yr[n] += xv * column[n];
+      }
+    }
+  });
+  return y;
+}
+
+const float* optional_vector(const c10::optional<at::Tensor>& t, int64_t n, const char* name) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n, name, ": float32 [", n, "]");
+  return t->data_ptr<float>();
+}
+
+// int8 rows w [N, K] (`q - 128` with `zero_term`, or symmetric rows) times x [M, K] float32 through int8 activations.
+at::Tensor int8_rows_act_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                                const c10::optional<at::Tensor>& zero_term, const c10::optional<at::Tensor>& bias,
+                                int64_t outliers) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.size(1) == x.size(1), "w: int8 [N, K]");
+  const int64_t N = w.size(0);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N, "scale: float32 [N]");
+  return int8_tokens_matmul(x, w.t(), scale.data_ptr<float>(), optional_vector(zero_term, N, "zero_term"),
+                            optional_vector(bias, N, "bias"), outliers);
+}
+
+// int4 blocks (as `int4_blocks_matmul`) put on one int8 grid per row into scratch memory, then as above.
+at::Tensor int4_blocks_act_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                                  const at::Tensor& shift, const at::Tensor& inverse, const at::Tensor& row_scale,
+                                  int64_t group, const c10::optional<at::Tensor>& bias, int64_t outliers) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() % (32 * K) == 0,
+              "packed: contiguous uint8 blocks [N / 64, K, 32]");
+  const int64_t blocks = packed.numel() / (32 * K), N = blocks * 64;
+  TORCH_CHECK(group > 0, "group must be positive");
+  const int64_t G = (K + group - 1) / group;
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == G * N,
+              "scale: float32 [groups, N]");
+  TORCH_CHECK(shift.scalar_type() == at::kFloat && shift.is_contiguous() && shift.numel() == G * N,
+              "shift: float32 [groups, N]");
+  const float* ip = optional_vector(inverse, N, "inverse");
+  const float* rp = optional_vector(row_scale, N, "row_scale");
+  thread_local std::vector<int8_t> weight_kept;
+  at::Tensor weight = scratch(weight_kept, K, N, at::kChar);
+  int4_blocks_to_int8_into(packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), shift.data_ptr<float>(), ip, blocks,
+                           K, group, weight.data_ptr<int8_t>());
+  return int8_tokens_matmul(x, weight, rp, nullptr, optional_vector(bias, N, "bias"), outliers);
+}
+
+// The steps above as ops of their own, for tests: the grids and the int4 weights' int8 grid.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_tokens_quantize(const at::Tensor& x, int64_t outliers,
+                                                                                 bool residual) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(outliers >= 0 && outliers <= K, "outliers must be in [0, ", K, "]");
+  auto codes = at::empty({residual ? 2 * M : M, K}, x.options().dtype(at::kChar));
+  auto step = at::empty({M}, x.options());
+  auto sums = at::empty({M}, x.options());
+  const std::vector<int64_t> order = quantize_tokens(x.data_ptr<float>(), M, K, outliers, residual,
+                                                     codes.data_ptr<int8_t>(), step.data_ptr<float>(),
+                                                     sums.data_ptr<float>());
+  auto channels = at::empty({outliers}, x.options().dtype(at::kLong));
+  std::copy(order.begin(), order.end(), channels.data_ptr<int64_t>());
+  return {codes, step, sums, channels};
+}
+
+at::Tensor int4_blocks_to_int8(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& shift,
+                               const at::Tensor& inverse, int64_t K, int64_t group) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() % (32 * K) == 0,
+              "packed: contiguous uint8 blocks [N / 64, K, 32]");
+  const int64_t blocks = packed.numel() / (32 * K), N = blocks * 64, G = (K + group - 1) / group;
+  TORCH_CHECK(group > 0 && scale.numel() == G * N && shift.numel() == G * N && inverse.numel() == N,
+              "scale, shift: float32 [groups, N]; inverse: float32 [N]");
+  auto out = at::empty({K, N}, packed.options().dtype(at::kChar));
+  int4_blocks_to_int8_into(packed.data_ptr<uint8_t>(), scale.contiguous().data_ptr<float>(),
+                           shift.contiguous().data_ptr<float>(), inverse.contiguous().data_ptr<float>(), blocks, K,
+                           group, out.data_ptr<int8_t>());
   return out;
 }
 
-at::Tensor int4_blocks_to_int8_meta(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& shift,
-                                    const at::Tensor& inverse, int64_t K, int64_t group) {
-  return at::empty({K, packed.numel() / (32 * K) * 64}, packed.options().dtype(at::kChar));
+at::Tensor int8_rows_act_matmul_meta(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                                     const c10::optional<at::Tensor>& zero_term,
+                                     const c10::optional<at::Tensor>& bias, int64_t outliers) {
+  return at::empty({x.size(0), w.size(0)}, x.options());
+}
+
+at::Tensor int4_blocks_act_matmul_meta(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                                       const at::Tensor& shift, const at::Tensor& inverse,
+                                       const at::Tensor& row_scale, int64_t group,
+                                       const c10::optional<at::Tensor>& bias, int64_t outliers) {
+  return at::empty({x.size(0), packed.numel() / (32 * x.size(1)) * 64}, x.options());
 }
 
 at::Tensor int8_rows_matmul_meta(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
@@ -548,24 +609,26 @@ at::Tensor int4_blocks_matmul_meta(const at::Tensor& x, const at::Tensor& packed
 TORCH_LIBRARY(agentos_native, m) {
   m.def("int8_rows_matmul(Tensor x, Tensor w, Tensor scale, Tensor? zero_term) -> Tensor");
   m.def("int4_blocks_matmul(Tensor x, Tensor packed, Tensor scale, Tensor shift, int group) -> Tensor");
-  m.def("int8_tokens_quantize(Tensor x, int outliers, bool residual) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("int8_tokens_epilogue(Tensor acc, Tensor step, Tensor scale, Tensor sums, Tensor? zero_term, Tensor? bias) "
+  m.def("int8_rows_act_matmul(Tensor x, Tensor w, Tensor scale, Tensor? zero_term, Tensor? bias, int outliers) "
         "-> Tensor");
+  m.def("int4_blocks_act_matmul(Tensor x, Tensor packed, Tensor scale, Tensor shift, Tensor inverse, "
+        "Tensor row_scale, int group, Tensor? bias, int outliers) -> Tensor");
+  m.def("int8_tokens_quantize(Tensor x, int outliers, bool residual) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("int4_blocks_to_int8(Tensor packed, Tensor scale, Tensor shift, Tensor inverse, int K, int group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(agentos_native, CPU, m) {
   m.impl("int8_rows_matmul", &int8_rows_matmul);
   m.impl("int4_blocks_matmul", &int4_blocks_matmul);
+  m.impl("int8_rows_act_matmul", &int8_rows_act_matmul);
+  m.impl("int4_blocks_act_matmul", &int4_blocks_act_matmul);
   m.impl("int8_tokens_quantize", &int8_tokens_quantize);
-  m.impl("int8_tokens_epilogue", &int8_tokens_epilogue);
   m.impl("int4_blocks_to_int8", &int4_blocks_to_int8);
 }
 
 TORCH_LIBRARY_IMPL(agentos_native, Meta, m) {
   m.impl("int8_rows_matmul", &int8_rows_matmul_meta);
   m.impl("int4_blocks_matmul", &int4_blocks_matmul_meta);
-  m.impl("int8_tokens_quantize", &int8_tokens_quantize_meta);
-  m.impl("int8_tokens_epilogue", &int8_tokens_epilogue_meta);
-  m.impl("int4_blocks_to_int8", &int4_blocks_to_int8_meta);
+  m.impl("int8_rows_act_matmul", &int8_rows_act_matmul_meta);
+  m.impl("int4_blocks_act_matmul", &int4_blocks_act_matmul_meta);
 }
