@@ -283,10 +283,9 @@ void int4_block_generic(const uint8_t* block, const float* x, int64_t K, int64_t
   std::copy(out, out + 64, y);
 }
 
-at::Tensor int4_blocks_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                              const at::Tensor& shift, int64_t group) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
-  const int64_t M = x.size(0), K = x.size(1);
+// The int4 blocks' tensors for K inputs checked (see `int4_blocks_matmul`); returns the number of 64-row blocks.
+int64_t int4_blocks_checked(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& shift, int64_t K,
+                            int64_t group) {
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() % (32 * K) == 0,
               "packed: contiguous uint8 blocks [N / 64, K, 32]");
   const int64_t blocks = packed.numel() / (32 * K), N = blocks * 64;
@@ -296,6 +295,15 @@ at::Tensor int4_blocks_matmul(const at::Tensor& x, const at::Tensor& packed, con
               "scale: float32 [groups, N]");
   TORCH_CHECK(shift.scalar_type() == at::kFloat && shift.is_contiguous() && shift.numel() == G * N,
               "shift: float32 [groups, N]");
+  return blocks;
+}
+
+at::Tensor int4_blocks_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                              const at::Tensor& shift, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t blocks = int4_blocks_checked(packed, scale, shift, K, group), N = blocks * 64;
+  const int64_t G = (K + group - 1) / group;
   auto y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* bp = packed.data_ptr<uint8_t>();
@@ -532,15 +540,7 @@ at::Tensor int4_blocks_act_matmul(const at::Tensor& x, const at::Tensor& packed,
                                   int64_t group, const c10::optional<at::Tensor>& bias, int64_t outliers) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
   const int64_t K = x.size(1);
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() % (32 * K) == 0,
-              "packed: contiguous uint8 blocks [N / 64, K, 32]");
-  const int64_t blocks = packed.numel() / (32 * K), N = blocks * 64;
-  TORCH_CHECK(group > 0, "group must be positive");
-  const int64_t G = (K + group - 1) / group;
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == G * N,
-              "scale: float32 [groups, N]");
-  TORCH_CHECK(shift.scalar_type() == at::kFloat && shift.is_contiguous() && shift.numel() == G * N,
-              "shift: float32 [groups, N]");
+  const int64_t blocks = int4_blocks_checked(packed, scale, shift, K, group), N = blocks * 64;
   const float* ip = optional_vector(inverse, N, "inverse");
   const float* rp = optional_vector(row_scale, N, "row_scale");
   thread_local std::vector<int8_t> weight_kept;
@@ -569,15 +569,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_tokens_quantize(
 
 at::Tensor int4_blocks_to_int8(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& shift,
                                const at::Tensor& inverse, int64_t K, int64_t group) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() % (32 * K) == 0,
-              "packed: contiguous uint8 blocks [N / 64, K, 32]");
-  const int64_t blocks = packed.numel() / (32 * K), N = blocks * 64, G = (K + group - 1) / group;
-  TORCH_CHECK(group > 0 && scale.numel() == G * N && shift.numel() == G * N && inverse.numel() == N,
-              "scale, shift: float32 [groups, N]; inverse: float32 [N]");
+  const int64_t blocks = int4_blocks_checked(packed, scale, shift, K, group), N = blocks * 64;
+  const float* ip = optional_vector(inverse, N, "inverse");
   auto out = at::empty({K, N}, packed.options().dtype(at::kChar));
-  int4_blocks_to_int8_into(packed.data_ptr<uint8_t>(), scale.contiguous().data_ptr<float>(),
-                           shift.contiguous().data_ptr<float>(), inverse.contiguous().data_ptr<float>(), blocks, K,
-                           group, out.data_ptr<int8_t>());
+  int4_blocks_to_int8_into(packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), shift.data_ptr<float>(), ip, blocks,
+                           K, group, out.data_ptr<int8_t>());
   return out;
 }
 
