@@ -312,6 +312,13 @@ def native_state() -> str:
     return native.unavailable() or "built"
 
 
+def native_paths() -> list[str]:
+    """The native paths this version of the library can choose (the table's text names those of its run)."""
+    from optimum_agentos.nn import native
+
+    return [path.name for path in native.PATHS]
+
+
 def write_markdown(results: list[dict], args, meta: dict) -> str:
     fp32 = next(r for r in results if r["row"] == "fp32")
     ppl = "wikitext2_ppl" in fp32
@@ -340,6 +347,9 @@ def write_markdown(results: list[dict], args, meta: dict) -> str:
            "column when chosen)" if meta.get("dequant_t") else "")
         + ("; for calls of up to 64 tokens also `native-int8` / `native-int4`: float32 activations times the codes "
            "in the packed kernels' layouts, compiled once per machine (`optimum_agentos/nn/native.py`)"
+           + ("; for longer calls also `native-int8-act` / `native-int4-act`: one int8 x int8 matmul, the activations "
+              "rounded per token to int8 plus their rounding error on a 254 times finer grid (about 16 bits), int4 "
+              "weights put on an int8 grid per call" if "native-int8-act" in meta.get("native_paths", []) else "")
            if meta.get("native") == "built" else
            f" (native paths unavailable: {meta['native']})" if meta.get("native") else "")
         + "; q/k/v and gate/up in one packed-kernel call each at "
@@ -446,7 +456,7 @@ def main() -> None:
     meta = run_meta(args, options)
     meta.update(cpu=cpu_name(), cpu_flags=cpu_flags(), xllamacpp=_version("xllamacpp"), name=args.name,
                 dequant_t=True, llamacpp_process=True,  # runs since dequant-t and the llama.cpp child process
-                native=native_state())
+                native=native_state(), native_paths=native_paths())
     if args.no_publish:
         print(json.dumps(results, indent=1))
         print(write_markdown(results, args, meta))
