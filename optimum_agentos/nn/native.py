@@ -39,6 +39,7 @@ logger = logging.get_logger(__name__)
 
 ENV = "OPTIMUM_AGENTOS_NATIVE"  # "0" turns the native paths off
 DIR_ENV = "OPTIMUM_AGENTOS_NATIVE_DIR"  # where the compiled library is kept
+INT8_ACTIVATIONS_ENV = "OPTIMUM_AGENTOS_INT8_ACTIVATIONS"  # "0" refuses the int8-activation paths (long inputs)
 SOURCE = Path(__file__).parent / "csrc" / "native_cpu.cpp"
 ARCH_ENV = "OPTIMUM_AGENTOS_NATIVE_ARCH"  # the -march target (default "native"; tests build x86-64-v3 = AVX2 too)
 LDFLAGS = ("-fopenmp",)  # at::parallel_for runs on torch's OpenMP threads
@@ -204,6 +205,8 @@ class NativeInt4Blocks:
 
 
 def _int_mm_unsupported() -> str | None:
+    if os.environ.get(INT8_ACTIVATIONS_ENV, "1") == "0":
+        return f"{INT8_ACTIVATIONS_ENV}=0"
     return None if hasattr(torch, "_int_mm") else "this torch build has no torch._int_mm"
 
 
@@ -213,7 +216,7 @@ class NativeInt8Activations:
     per instruction. Reads the rows `NativeInt8Rows` reads (no new copy).
 
     Each token gets one symmetric grid plus a second, 254 times finer one for its rounding error
-    (`int8_tokens_quantize`): the activations are kept to about 16 bits (within 1/508 of the token's largest |x|), so
+    (`int8_rows_act_matmul` in `csrc/native_cpu.cpp`): the activations are kept to about 16 bits (within 1/508 of the token's largest |x|), so
     the outputs are the weight-only model's to about 1e-4 of max |y| (bfloat16 activations are off by about 1e-3), at
     the price of a matmul over twice the tokens."""
 
@@ -234,8 +237,8 @@ class NativeInt8Activations:
 
 class NativeInt4Activations:
     """int4 for long inputs: the layer's weights rounded onto one int8 grid per row at each call
-    (`int4_blocks_to_int8`, from the int4 kernel's blocks: no second copy kept), then `NativeInt8Activations`'
-    int8 x int8 matmul. That rounding moves each weight by at most half of 1/127 of its row's largest |w| (a
+    (`int4_blocks_act_matmul`, from the int4 kernel's blocks into scratch memory: no second copy kept), then
+    `NativeInt8Activations`' int8 x int8 matmul. That rounding moves each weight by at most half of 1/127 of its row's largest |w| (a
     seventeenth of an int4 step or less), about 1e-2 of max |y| on random layers: its bound is 2e-2."""
 
     name = "native-int4-act"
@@ -256,7 +259,15 @@ class NativeInt4Activations:
 
 
 FEW_TOKEN_PATHS = (NativeInt8Rows, NativeInt4Blocks)  # float32 activations; what a fused sibling group can run
-PATHS = (*FEW_TOKEN_PATHS, NativeInt8Activations, NativeInt4Activations)
+ACTIVATION_PATHS = (NativeInt8Activations, NativeInt4Activations)
+PATHS = (*FEW_TOKEN_PATHS, *ACTIVATION_PATHS)
+
+
+def unavailable_paths() -> set[str]:
+    """The native paths this process cannot take: all without the library, the int8-activation ones when refused."""
+    if unavailable():
+        return {path.name for path in PATHS}
+    return {path.name for path in ACTIVATION_PATHS} if _int_mm_unsupported() else set()
 # float32, built by `kernels.Int4PackKernel.prepare` for the native int4 paths
 INT4_BUFFERS = ("kernel_group_scales", "kernel_group_shifts", "kernel_int8_scale", "kernel_int8_inverse")
 

@@ -99,8 +99,8 @@ def _plan(module, kernel, planner: _Planner) -> list[list]:
     if wanted and allowed:
         transposed.prepare(module)
     routes = planner.routes(module, kernel)
-    unavailable = {path.name for path in native.PATHS} if native.unavailable() else set()
-    if any(name in unavailable for _, name in routes):  # a cached native choice, the library gone: the next fastest
+    unavailable = native.unavailable_paths()
+    if any(name in unavailable for _, name in routes):  # a cached native choice not available now: the next fastest
         routes = dispatch.routes_without(entry, unavailable)  # measured path (which may be `dequant-t`)
     if any(name == transposed.NAME for _, name in routes):
         if allowed and transposed.layout_bytes(module) == 0:

@@ -206,6 +206,29 @@ def test_a_cached_native_choice_falls_back_when_the_library_is_unavailable(cache
         assert (second(x) - ref).abs().max() <= 1e-2 * ref.abs().max()
 
 
+def test_refused_int8_activations_fall_back_to_the_next_fastest_measured_path(cache_dir, monkeypatch):
+    first = layer(8, -1, 576, 192)
+    prepare_kernels(first)
+    (path,) = cache_dir.glob("choices-*.json")
+    data = json.loads(path.read_text())
+    (entry,) = data["choices"].values()
+    entry["us"] = {tokens: {**row, "native-int8-act": 0.1} for tokens, row in entry["us"].items()}
+    entry["routes"] = [[None, "native-int8-act"]]  # as if measured fastest at every token count
+    path.write_text(json.dumps(data))
+    monkeypatch.setenv(native.INT8_ACTIVATIONS_ENV, "0")
+    assert native.NativeInt8Activations.unsupported(first) == f"{native.INT8_ACTIVATIONS_ENV}=0"
+    assert native.unavailable_paths() == {"native-int8-act", "native-int4-act"}
+    second = layer(8, -1, 576, 192, seed=1)
+    prepare_kernels(second)
+    expected = dispatch.routes_without(entry, {"native-int8-act", "native-int4-act"})
+    assert [list(r) for r in second.route_names] == expected
+    assert all(name != "native-int8-act" for _, name in second.route_names)
+    monkeypatch.delenv(native.INT8_ACTIVATIONS_ENV)
+    third = layer(8, -1, 576, 192, seed=2)
+    prepare_kernels(third)
+    assert [list(r) for r in third.route_names] == [[None, "native-int8-act"]]
+
+
 def test_without_a_compiler_the_paths_are_unavailable_and_say_why(tmp_path):
     out = run_python("""
         import torch
