@@ -85,6 +85,9 @@ def load(row: str, work: Path, threads: int = 1, separate_process: bool = False)
 
     if row.endswith("+compile"):
         model = load(row.removesuffix("+compile"), work, threads)
+        # every compiled row adds its graphs (prefill, prompt, decode step) to the same function's cache; past
+        # dynamo's limit (8) the later rows silently run eagerly behind the compiled wrapper
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(COMPILED_ROWS))
         model.forward = torch.compile(model.forward, dynamic=False)
         return model
 
