@@ -152,8 +152,6 @@ class Int4PackKernel:
                 # `native-int4-act`: one int8 grid per row over its largest |w| = max(|0 s - h|, |15 s - h|)
                 largest = torch.maximum(shift.abs(), (15 * stored_scale.t() - shift).abs()).amax(dim=0)
                 layer.register_buffer("kernel_int8_scale", largest / 127, persistent=False)
-                inverse = torch.where(largest > 0, 127 / largest, torch.zeros_like(largest))
-                layer.register_buffer("kernel_int8_inverse", inverse, persistent=False)
 
     @staticmethod
     def codes(layer) -> torch.Tensor:

@@ -124,7 +124,7 @@ def test_int8_activation_grids_and_the_int4_weights_on_int8_grids():
     # int4 blocks onto one int8 grid per row: round(w / (max |w| / 127)), as [in, out]
     module = _int8_activation_layer(4, False, 576, 128, g)
     int8 = torch.ops.agentos_native.int4_blocks_to_int8(
-        module.kernel_weight, module.kernel_group_scales, module.kernel_group_shifts, module.kernel_int8_inverse, 576,
+        module.kernel_weight, module.kernel_group_scales, module.kernel_group_shifts, module.kernel_int8_scale, 576,
         module.kernel_stored_group)
     weight = module.dequantize()
     scaled = weight / (weight.abs().amax(dim=1, keepdim=True) / 127)

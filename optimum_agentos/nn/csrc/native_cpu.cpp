@@ -421,18 +421,19 @@ std::vector<int64_t> quantize_tokens(const float* xp, int64_t M, int64_t K, int6
 }
 
 // The int4 blocks' weights (as `int4_blocks_matmul` reads them) on one int8 grid per output row, [K, N] at `op`:
-// round((q[n, k] scale[g, n] - shift[g, n]) inverse[n]), `inverse[n]` = 127 / the row's largest |w| (|out| <= 127).
-void int4_blocks_to_int8_into(const uint8_t* bp, const float* sp, const float* hp, const float* ip, int64_t blocks,
+// round((q[n, k] scale[g, n] - shift[g, n]) / row_scale[n]), `row_scale[n]` = the row's largest |w| / 127.
+void int4_blocks_to_int8_into(const uint8_t* bp, const float* sp, const float* hp, const float* rp, int64_t blocks,
                               int64_t K, int64_t group, int8_t* op) {
   const int64_t N = blocks * 64, G = (K + group - 1) / group;
-  at::parallel_for(0, blocks, 1, [bp, sp, hp, ip, op, G, K, N, group](int64_t begin, int64_t end) {
-    alignas(64) float a[64], b[64];  // per row of the block: q a + b = (q scale - shift) inverse
+  at::parallel_for(0, blocks, 1, [bp, sp, hp, rp, op, G, K, N, group](int64_t begin, int64_t end) {
+    alignas(64) float a[64], b[64];  // per row of the block: q a + b = (q scale - shift) / row_scale
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t n0 = blk * 64;
       for (int64_t g = 0; g < G; ++g) {
         for (int64_t j = 0; j < 64; ++j) {
-          a[j] = sp[g * N + n0 + j] * ip[n0 + j];
-          b[j] = -hp[g * N + n0 + j] * ip[n0 + j];
+          const float inverse = rp[n0 + j] > 0.f ? 1.f / rp[n0 + j] : 0.f;  // an all-zero row stays 0
+          a[j] = sp[g * N + n0 + j] * inverse;
+          b[j] = -hp[g * N + n0 + j] * inverse;
         }
         const int64_t stop = std::min(K, (g + 1) * group);
         for (int64_t k = g * group; k < stop; ++k) {
@@ -536,16 +537,15 @@ at::Tensor int8_rows_act_matmul(const at::Tensor& x, const at::Tensor& w, const 
 
 // int4 blocks (as `int4_blocks_matmul`) put on one int8 grid per row into scratch memory, then as above.
 at::Tensor int4_blocks_act_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                                  const at::Tensor& shift, const at::Tensor& inverse, const at::Tensor& row_scale,
-                                  int64_t group, const c10::optional<at::Tensor>& bias, int64_t outliers) {
+                                  const at::Tensor& shift, const at::Tensor& row_scale, int64_t group,
+                                  const c10::optional<at::Tensor>& bias, int64_t outliers) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
   const int64_t K = x.size(1);
   const int64_t blocks = int4_blocks_checked(packed, scale, shift, K, group), N = blocks * 64;
-  const float* ip = optional_vector(inverse, N, "inverse");
   const float* rp = optional_vector(row_scale, N, "row_scale");
   thread_local std::vector<int8_t> weight_kept;
   at::Tensor weight = scratch(weight_kept, K, N, at::kChar);
-  int4_blocks_to_int8_into(packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), shift.data_ptr<float>(), ip, blocks,
+  int4_blocks_to_int8_into(packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), shift.data_ptr<float>(), rp, blocks,
                            K, group, weight.data_ptr<int8_t>());
   return int8_tokens_matmul(x, weight, rp, nullptr, optional_vector(bias, N, "bias"), outliers);
 }
@@ -568,11 +568,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_tokens_quantize(
 }
 
 at::Tensor int4_blocks_to_int8(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& shift,
-                               const at::Tensor& inverse, int64_t K, int64_t group) {
+                               const at::Tensor& row_scale, int64_t K, int64_t group) {
   const int64_t blocks = int4_blocks_checked(packed, scale, shift, K, group), N = blocks * 64;
-  const float* ip = optional_vector(inverse, N, "inverse");
+  const float* rp = optional_vector(row_scale, N, "row_scale");
   auto out = at::empty({K, N}, packed.options().dtype(at::kChar));
-  int4_blocks_to_int8_into(packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), shift.data_ptr<float>(), ip, blocks,
+  int4_blocks_to_int8_into(packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), shift.data_ptr<float>(), rp, blocks,
                            K, group, out.data_ptr<int8_t>());
   return out;
 }
@@ -584,8 +584,7 @@ at::Tensor int8_rows_act_matmul_meta(const at::Tensor& x, const at::Tensor& w, c
 }
 
 at::Tensor int4_blocks_act_matmul_meta(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                                       const at::Tensor& shift, const at::Tensor& inverse,
-                                       const at::Tensor& row_scale, int64_t group,
+                                       const at::Tensor& shift, const at::Tensor& row_scale, int64_t group,
                                        const c10::optional<at::Tensor>& bias, int64_t outliers) {
   return at::empty({x.size(0), packed.numel() / (32 * x.size(1)) * 64}, x.options());
 }
@@ -607,10 +606,11 @@ TORCH_LIBRARY(agentos_native, m) {
   m.def("int4_blocks_matmul(Tensor x, Tensor packed, Tensor scale, Tensor shift, int group) -> Tensor");
   m.def("int8_rows_act_matmul(Tensor x, Tensor w, Tensor scale, Tensor? zero_term, Tensor? bias, int outliers) "
         "-> Tensor");
-  m.def("int4_blocks_act_matmul(Tensor x, Tensor packed, Tensor scale, Tensor shift, Tensor inverse, "
-        "Tensor row_scale, int group, Tensor? bias, int outliers) -> Tensor");
+  m.def("int4_blocks_act_matmul(Tensor x, Tensor packed, Tensor scale, Tensor shift, Tensor row_scale, int group, "
+        "Tensor? bias, int outliers) -> Tensor");
   m.def("int8_tokens_quantize(Tensor x, int outliers, bool residual) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("int4_blocks_to_int8(Tensor packed, Tensor scale, Tensor shift, Tensor inverse, int K, int group) -> Tensor");
+  m.def("int4_blocks_to_int8(Tensor packed, Tensor scale, Tensor shift, Tensor row_scale, int K, int group) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(agentos_native, CPU, m) {
