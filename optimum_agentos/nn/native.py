@@ -139,30 +139,39 @@ def unavailable() -> str | None:
     return library()[1]
 
 
-def _float_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    flat = x.reshape(-1, in_features)
-    return flat.float().contiguous() if flat.dtype != torch.float32 else flat.contiguous()
+class _Ops:
+    """The library's operators as resolved overloads (`.default`), looked up once: calling
+    `torch.ops.agentos_native.<name>(...)` resolves the overload at every call, microseconds that count at one token."""
+
+    def __getattr__(self, name: str):
+        op = getattr(torch.ops.agentos_native, name).default
+        setattr(self, name, op)
+        return op
+
+
+OPS = _Ops()
+
+
+def _tensors(layer) -> dict:
+    """A layer's buffers by name without `nn.Module.__getattr__` (a `FusedGroup` keeps them as plain attributes)."""
+    attributes = layer.__dict__
+    return attributes.get("_buffers", attributes)
+
+
+def _bias(layer) -> torch.Tensor | None:
+    return layer.__dict__.get("_parameters", layer.__dict__).get("bias")
 
 
 def _float_bias(layer) -> torch.Tensor | None:
-    bias = getattr(layer, "bias", None)
-    return None if bias is None else bias.float()
-
-
-def _shaped(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Float32 rows `y` as the output for `x`: its dtype, its leading dims."""
-    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
-
-
-def _finish(layer, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    bias = _float_bias(layer)
-    return _shaped(y if bias is None else y + bias, x)
+    bias = _bias(layer)
+    return None if bias is None else bias.float().contiguous()
 
 
 def _int8_rows(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`(codes [N, K] int8, float32 row scales, zero-point share or None)` of an int8 row layout (`NativeInt8Rows`)."""
-    if hasattr(layer, "kernel_row_scales"):
-        return layer.kernel_weight, layer.kernel_row_scales, layer.kernel_zero_term
+    tensors = _tensors(layer)
+    if "kernel_row_scales" in tensors:
+        return tensors["kernel_weight"], tensors["kernel_row_scales"], tensors.get("kernel_zero_term")
     return layer.weight, layer.weight_scale.reshape(-1).float(), None
 
 
@@ -187,9 +196,7 @@ class NativeInt8Rows:
 
     @staticmethod
     def run(layer, x: torch.Tensor) -> torch.Tensor:
-        flat = _float_rows(x, layer.in_features)
-        y = torch.ops.agentos_native.int8_rows_matmul(flat, *_int8_rows(layer))
-        return _finish(layer, y, x)
+        return OPS.int8_rows_matmul(x, *_int8_rows(layer), _bias(layer))
 
 
 class NativeInt4Blocks:
@@ -207,10 +214,9 @@ class NativeInt4Blocks:
 
     @staticmethod
     def run(layer, x: torch.Tensor) -> torch.Tensor:
-        flat = _float_rows(x, layer.in_features)
-        y = torch.ops.agentos_native.int4_blocks_matmul(flat, layer.kernel_weight, layer.kernel_group_scales,
-                                                        layer.kernel_group_shifts, layer.kernel_stored_group)
-        return _finish(layer, y, x)
+        tensors = _tensors(layer)
+        return OPS.int4_blocks_matmul(x, tensors["kernel_weight"], tensors["kernel_group_scales"],
+                                      tensors["kernel_group_shifts"], layer.kernel_stored_group, _bias(layer))
 
 
 def _int_mm_unsupported() -> str | None:
@@ -238,9 +244,7 @@ class NativeInt8Activations:
 
     @staticmethod
     def run(layer, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.agentos_native.int8_rows_act_matmul(_float_rows(x, layer.in_features), *_int8_rows(layer),
-                                                          _float_bias(layer), FLOAT_CHANNELS)
-        return _shaped(y, x)
+        return OPS.int8_rows_act_matmul(x, *_int8_rows(layer), _float_bias(layer), FLOAT_CHANNELS)
 
 
 class NativeInt4Activations:
@@ -259,11 +263,10 @@ class NativeInt4Activations:
 
     @staticmethod
     def run(layer, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.agentos_native.int4_blocks_act_matmul(
-            _float_rows(x, layer.in_features), layer.kernel_weight, layer.kernel_group_scales,
-            layer.kernel_group_shifts, layer.kernel_int8_scale, layer.kernel_stored_group, _float_bias(layer),
-            FLOAT_CHANNELS)
-        return _shaped(y, x)
+        tensors = _tensors(layer)
+        return OPS.int4_blocks_act_matmul(x, tensors["kernel_weight"], tensors["kernel_group_scales"],
+                                          tensors["kernel_group_shifts"], tensors["kernel_int8_scale"],
+                                          layer.kernel_stored_group, _float_bias(layer), FLOAT_CHANNELS)
 
 
 FEW_TOKEN_PATHS = (NativeInt8Rows, NativeInt4Blocks)  # float32 activations; what a fused sibling group can run

@@ -45,8 +45,10 @@ def test_matches_the_reference_to_float32_rounding(bits, group_size, in_features
         ref = reference(module, x)
         out = path.run(module, x)
         out16 = path.run(module, x.bfloat16())  # bfloat16 activations: computed in float32, returned in bfloat16
+        strided = path.run(module, x.transpose(0, 1))  # a non-contiguous view: the op takes it as it is
     assert out.shape == ref.shape and out.dtype == torch.float32
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert strided.shape == (tokens, 2, out_features) and torch.equal(strided, out.transpose(0, 1))
     assert out16.dtype == torch.bfloat16
     assert (out16.float() - reference(module, x.bfloat16().float())).abs().max() <= 1e-2 * ref.abs().max()
 

@@ -170,6 +170,10 @@ void int8_rows_avx2(const int8_t* w, const float* x, int64_t K, float dots[][4])
 
 constexpr int64_t kTokensPerPass = 4;  // tokens multiplied per pass over the weights (each read M / 4 times)
 constexpr int64_t kRowsPerPass = 4;    // int8 rows per pass (their codes converted once for all tokens of the pass)
+// Software prefetch distance of the int8 rows, in passes: SmolLM2's decode-shaped calls streaming from memory took
+// 12.0 ms per token's 120 calls without it, 9.2-9.9 ms at 4-16 passes (2 threads, this repo's Xeon; the int4
+// blocks' loop got slower with a whole-block prefetch, so it has none).
+constexpr int64_t kPrefetchPasses = 4;
 
 // Portable fallback: the compiler vectorises the inner loops for whatever the target has.
 template <int T, int R>
@@ -206,9 +210,33 @@ void int8_rows_tokens(const int8_t* w, const float* x, int64_t K, int64_t R, flo
   }
 }
 
-at::Tensor int8_rows_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                            const c10::optional<at::Tensor>& zero_term) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+// The ops take x [..., K] of any floating dtype and return [..., N] in x's dtype: the reshapes and casts happen
+// here, where they cost no Python call (at one token, each Python-level tensor call costs microseconds).
+at::Tensor float_rows(const at::Tensor& input) {
+  TORCH_CHECK(input.dim() >= 1 && at::isFloatingType(input.scalar_type()), "x: floating point [..., K]");
+  return input.reshape({-1, input.size(-1)}).to(at::kFloat).contiguous();
+}
+
+// Float32 rows y [M, N] (+ bias) as the output for `input`: its leading dims, its dtype.
+at::Tensor shaped_like(at::Tensor y, const at::Tensor& input, const c10::optional<at::Tensor>& bias) {
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == y.size(1), "bias: [", y.size(1), "]");
+    y.add_(bias->to(at::kFloat));
+  }
+  std::vector<int64_t> sizes = input.sizes().vec();
+  sizes.back() = y.size(1);
+  return y.view(sizes).to(input.scalar_type());
+}
+
+at::Tensor output_meta(const at::Tensor& input, int64_t N) {
+  std::vector<int64_t> sizes = input.sizes().vec();
+  sizes.back() = N;
+  return at::empty(sizes, input.options());
+}
+
+at::Tensor int8_rows_matmul(const at::Tensor& input, const at::Tensor& w, const at::Tensor& scale,
+                            const c10::optional<at::Tensor>& zero_term, const c10::optional<at::Tensor>& bias) {
+  const at::Tensor x = float_rows(input);
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(), "w: contiguous int8 [N, K]");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(w.size(1) == K, "w has ", w.size(1), " inputs, x ", K);
@@ -239,6 +267,11 @@ at::Tensor int8_rows_matmul(const at::Tensor& x, const at::Tensor& w, const at::
     float dots[kTokensPerPass][4];
     for (int64_t p = begin; p < end; ++p) {
       const int64_t n0 = p * kRowsPerPass, R = std::min(kRowsPerPass, N - n0);
+      if (p + kPrefetchPasses < end) {  // the rows a few passes ahead, into L1: the streams alone wait on memory
+        const char* ahead = reinterpret_cast<const char*>(wp + (n0 + kPrefetchPasses * kRowsPerPass) * K);
+        const int64_t bytes = std::min(kRowsPerPass, N - n0 - kPrefetchPasses * kRowsPerPass) * K;
+        for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(ahead + b, 0, 3);
+      }
       for (int64_t m0 = 0; m0 < M; m0 += kTokensPerPass) {
         const int64_t T = std::min(kTokensPerPass, M - m0);
         const int8_t* rows = wp + n0 * K;
@@ -255,7 +288,7 @@ at::Tensor int8_rows_matmul(const at::Tensor& x, const at::Tensor& w, const at::
       }
     }
   });
-  return y;
+  return shaped_like(y, input, bias);
 }
 
 // Portable fallback of one 64-row int4 block times one token.
@@ -298,9 +331,9 @@ int64_t int4_blocks_checked(const at::Tensor& packed, const at::Tensor& scale, c
   return blocks;
 }
 
-at::Tensor int4_blocks_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                              const at::Tensor& shift, int64_t group) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+at::Tensor int4_blocks_matmul(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& scale,
+                              const at::Tensor& shift, int64_t group, const c10::optional<at::Tensor>& bias) {
+  const at::Tensor x = float_rows(input);
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t blocks = int4_blocks_checked(packed, scale, shift, K, group), N = blocks * 64;
   const int64_t G = (K + group - 1) / group;
@@ -350,7 +383,7 @@ at::Tensor int4_blocks_matmul(const at::Tensor& x, const at::Tensor& packed, con
       }
     }
   });
-  return y;
+  return shaped_like(y, input, bias);
 }
 
 // Round to the nearest integer (ties to even) for |v| < 2^22: adding and subtracting 1.5 * 2^23 leaves no fraction
@@ -524,22 +557,22 @@ const float* optional_vector(const c10::optional<at::Tensor>& t, int64_t n, cons
 }
 
 // int8 rows w [N, K] (`q - 128` with `zero_term`, or symmetric rows) times x [M, K] float32 through int8 activations.
-at::Tensor int8_rows_act_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+at::Tensor int8_rows_act_matmul(const at::Tensor& input, const at::Tensor& w, const at::Tensor& scale,
                                 const c10::optional<at::Tensor>& zero_term, const c10::optional<at::Tensor>& bias,
                                 int64_t outliers) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  const at::Tensor x = float_rows(input);
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.size(1) == x.size(1), "w: int8 [N, K]");
   const int64_t N = w.size(0);
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N, "scale: float32 [N]");
-  return int8_tokens_matmul(x, w.t(), scale.data_ptr<float>(), optional_vector(zero_term, N, "zero_term"),
-                            optional_vector(bias, N, "bias"), outliers);
+  return shaped_like(int8_tokens_matmul(x, w.t(), scale.data_ptr<float>(), optional_vector(zero_term, N, "zero_term"),
+                                        optional_vector(bias, N, "bias"), outliers), input, c10::nullopt);
 }
 
 // int4 blocks (as `int4_blocks_matmul`) put on one int8 grid per row into scratch memory, then as above.
-at::Tensor int4_blocks_act_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+at::Tensor int4_blocks_act_matmul(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& scale,
                                   const at::Tensor& shift, const at::Tensor& row_scale, int64_t group,
                                   const c10::optional<at::Tensor>& bias, int64_t outliers) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  const at::Tensor x = float_rows(input);
   const int64_t K = x.size(1);
   const int64_t blocks = int4_blocks_checked(packed, scale, shift, K, group), N = blocks * 64;
   const float* rp = optional_vector(row_scale, N, "row_scale");
@@ -547,7 +580,8 @@ at::Tensor int4_blocks_act_matmul(const at::Tensor& x, const at::Tensor& packed,
   at::Tensor weight = scratch(weight_kept, K, N, at::kChar);
   int4_blocks_to_int8_into(packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), shift.data_ptr<float>(), rp, blocks,
                            K, group, weight.data_ptr<int8_t>());
-  return int8_tokens_matmul(x, weight, rp, nullptr, optional_vector(bias, N, "bias"), outliers);
+  return shaped_like(int8_tokens_matmul(x, weight, rp, nullptr, optional_vector(bias, N, "bias"), outliers), input,
+                     c10::nullopt);
 }
 
 // The steps above as ops of their own, for tests: the grids and the int4 weights' int8 grid.
@@ -580,30 +614,31 @@ at::Tensor int4_blocks_to_int8(const at::Tensor& packed, const at::Tensor& scale
 at::Tensor int8_rows_act_matmul_meta(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                                      const c10::optional<at::Tensor>& zero_term,
                                      const c10::optional<at::Tensor>& bias, int64_t outliers) {
-  return at::empty({x.size(0), w.size(0)}, x.options());
+  return output_meta(x, w.size(0));
 }
 
 at::Tensor int4_blocks_act_matmul_meta(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                                        const at::Tensor& shift, const at::Tensor& row_scale, int64_t group,
                                        const c10::optional<at::Tensor>& bias, int64_t outliers) {
-  return at::empty({x.size(0), packed.numel() / (32 * x.size(1)) * 64}, x.options());
+  return output_meta(x, packed.numel() / (32 * x.size(-1)) * 64);
 }
 
 at::Tensor int8_rows_matmul_meta(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                                 const c10::optional<at::Tensor>& zero_term) {
-  return at::empty({x.size(0), w.size(0)}, x.options());
+                                 const c10::optional<at::Tensor>& zero_term, const c10::optional<at::Tensor>& bias) {
+  return output_meta(x, w.size(0));
 }
 
 at::Tensor int4_blocks_matmul_meta(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                                   const at::Tensor& shift, int64_t group) {
-  return at::empty({x.size(0), packed.numel() / (32 * x.size(1)) * 64}, x.options());
+                                   const at::Tensor& shift, int64_t group, const c10::optional<at::Tensor>& bias) {
+  return output_meta(x, packed.numel() / (32 * x.size(-1)) * 64);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(agentos_native, m) {
-  m.def("int8_rows_matmul(Tensor x, Tensor w, Tensor scale, Tensor? zero_term) -> Tensor");
-  m.def("int4_blocks_matmul(Tensor x, Tensor packed, Tensor scale, Tensor shift, int group) -> Tensor");
+  m.def("int8_rows_matmul(Tensor x, Tensor w, Tensor scale, Tensor? zero_term, Tensor? bias=None) -> Tensor");
+  m.def("int4_blocks_matmul(Tensor x, Tensor packed, Tensor scale, Tensor shift, int group, Tensor? bias=None) "
+        "-> Tensor");
   m.def("int8_rows_act_matmul(Tensor x, Tensor w, Tensor scale, Tensor? zero_term, Tensor? bias, int outliers) "
         "-> Tensor");
   m.def("int4_blocks_act_matmul(Tensor x, Tensor packed, Tensor scale, Tensor shift, Tensor row_scale, int group, "
