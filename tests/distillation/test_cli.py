@@ -33,15 +33,15 @@ def test_sst2_student_from_minilm_trains_saves_card_and_reloads(tmp_path):
     out = tmp_path / "student"
     proc = subprocess.run(
         [sys.executable, "-m", "optimum_agentos.cli", "distill", "--teacher", "minilm-l6", "--task", "sst2",
-         "--student_layers", "3", "--teacher_finetune_steps", "60", "--max_train_samples", "2000", "--max_steps", "60",
+         "--student_layers", "3", "--teacher_finetune_steps", "30", "--max_train_samples", "2000", "--max_steps", "30",
          "--per_device_train_batch_size", "32", "--learning_rate", "1e-4", "--output_dir", str(out),
          "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no"],
         capture_output=True, text=True, cwd=REPO, timeout=1500,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "agentos_summary.json").read_text())
-    assert summary["steps"] == 60 and summary["student_params"] < 0.8 * summary["teacher_params"]
-    assert summary["teacher"] > 0.6  # 60 steps of fine-tuning already beat chance (0.51) clearly
+    assert summary["steps"] == 30 and summary["student_params"] < 0.8 * summary["teacher_params"]
+    assert summary["teacher"] > 0.6  # 30 steps of fine-tuning already beat chance (0.51) clearly (0.76 here)
     card = (out / "README.md").read_text()
     assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card and "- distillation" in card
     assert str(tmp_path) not in card
