@@ -141,7 +141,8 @@ def unavailable() -> str | None:
 
 class _Ops:
     """The library's operators as resolved overloads (`.default`), looked up once: calling
-    `torch.ops.agentos_native.<name>(...)` resolves the overload at every call, microseconds that count at one token."""
+    `torch.ops.agentos_native.<name>(...)` resolves the overload at every call, microseconds that count at one
+    token."""
 
     def __getattr__(self, name: str):
         op = getattr(torch.ops.agentos_native, name).default
@@ -159,12 +160,8 @@ def _tensors(layer) -> dict:
 
 
 def _bias(layer) -> torch.Tensor | None:
+    """The layer's bias (any dtype: the ops convert it) without `nn.Module.__getattr__`."""
     return layer.__dict__.get("_parameters", layer.__dict__).get("bias")
-
-
-def _float_bias(layer) -> torch.Tensor | None:
-    bias = _bias(layer)
-    return None if bias is None else bias.float().contiguous()
 
 
 def _int8_rows(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -244,7 +241,7 @@ class NativeInt8Activations:
 
     @staticmethod
     def run(layer, x: torch.Tensor) -> torch.Tensor:
-        return OPS.int8_rows_act_matmul(x, *_int8_rows(layer), _float_bias(layer), FLOAT_CHANNELS)
+        return OPS.int8_rows_act_matmul(x, *_int8_rows(layer), _bias(layer), FLOAT_CHANNELS)
 
 
 class NativeInt4Activations:
@@ -266,7 +263,7 @@ class NativeInt4Activations:
         tensors = _tensors(layer)
         return OPS.int4_blocks_act_matmul(x, tensors["kernel_weight"], tensors["kernel_group_scales"],
                                           tensors["kernel_group_shifts"], tensors["kernel_int8_scale"],
-                                          layer.kernel_stored_group, _float_bias(layer), FLOAT_CHANNELS)
+                                          layer.kernel_stored_group, _bias(layer), FLOAT_CHANNELS)
 
 
 FEW_TOKEN_PATHS = (NativeInt8Rows, NativeInt4Blocks)  # float32 activations; what a fused sibling group can run

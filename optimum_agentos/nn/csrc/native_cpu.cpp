@@ -556,6 +556,12 @@ const float* optional_vector(const c10::optional<at::Tensor>& t, int64_t n, cons
   return t->data_ptr<float>();
 }
 
+// An optional vector (a bias in the model's dtype) as contiguous float32, for `optional_vector`.
+c10::optional<at::Tensor> float32_vector(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value()) return c10::nullopt;
+  return t->to(at::kFloat).contiguous();
+}
+
 // int8 rows w [N, K] (`q - 128` with `zero_term`, or symmetric rows) times x [M, K] float32 through int8 activations.
 at::Tensor int8_rows_act_matmul(const at::Tensor& input, const at::Tensor& w, const at::Tensor& scale,
                                 const c10::optional<at::Tensor>& zero_term, const c10::optional<at::Tensor>& bias,
@@ -564,8 +570,9 @@ at::Tensor int8_rows_act_matmul(const at::Tensor& input, const at::Tensor& w, co
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.size(1) == x.size(1), "w: int8 [N, K]");
   const int64_t N = w.size(0);
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N, "scale: float32 [N]");
+  const c10::optional<at::Tensor> bias32 = float32_vector(bias);
   return shaped_like(int8_tokens_matmul(x, w.t(), scale.data_ptr<float>(), optional_vector(zero_term, N, "zero_term"),
-                                        optional_vector(bias, N, "bias"), outliers), input, c10::nullopt);
+                                        optional_vector(bias32, N, "bias"), outliers), input, c10::nullopt);
 }
 
 // int4 blocks (as `int4_blocks_matmul`) put on one int8 grid per row into scratch memory, then as above.
@@ -580,7 +587,8 @@ at::Tensor int4_blocks_act_matmul(const at::Tensor& input, const at::Tensor& pac
   at::Tensor weight = scratch(weight_kept, K, N, at::kChar);
   int4_blocks_to_int8_into(packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), shift.data_ptr<float>(), rp, blocks,
                            K, group, weight.data_ptr<int8_t>());
-  return shaped_like(int8_tokens_matmul(x, weight, rp, nullptr, optional_vector(bias, N, "bias"), outliers), input,
+  const c10::optional<at::Tensor> bias32 = float32_vector(bias);
+  return shaped_like(int8_tokens_matmul(x, weight, rp, nullptr, optional_vector(bias32, N, "bias"), outliers), input,
                      c10::nullopt);
 }
 
