@@ -276,13 +276,15 @@ def unavailable_paths() -> set[str]:
     if unavailable():
         return {path.name for path in PATHS}
     return {path.name for path in ACTIVATION_PATHS} if _int_mm_unsupported() else set()
+
+
 # float32, built by `kernels.Int4PackKernel.prepare` for the native int4 paths
 INT4_BUFFERS = ("kernel_group_scales", "kernel_group_shifts", "kernel_int8_scale")
 
 
 def drop_unused(module) -> None:
-    """Free the native int4 paths' float32 scales and shifts where no token count chose them (8 bytes per group and
-    row)."""
+    """Free the native int4 paths' float32 scales, shifts and int8 row scales where no token count chose them (8
+    bytes per group and row, 4 per row)."""
     int4_paths = {NativeInt4Blocks.name, NativeInt4Activations.name}
     if not any(name in int4_paths for _, name in getattr(module, "route_names", None) or ()):
         for buffer in INT4_BUFFERS:
