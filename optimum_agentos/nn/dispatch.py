@@ -32,9 +32,9 @@ BUCKETS = (1, 4, 8, 16, 32, 64, 128, 256, 512)  # token counts timed; a call use
 REPEATS = 3  # timed calls per path and bucket (after one warm-up call)
 LONG_CALL_S = 0.05  # a warm-up call this slow is timed once, not REPEATS times: the head at 512 tokens
 CACHE_ENV = "OPTIMUM_AGENTOS_KERNEL_CACHE"  # folder of the choice cache (default: under the HF cache directory)
-CACHE_FORMAT = 5  # 2: the float head's paths; 3: `dequant-t` (`transposed`); 4: the native paths; 5: `native-int8-act`
-# (`native`). Each format has its own file, so older versions sharing the cache folder keep reading theirs instead of
-# rejecting entries they do not know
+CACHE_FORMAT = 6  # 2: the float head's paths; 3: `dequant-t` (`transposed`); 4: the native paths; 5: `native-int8-act`
+# (`native`); 6: `native-int4-vnni`. Each format has its own file, so older versions sharing the cache folder keep
+# reading theirs instead of rejecting entries they do not know
 DEFAULT_TOLERANCE = 1e-2  # the packed bf16 kernels: bf16 rounding of activations (and int4 scales), of max |y|
 DEQUANT_PATHS = (dequant.DequantBF16, dequant.DequantExact, transposed.DequantTransposed)
 OTHER_PATHS = DEQUANT_PATHS + native.PATHS  # every path besides the layer's packed kernel

@@ -6,6 +6,8 @@
   numbers up to the order of the sums (tolerance 1e-5 of max |y|, as `dequant-t`), reading one byte (int8) or half a
   byte (int4) per weight. AVX-512 and AVX2 (+FMA) versions, and a portable one the compiler vectorises for anything
   else (NEON, SSE).
+- Few tokens of int4 on CPUs with AVX512-VNNI and AVX512-VBMI (`NativeInt4Vnni`): the activations rounded as for long
+  inputs (below), the int4 codes multiplied with them four inputs per instruction.
 - Long inputs (`NativeInt8Activations`, `NativeInt4Activations`): float32 matmuls are bound by arithmetic there, and
   int8 x int8 products (`torch._int_mm`, oneDNN: VNNI, AMX) do several times more per instruction. The activations
   are rounded to int8 per token together with their rounding error on a finer grid (about 16 bits), the few largest
@@ -39,7 +41,7 @@ logger = logging.get_logger(__name__)
 
 ENV = "OPTIMUM_AGENTOS_NATIVE"  # "0" turns the native paths off
 DIR_ENV = "OPTIMUM_AGENTOS_NATIVE_DIR"  # where the compiled library is kept
-INT8_ACTIVATIONS_ENV = "OPTIMUM_AGENTOS_INT8_ACTIVATIONS"  # "0" refuses the int8-activation paths (long inputs)
+INT8_ACTIVATIONS_ENV = "OPTIMUM_AGENTOS_INT8_ACTIVATIONS"  # "0" refuses the paths rounding activations to int8
 SOURCE = Path(__file__).parent / "csrc" / "native_cpu.cpp"
 ARCH_ENV = "OPTIMUM_AGENTOS_NATIVE_ARCH"  # the -march target (default "native"; tests build x86-64-v3 = AVX2 too)
 LDFLAGS = ("-fopenmp",)  # at::parallel_for runs on torch's OpenMP threads
@@ -216,10 +218,21 @@ class NativeInt4Blocks:
                                       tensors["kernel_group_shifts"], layer.kernel_stored_group, _bias(layer))
 
 
+def _int8_activations_refused() -> str | None:
+    return f"{INT8_ACTIVATIONS_ENV}=0" if os.environ.get(INT8_ACTIVATIONS_ENV, "1") == "0" else None
+
+
 def _int_mm_unsupported() -> str | None:
-    if os.environ.get(INT8_ACTIVATIONS_ENV, "1") == "0":
-        return f"{INT8_ACTIVATIONS_ENV}=0"
-    return None if hasattr(torch, "_int_mm") else "this torch build has no torch._int_mm"
+    return _int8_activations_refused() or (None if hasattr(torch, "_int_mm") else
+                                           "this torch build has no torch._int_mm")
+
+
+@functools.cache
+def _vnni_unbuilt() -> str | None:
+    """Why the library has no VNNI int4 loop (built for a CPU without AVX512-VNNI and AVX512-VBMI), or None."""
+    if unavailable():
+        return unavailable()
+    return None if OPS.vnni_int4() else "the CPU has no AVX512-VNNI with AVX512-VBMI"
 
 
 class NativeInt8Activations:
@@ -266,16 +279,46 @@ class NativeInt4Activations:
                                           layer.kernel_stored_group, _bias(layer), FLOAT_CHANNELS)
 
 
-FEW_TOKEN_PATHS = (NativeInt8Rows, NativeInt4Blocks)  # float32 activations; what a fused sibling group can run
+class NativeInt4Vnni:
+    """int4 for few tokens through int8 activations: the blocks `NativeInt4Blocks` reads, times the activations on
+    `NativeInt8Activations`' grids (codes and residual, the `FLOAT_CHANNELS` largest channels in float32), with
+    AVX512-VNNI's int8 dot products (`int4_blocks_vnni_matmul`), four inputs per instruction where the float32 loop
+    converts and multiplies one. The weights are exact, so the error is the activations' rounding alone (within
+    1/508 of the token's largest |x| per input): the int8-activation paths' bound. Built where the CPU has
+    AVX512-VNNI and AVX512-VBMI (Ice Lake, Sapphire Rapids, Zen 4 and later); the measured dispatch decides where it
+    serves."""
+
+    name = "native-int4-vnni"
+    tolerance = 1e-4
+    max_tokens = MAX_TOKENS
+
+    @staticmethod
+    def unsupported(layer) -> str | None:
+        return NativeInt4Blocks.unsupported(layer) or _int8_activations_refused() or _vnni_unbuilt()
+
+    @staticmethod
+    def run(layer, x: torch.Tensor) -> torch.Tensor:
+        tensors = _tensors(layer)
+        return OPS.int4_blocks_vnni_matmul(x, tensors["kernel_weight"], tensors["kernel_group_scales"],
+                                           tensors["kernel_group_shifts"], layer.kernel_stored_group, _bias(layer),
+                                           FLOAT_CHANNELS)
+
+
+# float32 activations, or int8 ones for few tokens: what a fused sibling group can run
+FEW_TOKEN_PATHS = (NativeInt8Rows, NativeInt4Blocks, NativeInt4Vnni)
 ACTIVATION_PATHS = (NativeInt8Activations, NativeInt4Activations)
 PATHS = (*FEW_TOKEN_PATHS, *ACTIVATION_PATHS)
 
 
 def unavailable_paths() -> set[str]:
-    """The native paths this process cannot take: all without the library, the int8-activation ones when refused."""
+    """The native paths this process cannot take: all without the library, those rounding activations to int8
+    when refused, the VNNI one where the library was built without it."""
     if unavailable():
         return {path.name for path in PATHS}
-    return {path.name for path in ACTIVATION_PATHS} if _int_mm_unsupported() else set()
+    refused = {path.name for path in ACTIVATION_PATHS} if _int_mm_unsupported() else set()
+    if _int8_activations_refused() or _vnni_unbuilt():
+        refused.add(NativeInt4Vnni.name)
+    return refused
 
 
 # float32, built by `kernels.Int4PackKernel.prepare` for the native int4 paths
@@ -285,7 +328,7 @@ INT4_BUFFERS = ("kernel_group_scales", "kernel_group_shifts", "kernel_int8_scale
 def drop_unused(module) -> None:
     """Free the native int4 paths' float32 scales, shifts and int8 row scales where no token count chose them (8
     bytes per group and row, 4 per row)."""
-    int4_paths = {NativeInt4Blocks.name, NativeInt4Activations.name}
+    int4_paths = {NativeInt4Blocks.name, NativeInt4Activations.name, NativeInt4Vnni.name}
     if not any(name in int4_paths for _, name in getattr(module, "route_names", None) or ()):
         for buffer in INT4_BUFFERS:
             module._buffers.pop(buffer, None)

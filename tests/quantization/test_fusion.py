@@ -41,13 +41,14 @@ def groups(model):
 
 
 @pytest.mark.parametrize("settings", SETTINGS)
-@pytest.mark.parametrize("native_path", [False, True])  # the packed kernel, or a native path reading its layout
-def test_fused_calls_give_the_same_outputs_and_share_the_codes(tmp_path, settings, native_path):
-    if native_path and native.unavailable():
+@pytest.mark.parametrize("path", ["packed", "native", "vnni"])  # the packed kernel, or a native path on its layout
+def test_fused_calls_give_the_same_outputs_and_share_the_codes(tmp_path, settings, path):
+    kernel = {"packed": "int4pack-bf16" if settings["bits"] == 4 else "int8pack-bf16",
+              "native": "native-int4" if settings["bits"] == 4 else "native-int8", "vnni": "native-int4-vnni"}[path]
+    if path != "packed" and native.unavailable():
         pytest.skip(native.unavailable())
-    kernel = "int4pack-bf16" if settings["bits"] == 4 else "int8pack-bf16"
-    if native_path:
-        kernel = "native-int4" if settings["bits"] == 4 else "native-int8"
+    if path == "vnni" and (settings["bits"] != 4 or native._vnni_unbuilt()):
+        pytest.skip("int4 only" if settings["bits"] != 4 else native._vnni_unbuilt())
     model = load(tmp_path, settings, kernel)
     found = list(groups(model).values())
     assert len(found) == 4 and sorted(len(g.members) for g in found) == [2, 2, 3, 3]  # 2 blocks x (qkv, gate/up)

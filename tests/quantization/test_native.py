@@ -77,17 +77,20 @@ def _int8_activation_layer(bits, sym, in_features, out_features, g):
     return module
 
 
-@pytest.mark.parametrize("bits, sym, in_features, out_features", [
-    (8, False, 576, 1536), (8, True, 1536, 576), (4, False, 576, 192), (4, False, 1536, 128)])
-@pytest.mark.parametrize("tokens", [1, 9, 300])
-def test_int8_activation_paths_stay_within_their_rounding_bound(bits, sym, in_features, out_features, tokens):
+@pytest.mark.parametrize("path, bits, sym, in_features, out_features", [
+    (native.NativeInt8Activations, 8, False, 576, 1536), (native.NativeInt8Activations, 8, True, 1536, 576),
+    (native.NativeInt4Activations, 4, False, 576, 192), (native.NativeInt4Activations, 4, False, 1536, 128),
+    (native.NativeInt4Vnni, 4, False, 576, 192), (native.NativeInt4Vnni, 4, False, 1536, 128)])
+@pytest.mark.parametrize("tokens", [1, 2, 9, 300])  # VNNI: passes of 2 tokens and the rest
+def test_int8_activation_paths_stay_within_their_rounding_bound(path, bits, sym, in_features, out_features, tokens):
     """Each output is off by at most what its roundings allow: the activations' residual grid (1/508 of the token's
-    largest |x| outside the float32 channels) times sum_k |w[n, k]|, and for int4 the weights' int8 grid (half of
-    1/127 of the row's largest |w|) times sum_k |x_k|. The `FLOAT_CHANNELS` largest channels are multiplied in
-    float32."""
+    largest |x| outside the float32 channels) times sum_k |w[n, k]|, and for `native-int4-act` the weights' int8
+    grid (half of 1/127 of the row's largest |w|) times sum_k |x_k|. The `FLOAT_CHANNELS` largest channels are
+    multiplied in float32."""
     g = torch.Generator().manual_seed(tokens + bits)
     module = _int8_activation_layer(bits, sym, in_features, out_features, g)
-    path = native.NativeInt8Activations if bits == 8 else native.NativeInt4Activations
+    if path is native.NativeInt4Vnni and native._vnni_unbuilt():
+        pytest.skip(native._vnni_unbuilt())
     assert path.unsupported(module) is None
     x = torch.randn(tokens, in_features, generator=g) + 0.5
     x[:, 7] *= 30  # an outlier channel: left out of the grids
@@ -101,7 +104,7 @@ def test_int8_activation_paths_stay_within_their_rounding_bound(bits, sym, in_fe
     assert not inliers[7]
     step = x[:, inliers].abs().amax(dim=1, keepdim=True) / 127
     bound = step / 508 * weight[:, inliers].abs().sum(dim=1)
-    if bits == 4:
+    if path is native.NativeInt4Activations:
         row_step = weight.abs().amax(dim=1) / 127
         bound = bound + row_step / 2 * x.abs().sum(dim=1, keepdim=True)
     error = (out - ref).abs()
@@ -110,6 +113,9 @@ def test_int8_activation_paths_stay_within_their_rounding_bound(bits, sym, in_fe
     assert error.max() <= path.tolerance * ref.abs().max()
     assert out16.dtype == torch.bfloat16
     assert (out16.float() - reference(module, x.bfloat16().float())).abs().max() <= 1e-2 * ref.abs().max()
+    if path is native.NativeInt4Vnni:  # a non-contiguous view: the op takes it as it is
+        strided = path.run(module, x[None].transpose(0, 1))
+        assert strided.shape == (tokens, 1, out_features) and torch.equal(strided[:, 0], out)
 
 
 def test_int8_activation_grids_and_the_int4_weights_on_int8_grids():
@@ -165,7 +171,7 @@ def test_measured_only_up_to_their_token_limit_and_chosen_by_the_dispatch(cache_
     for tokens, row in entry["us"].items():
         assert ("native-int4" in row) == (int(tokens) <= native.MAX_TOKENS), (tokens, row)
     # the float32 scales and shifts of the int4 path are kept only where a token count chose it
-    chose = any(name in ("native-int4", "native-int4-act") for _, name in module.route_names)
+    chose = any(name in ("native-int4", "native-int4-act", "native-int4-vnni") for _, name in module.route_names)
     assert (getattr(module, "kernel_group_scales", None) is not None) == chose
     # wherever the measurement puts it, the layer computes within the native bound
     x = torch.randn(1, 2, 576)
@@ -210,10 +216,15 @@ def test_refused_int8_activations_fall_back_to_the_next_fastest_measured_path(ca
     path.write_text(json.dumps(data))
     monkeypatch.setenv(native.INT8_ACTIVATIONS_ENV, "0")
     assert native.NativeInt8Activations.unsupported(first) == f"{native.INT8_ACTIVATIONS_ENV}=0"
-    assert native.unavailable_paths() == {"native-int8-act", "native-int4-act"}
+    refused = {"native-int8-act", "native-int4-act", "native-int4-vnni"}  # every path rounding activations to int8
+    assert native.unavailable_paths() == refused
+    int4 = layer(4, 128, 576, 192)
+    Int4PackKernel.prepare(int4)
+    int4.kernel = Int4PackKernel
+    assert native.NativeInt4Vnni.unsupported(int4) == f"{native.INT8_ACTIVATIONS_ENV}=0"
     second = layer(8, -1, 576, 192, seed=1)
     prepare_kernels(second)
-    expected = dispatch.routes_without(entry, {"native-int8-act", "native-int4-act"})
+    expected = dispatch.routes_without(entry, refused)
     assert [list(r) for r in second.route_names] == expected
     assert all(name != "native-int8-act" for _, name in second.route_names)
     monkeypatch.delenv(native.INT8_ACTIVATIONS_ENV)
