@@ -30,11 +30,14 @@ logger = logging.get_logger(__name__)
 
 BUCKETS = (1, 4, 8, 16, 32, 64, 128, 256, 512)  # token counts timed; a call uses the first bucket >= its tokens
 REPEATS = 3  # timed calls per path and bucket (after one warm-up call)
+# tensors larger than this are not evicted before timed calls (`evict`): they leave the caches anyway, and flushing a
+# float output head line by line would cost more than its timing
+EVICT_MAX_BYTES = 64 << 20
 LONG_CALL_S = 0.05  # a warm-up call this slow is timed once, not REPEATS times: the head at 512 tokens
 CACHE_ENV = "OPTIMUM_AGENTOS_KERNEL_CACHE"  # folder of the choice cache (default: under the HF cache directory)
 CACHE_FORMAT = 6  # 2: the float head's paths; 3: `dequant-t` (`transposed`); 4: the native paths; 5: `native-int8-act`
-# (`native`); 6: `native-int4-vnni`. Each format has its own file, so older versions sharing the cache folder keep
-# reading theirs instead of rejecting entries they do not know
+# (`native`); 6: `native-int4-vnni`, and timings with the weights out of the caches (`evict`). Each format has its own
+# file, so older versions sharing the cache folder keep reading theirs instead of rejecting entries they do not know
 DEFAULT_TOLERANCE = 1e-2  # the packed bf16 kernels: bf16 rounding of activations (and int4 scales), of max |y|
 DEQUANT_PATHS = (dequant.DequantBF16, dequant.DequantExact, transposed.DequantTransposed)
 OTHER_PATHS = DEQUANT_PATHS + native.PATHS  # every path besides the layer's packed kernel
@@ -139,8 +142,20 @@ def accurate(layer, paths: list, dtype: torch.dtype) -> tuple[list, list[str]]:
     return kept, rejected
 
 
+def evict(layer) -> None:
+    """Drop the layer's tensors (weights in every layout, scales) from the CPU caches, up to `EVICT_MAX_BYTES` each.
+    In a model larger than the caches each layer's weights come from memory at every token; timed with them cached
+    (the same layer called again and again), a path that computes fast but reads memory slowly would be chosen for a
+    speed it does not have in the model (measured: the int4 VNNI loop)."""
+    if native.unavailable() is None:
+        for tensor in (*layer.parameters(), *layer.buffers()):
+            if tensor.untyped_storage().nbytes() <= EVICT_MAX_BYTES:
+                native.OPS.evict(tensor)
+
+
 def time_paths(layer, paths: list, dtype: torch.dtype) -> dict[int, dict[str, float]]:
-    """Microseconds of each path at each bucket's token count: the fastest of its calls, timed round-robin."""
+    """Microseconds of each path at each bucket's token count: the fastest of its calls, timed round-robin, each with
+    the layer's tensors evicted from the caches (`evict`) and the input in them."""
     timings = {}
     for tokens in BUCKETS:
         x = torch.randn(tokens, layer.in_features).to(dtype)
@@ -162,6 +177,7 @@ def time_paths(layer, paths: list, dtype: torch.dtype) -> dict[int, dict[str, fl
                 samples[path.name].append(warm[path.name])
         for _ in range(repeats):
             for path in timed:
+                evict(layer)
                 start = time.perf_counter()
                 path.run(layer, x.view_as(x))
                 samples[path.name].append(time.perf_counter() - start)

@@ -283,13 +283,14 @@ class NativeInt4Vnni:
     """int4 for few tokens through int8 activations: the blocks `NativeInt4Blocks` reads, times the activations on
     `NativeInt8Activations`' grids (codes and residual, the `FLOAT_CHANNELS` largest channels in float32), with
     AVX512-VNNI's int8 dot products (`int4_blocks_vnni_matmul`), four inputs per instruction where the float32 loop
-    converts and multiplies one. The weights are exact, so the error is the activations' rounding alone (within
-    1/508 of the token's largest |x| per input): the int8-activation paths' bound. Built where the CPU has
-    AVX512-VNNI and AVX512-VBMI (Ice Lake, Sapphire Rapids, Zen 4 and later); the measured dispatch decides where it
-    serves."""
+    converts and multiplies one. The weights are exact, so the error is the activations' rounding alone: within
+    1/508 of the token's largest |x| per input, times sum_k |w[n, k]| per output. Against max |y| that depends on
+    the weights: on the dispatch's random input, SmolLM2's int4 g128 layers (576 inputs) came out at 0.7e-4 to
+    2.0e-4, so its bound is 1e-3 (bfloat16 activations: about 1e-2). Built where the CPU has AVX512-VNNI and
+    AVX512-VBMI (Ice Lake, Sapphire Rapids, Zen 4 and later); the measured dispatch decides where it serves."""
 
     name = "native-int4-vnni"
-    tolerance = 1e-4
+    tolerance = 1e-3
     max_tokens = MAX_TOKENS
 
     @staticmethod

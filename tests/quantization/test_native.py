@@ -156,6 +156,24 @@ def test_int8_activation_paths_trace_whole_for_torch_compile(bits):
     torch._dynamo.reset()
 
 
+def test_evicting_a_layer_from_the_caches_keeps_every_value():
+    """The dispatch flushes a layer's tensors from the caches before each timed call (`dispatch.evict`): views at any
+    offset, empty tensors and every buffer of a prepared layer come out with the same values."""
+    t = torch.randn(1000)
+    copy = t.clone()
+    for view in (t, t[3:517], t[::7], t[:0], torch.empty(0)):
+        torch.ops.agentos_native.evict(view)
+    assert torch.equal(t, copy)
+    module = _int8_activation_layer(4, False, 576, 192, torch.Generator().manual_seed(0))
+    before = {name: b.clone() for name, b in module.named_buffers()}
+    x = torch.randn(2, 576)
+    with torch.no_grad():
+        out = native.NativeInt4Blocks.run(module, x)
+        dispatch.evict(module)
+        assert torch.equal(native.NativeInt4Blocks.run(module, x), out)
+    assert all(torch.equal(b, before[name]) for name, b in module.named_buffers())
+
+
 def test_layers_without_the_layout_are_refused_with_the_reason():
     assert "int4pack" in native.NativeInt4Blocks.unsupported(layer(3, 128, 576, 192))
     module = layer(8, 128, 576, 192)  # grouped int8: no row layout

@@ -22,6 +22,10 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <emmintrin.h>  // _mm_clflush (SSE2: every x86-64 CPU)
+#endif
+
 namespace {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -818,6 +822,20 @@ at::Tensor int4_blocks_matmul_meta(const at::Tensor& x, const at::Tensor& packed
   return output_meta(x, packed.numel() / (32 * x.size(-1)) * 64);
 }
 
+// Writes back and drops a tensor's memory (its whole storage) from every cache level, so that the next call reads it
+// from memory, as a model larger than the caches reads each layer's weights at every token: the dispatch times the
+// paths so. x86-64: CLFLUSH per 64-byte line; elsewhere a no-op (the timings then see cached weights).
+void evict(const at::Tensor& t) {
+#if defined(__x86_64__)
+  if (!t.defined() || t.device().type() != at::kCPU || !t.has_storage() || t.storage().data() == nullptr) return;
+  const char* base = static_cast<const char*>(t.storage().data());
+  const size_t bytes = t.storage().nbytes();
+  for (size_t b = 0; b < bytes; b += 64) _mm_clflush(base + b);
+  if (bytes > 0) _mm_clflush(base + bytes - 1);  // the last line, when the storage does not start on one
+  _mm_mfence();
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(agentos_native, m) {
@@ -831,6 +849,7 @@ TORCH_LIBRARY(agentos_native, m) {
   m.def("int4_blocks_vnni_matmul(Tensor x, Tensor packed, Tensor scale, Tensor shift, int group, Tensor? bias, "
         "int outliers) -> Tensor");
   m.def("vnni_int4() -> bool", &vnni_int4);  // whether this build has `int4_blocks_vnni_matmul`
+  m.def("evict(Tensor t) -> ()");
   m.def("int8_tokens_quantize(Tensor x, int outliers, bool residual) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("int4_blocks_to_int8(Tensor packed, Tensor scale, Tensor shift, Tensor row_scale, int K, int group) "
         "-> Tensor");
@@ -842,6 +861,7 @@ TORCH_LIBRARY_IMPL(agentos_native, CPU, m) {
   m.impl("int8_rows_act_matmul", &int8_rows_act_matmul);
   m.impl("int4_blocks_act_matmul", &int4_blocks_act_matmul);
   m.impl("int8_tokens_quantize", &int8_tokens_quantize);
+  m.impl("evict", &evict);
 #if defined(AGENTOS_VNNI)
   m.impl("int4_blocks_vnni_matmul", &int4_blocks_vnni_matmul);
 #endif
