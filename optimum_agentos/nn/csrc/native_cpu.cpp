@@ -618,7 +618,7 @@ at::Tensor int4_blocks_act_matmul(const at::Tensor& input, const at::Tensor& pac
 #if defined(AGENTOS_VNNI)
 constexpr int64_t kVnniTokens = 2;  // tokens per pass over the weights: 2 x 2 grids x 4 accumulators fit the registers
 // How far ahead the loop prefetches the blocks: on SmolLM2's decode-shaped calls from memory it ran 1.08 times as fast
-// as the float32 int4 loop without prefetching, 1.21-1.33 times with 512-16384 bytes (2 threads, this repo's Xeon);
+// as the float32 int4 loop without prefetching, 1.19-1.33 times with 512-16384 bytes (2 threads, this repo's Xeon);
 // the hardware prefetchers stop at 4 KiB pages.
 constexpr int64_t kInt4PrefetchBytes = 2048;
 
