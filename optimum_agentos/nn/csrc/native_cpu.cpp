@@ -645,7 +645,6 @@ TokenCodes token_codes(const float* xp, int64_t M, int64_t K, int64_t outliers) 
   return a;
 }
 
-
 // Byte 4 i + j of a gathered register: byte i (`half` = 0) or 16 + i (`half` = 1) of input k + j's 32 bytes, from
 // inputs k, k + 1 (bytes 0-63 of VPERMT2B's table) and k + 2, k + 3 (bytes 64-127).
 __m512i int4_gather_order(int half) {
@@ -658,7 +657,6 @@ __m512i int4_gather_order(int half) {
 // loads hold inputs k..k+3 of the block, two VPERMT2B put each row's four bytes in one 32-bit lane (rows 0-15 and
 // 16-31; the high nibbles are rows 32-47 and 48-63), and VPDPBUSD multiplies the nibbles (unsigned) with the four
 // codes. Per group: y += scale a (coarse + fine / 254) - shift sums; then the left-out channels in float32.
-
 template <int T>
 void int4_block_vnni(const uint8_t* block, const int8_t* c, const int8_t* f, const float* step, int64_t K,
                      int64_t group, int64_t G, const float* s, const float* h, int64_t N, const float* sums,
