@@ -164,13 +164,13 @@ def test_evicting_a_layer_from_the_caches_keeps_every_value():
     for view in (t, t[3:517], t[::7], t[:0], torch.empty(0)):
         torch.ops.agentos_native.evict(view)
     assert torch.equal(t, copy)
-    module = _int8_activation_layer(4, False, 576, 192, torch.Generator().manual_seed(0))
+    module = _int8_activation_layer(8, False, 576, 192, torch.Generator().manual_seed(0))
     before = {name: b.clone() for name, b in module.named_buffers()}
     x = torch.randn(2, 576)
     with torch.no_grad():
-        out = native.NativeInt4Blocks.run(module, x)
+        out = native.NativeInt8Rows.run(module, x)
         dispatch.evict(module)
-        assert torch.equal(native.NativeInt4Blocks.run(module, x), out)
+        assert torch.equal(native.NativeInt8Rows.run(module, x), out)
     assert all(torch.equal(b, before[name]) for name, b in module.named_buffers())
 
 
