@@ -227,6 +227,11 @@ def _int_mm_unsupported() -> str | None:
                                            "this torch build has no torch._int_mm")
 
 
+def _vnni_refused() -> str | None:
+    """Why `NativeInt4Vnni` cannot run in this process, whatever the layer (None when it can)."""
+    return _int8_activations_refused() or _vnni_unbuilt()
+
+
 @functools.cache
 def _vnni_unbuilt() -> str | None:
     """Why the library has no VNNI int4 loop (built for a CPU without AVX512-VNNI and AVX512-VBMI), or None."""
@@ -295,7 +300,7 @@ class NativeInt4Vnni:
 
     @staticmethod
     def unsupported(layer) -> str | None:
-        return NativeInt4Blocks.unsupported(layer) or _int8_activations_refused() or _vnni_unbuilt()
+        return NativeInt4Blocks.unsupported(layer) or _vnni_refused()
 
     @staticmethod
     def run(layer, x: torch.Tensor) -> torch.Tensor:
@@ -317,7 +322,7 @@ def unavailable_paths() -> set[str]:
     if unavailable():
         return {path.name for path in PATHS}
     refused = {path.name for path in ACTIVATION_PATHS} if _int_mm_unsupported() else set()
-    if _int8_activations_refused() or _vnni_unbuilt():
+    if _vnni_refused():
         refused.add(NativeInt4Vnni.name)
     return refused
 

@@ -626,7 +626,7 @@ constexpr int64_t kInt4PrefetchBytes = 2048;
 // the grid step, and the left-out channels with the tokens' values there [M, C].
 struct TokenCodes {
   at::Tensor codes;
-  std::vector<float> step, sums, values;
+  std::vector<float> step, values;
   std::vector<int64_t> channels;
 };
 
@@ -635,9 +635,9 @@ TokenCodes token_codes(const float* xp, int64_t M, int64_t K, int64_t outliers) 
   TokenCodes a;
   a.codes = scratch(kept, 2 * M, K, at::kChar);
   a.step.resize(M);
-  a.sums.resize(M);
+  std::vector<float> totals(M);  // each token's sum (the int4 loop takes per-group sums instead)
   a.channels = quantize_tokens(xp, M, K, std::min(outliers, K), true, a.codes.data_ptr<int8_t>(), a.step.data(),
-                               a.sums.data());
+                               totals.data());
   const int64_t C = static_cast<int64_t>(a.channels.size());
   a.values.resize(M * C);
   for (int64_t m = 0; m < M; ++m)
