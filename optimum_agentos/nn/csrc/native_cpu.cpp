@@ -82,9 +82,46 @@ void int4_block_avx512(const uint8_t* block, const float* x, int64_t K, int64_t 
     for (int i = 0; i < 4; ++i) _mm512_storeu_ps(y + t * N + 16 * i, out[t][i]);
 }
 
-// R int8 rows times T tokens, vectorised along K; returns the dot products in dots[t][r].
+// How far ahead along the int8 rows' stream the AVX-512 loop prefetches. The rows of a pass are read one after
+// another, one 64-byte line per step, each step prefetching the line this many bytes on (into the next rows when
+// the row ends). SmolLM2's 120 decode-shaped calls streaming from memory (2 threads, this repo's Xeon): 11.2 ms with
+// four rows read side by side and a prefetch of whole rows four passes ahead, 7.4 ms this way, 6.6 ms for reading
+// the bytes alone (no arithmetic); 2 KiB ahead 7.9 ms, 8 KiB 7.7 ms.
+constexpr int64_t kInt8PrefetchBytes = 4096;
+constexpr int kStreamTokens = 2;
+
+// One int8 row times T tokens: four 16-input chunks (one cache line of codes) per step, each converted once and
+// multiplied with every token; returns the dot products in dots[t][r]. The sums run in the order of the side-by-side
+// loop below, so a token's result does not depend on how many tokens share its call (one accumulator per token: the
+// next rows' steps overlap its latency).
+template <int T>
+void int8_row_avx512(const int8_t* w, const float* x, int64_t K, float dots[][4], int r) {
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    __builtin_prefetch(w + k + kInt8PrefetchBytes, 0, 3);
+    for (int j = 0; j < 4; ++j) {
+      const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * j));
+      const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+      for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(c, _mm512_loadu_ps(x + t * K + k + 16 * j), acc[t]);
+    }
+  }
+  for (; k + 16 <= K; k += 16) {
+    const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
+    const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+    for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(c, _mm512_loadu_ps(x + t * K + k), acc[t]);
+  }
+  for (int t = 0; t < T; ++t) {
+    float d = _mm512_reduce_add_ps(acc[t]);
+    for (int64_t j = k; j < K; ++j) d += static_cast<float>(w[j]) * x[t * K + j];
+    dots[t][r] = d;
+  }
+}
+
+// R int8 rows side by side times T tokens, vectorised along K: each token's inputs loaded once for the R rows.
 template <int T, int R>
-void int8_rows_avx512(const int8_t* w, const float* x, int64_t K, float dots[][4]) {
+void int8_rows_side_by_side_avx512(const int8_t* w, const float* x, int64_t K, float dots[][4]) {
   __m512 acc[T][R];
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
@@ -106,6 +143,19 @@ void int8_rows_avx512(const int8_t* w, const float* x, int64_t K, float dots[][4
       for (int64_t j = k; j < K; ++j) d += static_cast<float>(w[r * K + j]) * x[t * K + j];
       dots[t][r] = d;
     }
+}
+
+// R int8 rows times T tokens; returns the dot products in dots[t][r]. Up to kStreamTokens tokens the rows are read
+// one after another, prefetching along the stream (memory is the limit); for more, side by side (the loads of the
+// inputs are the limit: 4 tokens of SmolLM2's 49152 x 576 head took 3.4 ms one row after another, 2.5 ms side by
+// side).
+template <int T, int R>
+void int8_rows_avx512(const int8_t* w, const float* x, int64_t K, float dots[][4]) {
+  if constexpr (T <= kStreamTokens) {
+    for (int r = 0; r < R; ++r) int8_row_avx512<T>(w + r * K, x, K, dots, r);
+  } else {
+    int8_rows_side_by_side_avx512<T, R>(w, x, K, dots);
+  }
 }
 #endif
 
@@ -180,9 +230,14 @@ void int8_rows_avx2(const int8_t* w, const float* x, int64_t K, float dots[][4])
 
 constexpr int64_t kTokensPerPass = 4;  // tokens multiplied per pass over the weights (each read M / 4 times)
 constexpr int64_t kRowsPerPass = 4;    // int8 rows per pass (their codes converted once for all tokens of the pass)
-// Software prefetch distance of the int8 rows, in passes: SmolLM2's decode-shaped calls streaming from memory took
-// 12.0 ms per token's 120 calls without it, 9.2-9.9 ms at 4-16 passes (2 threads, this repo's Xeon; the int4
-// blocks' loop got slower with a whole-block prefetch, so it has none).
+// Software prefetch distance of the int8 rows read side by side, in passes: SmolLM2's decode-shaped calls streaming
+// from memory took 12.0 ms per token's 120 calls without it, 9.2-9.9 ms at 4-16 passes (2 threads, this repo's Xeon;
+// the int4 blocks' loop got slower with a whole-block prefetch, so it has none).
+#if defined(AGENTOS_AVX512)
+constexpr int64_t kRowStreamTokens = kStreamTokens;  // calls of up to this many tokens prefetch in the row loop
+#else
+constexpr int64_t kRowStreamTokens = 0;
+#endif
 constexpr int64_t kPrefetchPasses = 4;
 
 // Portable fallback: the compiler vectorises the inner loops for whatever the target has.
@@ -277,7 +332,8 @@ at::Tensor int8_rows_matmul(const at::Tensor& input, const at::Tensor& w, const 
     float dots[kTokensPerPass][4];
     for (int64_t p = begin; p < end; ++p) {
       const int64_t n0 = p * kRowsPerPass, R = std::min(kRowsPerPass, N - n0);
-      if (p + kPrefetchPasses < end) {  // the rows a few passes ahead, into L1: the streams alone wait on memory
+      // the rows a few passes ahead, into L1: the streams alone wait on memory
+      if (M > kRowStreamTokens && p + kPrefetchPasses < end) {
         const char* ahead = reinterpret_cast<const char*>(wp + (n0 + kPrefetchPasses * kRowsPerPass) * K);
         const int64_t bytes = std::min(kRowsPerPass, N - n0 - kPrefetchPasses * kRowsPerPass) * K;
         for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(ahead + b, 0, 3);
