@@ -4,6 +4,7 @@ sparse layers computing dense. Only the mechanism is asserted, never which path 
 import json
 import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -89,6 +90,30 @@ def test_a_forced_path_is_honoured_where_it_fits(monkeypatch, cache_dir):
     assert not cache_dir.exists()  # forced paths measure nothing
     with pytest.raises(ValueError, match="Unknown kernel policy 'fastest'"):
         prepare_kernels(int4, policy="fastest")
+
+
+class SleepingPath:
+    """A path that takes `seconds` per call and counts its calls: timing policy without kernel noise."""
+
+    def __init__(self, name: str, seconds: float):
+        self.name, self.seconds, self.calls = name, seconds, 0
+
+    def run(self, module, x):
+        self.calls += 1
+        time.sleep(self.seconds)
+
+
+def test_long_paths_are_timed_once_and_close_calls_again(monkeypatch):
+    """A slow path (the head's dequant paths) must not cut the quick ones' rounds to one: a single disturbed round
+    once chose the int8 head's slower kernel. Paths within `CLOSE` of the fastest get `CONFIRM_REPEATS` more rounds."""
+    monkeypatch.setattr(dispatch, "BUCKETS", (1,))
+    long_path = SleepingPath("long", dispatch.LONG_CALL_S + 0.01)
+    best, close, far = SleepingPath("best", 0.02), SleepingPath("close", 0.021), SleepingPath("far", 0.03)
+    timings = dispatch.time_paths(layer(), [long_path, best, close, far], torch.float32)
+    assert long_path.calls == 2  # warm-up, one timed call
+    assert far.calls == 1 + dispatch.REPEATS
+    assert best.calls == close.calls == 1 + dispatch.REPEATS + dispatch.CONFIRM_REPEATS
+    assert min(timings[1], key=timings[1].get) == "best" and timings[1]["long"] >= 1e6 * dispatch.LONG_CALL_S
 
 
 def test_scratch_made_in_inference_mode_serves_calls_outside_it(monkeypatch):
