@@ -36,6 +36,7 @@ GROUPS = {  # operator name -> group; float matmuls are split by shape (the head
     "agentos_native::int8_rows_act_matmul": LAYER_KERNELS,  # the prompt's forward, where it measured fastest
     "agentos_native::int4_blocks_act_matmul": LAYER_KERNELS,
     "agentos_native::int4_blocks_vnni_matmul": LAYER_KERNELS,
+    "agentos_native::bf16_rows_matmul": HEAD,  # a float head's bf16 copy, where it measured fastest
     "aten::mm": "float matmuls (layers)",
     "aten::addmm": "float matmuls (layers)",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",

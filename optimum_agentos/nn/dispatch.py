@@ -41,8 +41,9 @@ LONG_CALL_S = 0.05  # a path whose warm-up call is this slow is timed once, not 
 CACHE_ENV = "OPTIMUM_AGENTOS_KERNEL_CACHE"  # folder of the choice cache (default: under the HF cache directory)
 CACHE_FORMAT = 7  # 2: the float head's paths; 3: `dequant-t` (`transposed`); 4: the native paths; 5: `native-int8-act`
 # (`native`); 6: `native-int4-vnni`, and timings with the weights out of the caches (`evict`); 7: the int8 rows'
-# few-token loop reads them one after another, and close calls are timed again. Each format has its own file, so
-# older versions sharing the cache folder keep reading theirs instead of rejecting entries they do not know
+# few-token loop reads them one after another, close calls are timed again, and `native-bf16-copy` for a float head.
+# Each format has its own file, so older versions sharing the cache folder keep reading theirs instead of rejecting
+# entries they do not know
 DEFAULT_TOLERANCE = 1e-2  # the packed bf16 kernels: bf16 rounding of activations (and int4 scales), of max |y|
 DEQUANT_PATHS = (dequant.DequantBF16, dequant.DequantExact, transposed.DequantTransposed)
 OTHER_PATHS = DEQUANT_PATHS + native.PATHS  # every path besides the layer's packed kernel
@@ -123,7 +124,8 @@ def candidates(layer, kernel) -> list:
     """The paths that can serve `layer`: its own list (`float_head.FloatHead`), or its packed kernel (if any) then
     the dequant and native paths that fit it."""
     if getattr(layer, "candidate_paths", None) is not None:
-        return list(layer.candidate_paths)
+        return [path for path in layer.candidate_paths
+                if getattr(path, "unsupported", None) is None or path.unsupported(layer) is None]
     paths = [kernel] if kernel is not None else []
     return paths + [path for path in OTHER_PATHS if path.unsupported(layer) is None]
 

@@ -5,7 +5,8 @@ float32: for SmolLM2-135M that is 49152 x 576 weights, 113 MB read per decoded t
 together. `FloatHead` replaces the `nn.Linear` head at load, computing with the same `weight` and `bias` parameters
 (so ties, `state_dict` keys and the saved checkpoint do not change), and `prepare.prepare_kernels` measures, per token
 count, the exact float32 matmul against a bfloat16 copy of the weight (`bf16-copy`: half the bytes, bf16 activations,
-the same ~1% bound as the packed kernels' bf16 activations). The copy costs 2 bytes per weight (SmolLM2: 54 MiB); it
+the same ~1% bound as the packed kernels' bf16 activations; `native-bf16-copy`: the copy times float32 activations in
+a native loop, for few tokens). The copy costs 2 bytes per weight (SmolLM2: 54 MiB); it
 is dropped when no token count uses it, and rebuilt when the float weight changes (a fine-tune, a re-tie).
 """
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import kernels, native
 
 
 class FloatPath:
@@ -43,7 +44,8 @@ class BF16CopyPath:
         return y.reshape(*x.shape[:-1], head.out_features)
 
 
-PATHS = (FloatPath, BF16CopyPath)
+PATHS = (FloatPath, BF16CopyPath, native.NativeBF16Copy)
+COPY_PATHS = {BF16CopyPath.name, native.NativeBF16Copy.name}  # the paths reading the bf16 copy
 
 
 class FloatHead(nn.Linear):

@@ -310,6 +310,24 @@ class NativeInt4Vnni:
                                            FLOAT_CHANNELS)
 
 
+class NativeBF16Copy:
+    """A float output head's bfloat16 copy (`float_head.FloatHead`) times float32 activations, for few tokens: half
+    the float32 weight's bytes, and, unlike `bf16-copy`, no rounding of the activations nor software bf16 matmul on
+    CPUs without AVX512-BF16."""
+
+    name = "native-bf16-copy"
+    tolerance = 1e-2  # of max |y|, as `bf16-copy`: the weights rounded to bfloat16
+    max_tokens = MAX_TOKENS
+
+    @staticmethod
+    def unsupported(head) -> str | None:
+        return unavailable()
+
+    @staticmethod
+    def run(head, x: torch.Tensor) -> torch.Tensor:
+        return OPS.bf16_rows_matmul(x, head.bf16_weight(), head.bias)
+
+
 # float32 activations, or int8 ones for few tokens: what a fused sibling group can run
 FEW_TOKEN_PATHS = (NativeInt8Rows, NativeInt4Blocks, NativeInt4Vnni)
 ACTIVATION_PATHS = (NativeInt8Activations, NativeInt4Activations)
@@ -320,7 +338,7 @@ def unavailable_paths() -> set[str]:
     """The native paths this process cannot take: all without the library, those rounding activations to int8
     when refused, the VNNI one where the library was built without it."""
     if unavailable():
-        return {path.name for path in PATHS}
+        return {path.name for path in (*PATHS, NativeBF16Copy)}
     refused = {path.name for path in ACTIVATION_PATHS} if _int_mm_unsupported() else set()
     if _vnni_refused():
         refused.add(NativeInt4Vnni.name)

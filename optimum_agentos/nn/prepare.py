@@ -11,7 +11,7 @@ from transformers.utils import logging
 
 from . import dequant, dispatch, native, transposed
 from .embedding import QuantHead
-from .float_head import PATHS as FLOAT_HEAD_PATHS, float_head
+from .float_head import COPY_PATHS, PATHS as FLOAT_HEAD_PATHS, float_head
 from .fusion import fuse_siblings
 from .kernels import HEAD_KERNELS, KERNELS, KERNELS_ENV, choose_kernel
 from .linear import QuantLinear
@@ -149,8 +149,12 @@ def _prepare_float_head(model, planner: _Planner) -> int:
     if head is None:
         return 0
     head.make_copy()
-    _install(head, planner.routes(head, None))
-    if not any(name == "bf16-copy" for _, name in head.route_names):
+    routes = planner.routes(head, None)
+    unavailable = native.unavailable_paths()
+    if any(name in unavailable for _, name in routes):  # a cached native choice not available now
+        routes = dispatch.routes_without(planner.entry(head, None), unavailable)
+    _install(head, routes)
+    if not any(name in COPY_PATHS for _, name in head.route_names):
         head.drop_copy()
         return 0
     return head.kernel_bf16_weight.numel() * head.kernel_bf16_weight.element_size()

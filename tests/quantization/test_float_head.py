@@ -1,15 +1,18 @@
 """The float32 output head of a compressed model (nn/float_head.py): same parameters and checkpoint, the bf16 copy
 within its bound, exact with autograd or the reference policy, the copy following the weight, a fresh-process reload."""
 
+import json
+
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from safetensors import safe_open
 
 import optimum_agentos  # noqa: F401
 from optimum_agentos import AgentOSConfig, Quantizer
 from optimum_agentos.formats.replace import dequantize_model
-from optimum_agentos.nn import dispatch
+from optimum_agentos.nn import dispatch, native
 from optimum_agentos.nn.float_head import FloatHead
 from optimum_agentos.nn.prepare import prepare_kernels
 
@@ -48,6 +51,45 @@ def test_the_head_keeps_its_parameters_and_the_copy_stays_within_its_bound(tmp_p
     assert torch.equal(out, torch.nn.functional.linear(x, head.weight))
     out.sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
+def test_the_native_copy_path_is_the_bf16_copy_times_float32_inputs(tmp_path):
+    model = quantized(tmp_path, "llama")
+    prepare_kernels(model, policy="native-bf16-copy")
+    head = model.get_output_embeddings()
+    assert head.route_names == ((None, "native-bf16-copy"),) and head.kernel_bf16_weight.dtype == torch.bfloat16
+    for tokens in (1, 2, 3, 9):  # the row-at-a-time loop (up to 2 tokens per pass) and passes of 4
+        x = torch.randn(2, tokens, head.in_features)
+        with torch.no_grad():
+            out, out16 = head(x), head(x.bfloat16())
+        copy = F.linear(x, head.kernel_bf16_weight.float())  # float32 inputs: only the order of the sums differs
+        assert out.dtype == torch.float32 and (out - copy).abs().max() <= 1e-5 * copy.abs().max()
+        exact = F.linear(x, head.weight)
+        assert (out - exact).abs().max() <= TOLERANCE * exact.abs().max()
+        assert out16.dtype == torch.bfloat16 and (out16.float() - exact).abs().max() <= TOLERANCE * exact.abs().max()
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
+def test_a_cached_native_head_choice_falls_back_without_the_library(tmp_path, monkeypatch):
+    model = quantized(tmp_path, "llama")
+    prepare_kernels(model)
+    (path,) = (tmp_path / "kernels").glob("choices-*.json")
+    data = json.loads(path.read_text())
+    (key,) = [k for k in data["choices"] if k.startswith("FloatHead")]
+    entry = data["choices"][key]
+    entry["routes"] = [[None, "native-bf16-copy"]]  # as if measured fastest at every length
+    entry["us"] = {tokens: {**row, "native-bf16-copy": 0.1} for tokens, row in entry["us"].items()}
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(native, "unavailable", lambda: "turned off for this test")
+    prepare_kernels(model)
+    head = model.get_output_embeddings()
+    expected = dispatch.routes_without(entry, {"native-bf16-copy"})
+    assert [list(r) for r in head.route_names] == expected
+    x = torch.randn(1, 1, head.in_features)
+    with torch.no_grad():
+        exact = F.linear(x, head.weight)
+        assert (head(x) - exact).abs().max() <= TOLERANCE * exact.abs().max()
 
 
 def test_the_copy_follows_a_changed_weight(tmp_path):

@@ -7,6 +7,7 @@
 // Both read a layout the layer's packed kernel already keeps (no second copy of the codes):
 // - int8_rows_matmul: codes `w` [N, K] int8 (`q - 128` for asymmetric rows, the symmetric codes as they are),
 //   y[m, n] = scale[n] * sum_k w[n, k] x[m, k] - zero_term[n] * sum_k x[m, k].
+// - bf16_rows_matmul: the same loops over bfloat16 rows (a float output head's bf16 copy), y = x w^T.
 // - int4_blocks_matmul: `_convert_weight_to_int4pack_for_cpu`'s layout (torch 2.13, AVX-512): blocks of 64 rows, for
 //   input k 32 bytes whose low nibbles are rows 0-31 and high nibbles rows 32-63 of the block; per stored group g
 //   (`group` inputs, the last one may be shorter) and row n, w[n, k] = scale[g, n] (q[n, k] - zero[g, n]), so
@@ -82,35 +83,43 @@ void int4_block_avx512(const uint8_t* block, const float* x, int64_t K, int64_t 
     for (int i = 0; i < 4; ++i) _mm512_storeu_ps(y + t * N + 16 * i, out[t][i]);
 }
 
-// How far ahead along the int8 rows' stream the AVX-512 loop prefetches. The rows of a pass are read one after
-// another, one 64-byte line per step, each step prefetching the line this many bytes on (into the next rows when
-// the row ends). SmolLM2's 120 decode-shaped calls at one token, streaming from memory (2 threads, this repo's Xeon),
+// 16 weights as float32: int8 codes widened; bfloat16 (a float head's copy) moved into a float's high half.
+inline __m512 floats16(const int8_t* w) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+}
+inline __m512 floats16(const at::BFloat16* w) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// How far ahead along the rows' stream the AVX-512 loop prefetches. The rows of a pass are read one after
+// another, 64 weights per step, each step prefetching the lines this many bytes on (into the next rows when the
+// row ends). SmolLM2's 120 decode-shaped calls at one token, streaming from memory (2 threads, this repo's Xeon),
 // in a test build with four accumulators per token: 11.2 ms with four rows read side by side and a prefetch of whole
 // rows four passes ahead, 7.4 ms this way, 6.6 ms for reading the bytes alone (no arithmetic); 2 KiB ahead 7.9 ms,
 // 8 KiB 7.7 ms. This loop (one accumulator): float32 / int8 time 2.60-3.19, against 2.16-2.40 before it.
-constexpr int64_t kInt8PrefetchBytes = 4096;
+constexpr int64_t kRowPrefetchBytes = 4096;
 constexpr int kStreamTokens = 2;
 
-// One int8 row times T tokens: four 16-input chunks (one cache line of codes) per step, each converted once and
+// One row of weights (int8 codes or bfloat16) times T tokens: four 16-input chunks per step, each converted once and
 // multiplied with every token; returns the dot products in dots[t][r]. The sums run in the order of the side-by-side
 // loop below, so a token's result does not depend on how many tokens share its call (one accumulator per token: the
 // next rows' steps overlap its latency).
-template <int T>
-void int8_row_avx512(const int8_t* w, const float* x, int64_t K, float dots[][4], int r) {
+template <int T, typename W>
+void row_avx512(const W* w, const float* x, int64_t K, float dots[][4], int r) {
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 64 <= K; k += 64) {
-    __builtin_prefetch(w + k + kInt8PrefetchBytes, 0, 3);
+    for (int64_t b = 0; b < 64 * static_cast<int64_t>(sizeof(W)); b += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(w + k) + kRowPrefetchBytes + b, 0, 3);
     for (int j = 0; j < 4; ++j) {
-      const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * j));
-      const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+      const __m512 c = floats16(w + k + 16 * j);
       for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(c, _mm512_loadu_ps(x + t * K + k + 16 * j), acc[t]);
     }
   }
   for (; k + 16 <= K; k += 16) {
-    const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
-    const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+    const __m512 c = floats16(w + k);
     for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(c, _mm512_loadu_ps(x + t * K + k), acc[t]);
   }
   for (int t = 0; t < T; ++t) {
@@ -120,19 +129,16 @@ void int8_row_avx512(const int8_t* w, const float* x, int64_t K, float dots[][4]
   }
 }
 
-// R int8 rows side by side times T tokens, vectorised along K: each token's inputs loaded once for the R rows.
-template <int T, int R>
-void int8_rows_side_by_side_avx512(const int8_t* w, const float* x, int64_t K, float dots[][4]) {
+// R rows side by side times T tokens, vectorised along K: each token's inputs loaded once for the R rows.
+template <int T, int R, typename W>
+void rows_side_by_side_avx512(const W* w, const float* x, int64_t K, float dots[][4]) {
   __m512 acc[T][R];
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     __m512 c[R];
-    for (int r = 0; r < R; ++r) {
-      const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k));
-      c[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
-    }
+    for (int r = 0; r < R; ++r) c[r] = floats16(w + r * K + k);
     for (int t = 0; t < T; ++t) {
       const __m512 xv = _mm512_loadu_ps(x + t * K + k);
       for (int r = 0; r < R; ++r) acc[t][r] = _mm512_fmadd_ps(c[r], xv, acc[t][r]);
@@ -146,16 +152,16 @@ void int8_rows_side_by_side_avx512(const int8_t* w, const float* x, int64_t K, f
     }
 }
 
-// R int8 rows times T tokens; returns the dot products in dots[t][r]. Up to kStreamTokens tokens the rows are read
+// R rows times T tokens; returns the dot products in dots[t][r]. Up to kStreamTokens tokens the rows are read
 // one after another, prefetching along the stream (memory is the limit); for more, side by side (the loads of the
 // inputs are the limit: 4 tokens of SmolLM2's 49152 x 576 head took 3.4 ms one row after another in the test
 // build, 2.5 ms side by side).
-template <int T, int R>
-void int8_rows_avx512(const int8_t* w, const float* x, int64_t K, float dots[][4]) {
+template <int T, int R, typename W>
+void rows_avx512(const W* w, const float* x, int64_t K, float dots[][4]) {
   if constexpr (T <= kStreamTokens) {
-    for (int r = 0; r < R; ++r) int8_row_avx512<T>(w + r * K, x, K, dots, r);
+    for (int r = 0; r < R; ++r) row_avx512<T>(w + r * K, x, K, dots, r);
   } else {
-    int8_rows_side_by_side_avx512<T, R>(w, x, K, dots);
+    rows_side_by_side_avx512<T, R>(w, x, K, dots);
   }
 }
 #endif
@@ -203,18 +209,24 @@ void int4_block_avx2(const uint8_t* block, const float* x, int64_t K, int64_t gr
   for (int i = 0; i < 8; ++i) _mm256_storeu_ps(y + 8 * i, out[i]);
 }
 
-template <int T, int R>
-void int8_rows_avx2(const int8_t* w, const float* x, int64_t K, float dots[][4]) {
+// 8 weights as float32 (as floats16).
+inline __m256 floats8(const int8_t* w) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+}
+inline __m256 floats8(const at::BFloat16* w) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+template <int T, int R, typename W>
+void rows_avx2(const W* w, const float* x, int64_t K, float dots[][4]) {
   __m256 acc[T][R];
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
     __m256 c[R];
-    for (int r = 0; r < R; ++r) {
-      const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + r * K + k));
-      c[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));
-    }
+    for (int r = 0; r < R; ++r) c[r] = floats8(w + r * K + k);
     for (int t = 0; t < T; ++t) {
       const __m256 xv = _mm256_loadu_ps(x + t * K + k);
       for (int r = 0; r < R; ++r) acc[t][r] = _mm256_fmadd_ps(c[r], xv, acc[t][r]);
@@ -230,8 +242,8 @@ void int8_rows_avx2(const int8_t* w, const float* x, int64_t K, float dots[][4])
 #endif
 
 constexpr int64_t kTokensPerPass = 4;  // tokens multiplied per pass over the weights (each read M / 4 times)
-constexpr int64_t kRowsPerPass = 4;    // int8 rows per pass (their codes converted once for all tokens of the pass)
-// Software prefetch distance of the int8 rows read side by side, in passes: SmolLM2's decode-shaped calls streaming
+constexpr int64_t kRowsPerPass = 4;    // rows per pass (their weights converted once for all tokens of the pass)
+// Software prefetch distance of the rows read side by side, in passes: SmolLM2's decode-shaped calls streaming
 // from memory took 12.0 ms per token's 120 calls without it, 9.2-9.9 ms at 4-16 passes (2 threads, this repo's Xeon;
 // the int4 blocks' loop got slower with a whole-block prefetch, so it has none).
 #if defined(AGENTOS_AVX512)
@@ -242,11 +254,11 @@ constexpr int64_t kRowStreamTokens = 0;
 constexpr int64_t kPrefetchPasses = 4;
 
 // Portable fallback: the compiler vectorises the inner loops for whatever the target has.
-template <int T, int R>
-void int8_rows_generic(const int8_t* w, const float* x, int64_t K, float dots[][4]) {
+template <int T, int R, typename W>
+void rows_generic(const W* w, const float* x, int64_t K, float dots[][4]) {
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) {
-      const int8_t* row = w + r * K;
+      const W* row = w + r * K;
       const float* xr = x + t * K;
       float d = 0.f;
 #pragma omp simd reduction(+ : d)
@@ -255,24 +267,24 @@ void int8_rows_generic(const int8_t* w, const float* x, int64_t K, float dots[][
     }
 }
 
-template <int T, int R>
-void int8_rows(const int8_t* w, const float* x, int64_t K, float dots[][4]) {
+template <int T, int R, typename W>
+void rows(const W* w, const float* x, int64_t K, float dots[][4]) {
 #if defined(AGENTOS_AVX512)
-  int8_rows_avx512<T, R>(w, x, K, dots);
+  rows_avx512<T, R>(w, x, K, dots);
 #elif defined(AGENTOS_AVX2)
-  int8_rows_avx2<T, R>(w, x, K, dots);
+  rows_avx2<T, R>(w, x, K, dots);
 #else
-  int8_rows_generic<T, R>(w, x, K, dots);
+  rows_generic<T, R>(w, x, K, dots);
 #endif
 }
 
-template <int T>
-void int8_rows_tokens(const int8_t* w, const float* x, int64_t K, int64_t R, float dots[][4]) {
+template <int T, typename W>
+void rows_tokens(const W* w, const float* x, int64_t K, int64_t R, float dots[][4]) {
   switch (R) {
-    case 4: int8_rows<T, 4>(w, x, K, dots); break;
-    case 3: int8_rows<T, 3>(w, x, K, dots); break;
-    case 2: int8_rows<T, 2>(w, x, K, dots); break;
-    default: int8_rows<T, 1>(w, x, K, dots); break;
+    case 4: rows<T, 4>(w, x, K, dots); break;
+    case 3: rows<T, 3>(w, x, K, dots); break;
+    case 2: rows<T, 2>(w, x, K, dots); break;
+    default: rows<T, 1>(w, x, K, dots); break;
   }
 }
 
@@ -300,23 +312,13 @@ at::Tensor output_meta(const at::Tensor& input, int64_t N) {
   return at::empty(sizes, input.options());
 }
 
-at::Tensor int8_rows_matmul(const at::Tensor& input, const at::Tensor& w, const at::Tensor& scale,
-                            const c10::optional<at::Tensor>& zero_term, const c10::optional<at::Tensor>& bias) {
-  const at::Tensor x = float_rows(input);
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(), "w: contiguous int8 [N, K]");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(w.size(1) == K, "w has ", w.size(1), " inputs, x ", K);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N, "scale: float32 [N]");
-  const float* zp = nullptr;
-  if (zero_term.has_value()) {
-    TORCH_CHECK(zero_term->scalar_type() == at::kFloat && zero_term->is_contiguous() && zero_term->numel() == N,
-                "zero_term: float32 [N]");
-    zp = zero_term->data_ptr<float>();
-  }
+// y [M, N] = the rows' dot products with each token of x [M, K] (float32), times scale[n] when given, minus
+// zero_term[n] times the token's input sum when given.
+template <typename W>
+at::Tensor rows_matmul(const at::Tensor& x, const W* wp, int64_t N, const float* sp, const float* zp) {
+  const int64_t M = x.size(0), K = x.size(1);
   auto y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   std::vector<float> sums(M, 0.f);
   if (zp != nullptr) {
@@ -336,26 +338,51 @@ at::Tensor int8_rows_matmul(const at::Tensor& input, const at::Tensor& w, const 
       // the rows a few passes ahead, into L1: the streams alone wait on memory
       if (M > kRowStreamTokens && p + kPrefetchPasses < end) {
         const char* ahead = reinterpret_cast<const char*>(wp + (n0 + kPrefetchPasses * kRowsPerPass) * K);
-        const int64_t bytes = std::min(kRowsPerPass, N - n0 - kPrefetchPasses * kRowsPerPass) * K;
+        const int64_t bytes = std::min(kRowsPerPass, N - n0 - kPrefetchPasses * kRowsPerPass) * K * sizeof(W);
         for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(ahead + b, 0, 3);
       }
       for (int64_t m0 = 0; m0 < M; m0 += kTokensPerPass) {
         const int64_t T = std::min(kTokensPerPass, M - m0);
-        const int8_t* rows = wp + n0 * K;
+        const W* block = wp + n0 * K;
         const float* xr = xp + m0 * K;
         switch (T) {
-          case 4: int8_rows_tokens<4>(rows, xr, K, R, dots); break;
-          case 3: int8_rows_tokens<3>(rows, xr, K, R, dots); break;
-          case 2: int8_rows_tokens<2>(rows, xr, K, R, dots); break;
-          default: int8_rows_tokens<1>(rows, xr, K, R, dots); break;
+          case 4: rows_tokens<4>(block, xr, K, R, dots); break;
+          case 3: rows_tokens<3>(block, xr, K, R, dots); break;
+          case 2: rows_tokens<2>(block, xr, K, R, dots); break;
+          default: rows_tokens<1>(block, xr, K, R, dots); break;
         }
         for (int64_t t = 0; t < T; ++t)
           for (int64_t r = 0; r < R; ++r)
-            yp[(m0 + t) * N + n0 + r] = dots[t][r] * sp[n0 + r] - (zp != nullptr ? zp[n0 + r] * sums[m0 + t] : 0.f);
+            yp[(m0 + t) * N + n0 + r] = (sp != nullptr ? dots[t][r] * sp[n0 + r] : dots[t][r]) -
+                                        (zp != nullptr ? zp[n0 + r] * sums[m0 + t] : 0.f);
       }
     }
   });
-  return shaped_like(y, input, bias);
+  return y;
+}
+
+at::Tensor int8_rows_matmul(const at::Tensor& input, const at::Tensor& w, const at::Tensor& scale,
+                            const c10::optional<at::Tensor>& zero_term, const c10::optional<at::Tensor>& bias) {
+  const at::Tensor x = float_rows(input);
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(), "w: contiguous int8 [N, K]");
+  const int64_t N = w.size(0);
+  TORCH_CHECK(w.size(1) == x.size(1), "w has ", w.size(1), " inputs, x ", x.size(1));
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N, "scale: float32 [N]");
+  const float* zp = nullptr;
+  if (zero_term.has_value()) {
+    TORCH_CHECK(zero_term->scalar_type() == at::kFloat && zero_term->is_contiguous() && zero_term->numel() == N,
+                "zero_term: float32 [N]");
+    zp = zero_term->data_ptr<float>();
+  }
+  return shaped_like(rows_matmul(x, w.data_ptr<int8_t>(), N, scale.data_ptr<float>(), zp), input, bias);
+}
+
+at::Tensor bf16_rows_matmul(const at::Tensor& input, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  const at::Tensor x = float_rows(input);
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(),
+              "w: contiguous bfloat16 [N, K]");
+  TORCH_CHECK(w.size(1) == x.size(1), "w has ", w.size(1), " inputs, x ", x.size(1));
+  return shaped_like(rows_matmul(x, w.data_ptr<at::BFloat16>(), w.size(0), nullptr, nullptr), input, bias);
 }
 
 // Portable fallback of one 64-row int4 block times one token.
@@ -861,6 +888,10 @@ at::Tensor int4_blocks_act_matmul_meta(const at::Tensor& x, const at::Tensor& pa
   return output_meta(x, packed.numel() / (32 * x.size(-1)) * 64);
 }
 
+at::Tensor bf16_rows_matmul_meta(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  return output_meta(x, w.size(0));
+}
+
 at::Tensor int8_rows_matmul_meta(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                                  const c10::optional<at::Tensor>& zero_term, const c10::optional<at::Tensor>& bias) {
   return output_meta(x, w.size(0));
@@ -895,6 +926,7 @@ void evict(const at::Tensor& t) {
 
 TORCH_LIBRARY(agentos_native, m) {
   m.def("int8_rows_matmul(Tensor x, Tensor w, Tensor scale, Tensor? zero_term, Tensor? bias=None) -> Tensor");
+  m.def("bf16_rows_matmul(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
   m.def("int4_blocks_matmul(Tensor x, Tensor packed, Tensor scale, Tensor shift, int group, Tensor? bias=None) "
         "-> Tensor");
   m.def("int8_rows_act_matmul(Tensor x, Tensor w, Tensor scale, Tensor? zero_term, Tensor? bias, int outliers) "
@@ -912,6 +944,7 @@ TORCH_LIBRARY(agentos_native, m) {
 
 TORCH_LIBRARY_IMPL(agentos_native, CPU, m) {
   m.impl("int8_rows_matmul", &int8_rows_matmul);
+  m.impl("bf16_rows_matmul", &bf16_rows_matmul);
   m.impl("int4_blocks_matmul", &int4_blocks_matmul);
   m.impl("int8_rows_act_matmul", &int8_rows_act_matmul);
   m.impl("int4_blocks_act_matmul", &int4_blocks_act_matmul);
@@ -925,6 +958,7 @@ TORCH_LIBRARY_IMPL(agentos_native, CPU, m) {
 
 TORCH_LIBRARY_IMPL(agentos_native, Meta, m) {
   m.impl("int8_rows_matmul", &int8_rows_matmul_meta);
+  m.impl("bf16_rows_matmul", &bf16_rows_matmul_meta);
   m.impl("int4_blocks_matmul", &int4_blocks_matmul_meta);
   m.impl("int8_rows_act_matmul", &int8_rows_act_matmul_meta);
   m.impl("int4_blocks_act_matmul", &int4_blocks_act_matmul_meta);
