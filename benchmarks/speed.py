@@ -6,8 +6,8 @@ token counts (1 to 2048) whose table shows each row's worst ratio to fp32.
 Load time and resident memory come from a fresh process per row (RSS after loading minus RSS of the same process
 before it, so the torch runtime is not counted); the speed rows then time every model round-robin, so machine noise
 hits all rows alike, and report the ratio to fp32 measured beside it. The `+compile` rows are timed in a second
-process with an eager fp32 (and llama.cpp) of their own: beside compiled models the eager rows decoded slower
-relative to fp32.
+process with an eager fp32 (and llama.cpp) of their own: in one pair of runs the eager rows decoded slower relative
+to fp32 when compiled models shared their process (not shown beyond the noise, but kept apart since).
 
     python benchmarks/speed.py                 # about 20 minutes on 2 cores
     python benchmarks/speed.py --repeats 3 --new-tokens 32
@@ -361,8 +361,8 @@ def write_markdown(results: list[dict], args, meta: dict) -> str:
         f"Prefill: one forward of {args.prefill_tokens} WikiText-2 tokens; decode: greedy generation of "
         f"{args.new_tokens} new tokens after a 16-token prompt, batch 1, KV cache on. "
         + ("The eager models (and llama.cpp) live in one process and are timed round-robin; the `+compile` rows "
-           "in a second process, round-robin with an eager fp32 and llama.cpp of their own (beside compiled models "
-           "the eager rows decoded slower relative to fp32). "
+           "in a second process, round-robin with an eager fp32 and llama.cpp of their own (in one pair of runs the "
+           "eager rows decoded slower relative to fp32 beside compiled models). "
            if meta.get("compiled_process") else "All models live in one process and are timed round-robin. ")
         + f"{args.repeats} repeats, medians; ratios are to fp32 timed in the same process. Load time, "
         "model memory (RSS after loading minus before, in MiB = 2^20 bytes, in a fresh process per row)"
