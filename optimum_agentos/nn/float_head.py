@@ -2,12 +2,12 @@
 
 A compressed checkpoint without `embedding_bits` keeps its output head (tied to the embedding in small models) in
 float32: for SmolLM2-135M that is 49152 x 576 weights, 113 MB read per decoded token, more than all its int4 layers
-together. `FloatHead` replaces the `nn.Linear` head at load, computing with the same `weight` and `bias` parameters
-(so ties, `state_dict` keys and the saved checkpoint do not change), and `prepare.prepare_kernels` measures, per token
+together. `FloatHead` replaces the `nn.Linear` head at load, computing with the same `weight` and `bias` parameters (so
+ties, `state_dict` keys and the saved checkpoint do not change), and `prepare.prepare_kernels` measures, per token
 count, the exact float32 matmul against a bfloat16 copy of the weight (`bf16-copy`: half the bytes, bf16 activations,
-the same ~1% bound as the packed kernels' bf16 activations; `native-bf16-copy`: the copy times float32 activations in
-a native loop, for few tokens). The copy costs 2 bytes per weight (SmolLM2: 54 MiB); it
-is dropped when no token count uses it, and rebuilt when the float weight changes (a fine-tune, a re-tie).
+the same ~1% bound as the packed kernels' bf16 activations; `native-bf16-copy`: the copy times float32 activations in a
+native loop, for few tokens). The copy costs 2 bytes per weight (SmolLM2: 54 MiB); it is dropped when no token count
+uses it, and rebuilt when the float weight changes (a fine-tune, a re-tie).
 """
 
 from __future__ import annotations
