@@ -5,6 +5,7 @@ modules, our layers' dispatch).
 
     python benchmarks/decode_profile.py --threads 2 --new-tokens 32
     python benchmarks/decode_profile.py --rows agentos-int8 --no-publish     # a development check
+    python benchmarks/decode_profile.py --name decode_profile-xeon           # another CPU's own section
 
 Also times one 576->192 int4 layer call against the bare kernel (the per-layer overhead of `QuantLinear.forward`).
 """
@@ -17,9 +18,9 @@ import time
 import timeit
 from collections import defaultdict
 
-from common import publish, run_meta
+from common import cpu_description, markers, publish, run_meta
 
-MARK_BEGIN, MARK_END = "<!-- decode_profile:begin -->", "<!-- decode_profile:end -->"
+NAME = "decode_profile"
 ROWS = {  # row -> AgentOSConfig kwargs (None: the float32 model)
     "fp32": None,
     "agentos-int8": dict(bits=8, group_size=-1, method="rtn"),
@@ -153,15 +154,17 @@ def layer_overhead() -> dict:
 
 
 def write_markdown(results: list[dict], layer_us: dict, meta: dict) -> str:
-    args = meta["args"]
-    lines = [MARK_BEGIN, "## Where decode time goes: SmolLM2-135M-Instruct", "",
+    args, name = meta["args"], meta.get("name", NAME)
+    title = "## Where decode time goes: SmolLM2-135M-Instruct" + (f", {meta['cpu']}" if name != NAME else "")
+    lines = [markers(name)[0], title, "",
              f"Written by `python benchmarks/decode_profile.py --threads {args['threads']} --new-tokens "
-             f"{args['new_tokens']}` on {meta['date']}, {meta['cpu_count']} CPU cores. RTN checkpoints quantized on "
+             f"{args['new_tokens']}{f' --name {name}' if name != NAME else ''}` on {meta['date']}, "
+             f"{meta.get('cpu', 'CPU not recorded')}, {meta['cpu_count']} CPU cores. RTN checkpoints quantized on "
              "load (the speed table's rows); greedy decoding after a 16-token prompt. `generate` and a bare loop of "
              "forwards on a dynamic cache (argmax per step, no logits processors or stop checks) are timed "
              f"interleaved ({args['repeats']} repeats, medians); then the bare loop is profiled with torch.profiler: "
-             "the operators' own CPU time per generated token (the 16-token prompt's forward included, as in the speed "
-             "table's decode), grouped, and the time no operator accounts for "
+             "the operators' own CPU time per generated token (the 16-token prompt's forward included, as in the "
+             "speed table's decode), grouped, and the time no operator accounts for "
              "(Python). The profiler itself slows each step (`profiled` row).", ""]
     names = []
     for r in results:
@@ -177,7 +180,7 @@ def write_markdown(results: list[dict], layer_us: dict, meta: dict) -> str:
         lines += ["", f"One int4 576->192 layer call (1 token, 1 thread, best of 5 x 1000): `QuantLinear` "
                   f"{layer_us['layer_us']:.1f} us, the bare kernel {layer_us['kernel_us']:.1f} us, the kernel with "
                   f"the bf16 input and float32 output casts {layer_us['kernel_with_casts_us']:.1f} us."]
-    lines += ["", "Raw results: `benchmarks/results/decode_profile.json`.", MARK_END]
+    lines += ["", f"Raw results: `benchmarks/results/{name}.json`.", markers(name)[1]]
     return "\n".join(lines)
 
 
@@ -188,18 +191,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--no-publish", action="store_true", help="Print the table; write no results.")
+    parser.add_argument("--name", default=NAME,
+                        help="Results file and BENCHMARKS.md section (another name: another CPU's section beside "
+                             "the main one).")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     results = [profile_row(row, args) for row in args.rows]
     layer_us = layer_overhead()
-    meta = run_meta(args, ["threads", "new_tokens", "repeats"])
+    meta = {**run_meta(args, ["threads", "new_tokens", "repeats"]), "cpu": cpu_description(), "name": args.name}
     if args.no_publish:
         print(write_markdown(results, layer_us, meta))
         return
-    publish("decode_profile", results + [{"row": "layer-overhead", **layer_us}],
-            write_markdown(results, layer_us, meta), MARK_BEGIN, MARK_END, meta)
+    publish(args.name, results + [{"row": "layer-overhead", **layer_us}],
+            write_markdown(results, layer_us, meta), *markers(args.name), meta)
 
 
 if __name__ == "__main__":
