@@ -214,12 +214,11 @@ def _timed(call, *call_args) -> float:
     return time.perf_counter() - start
 
 
-def time_compiled(rows: list[str], args) -> dict[str, dict]:
-    """Time the `+compile` rows in a child process (`--time-rows`), beside an eager fp32 and the llama.cpp rows of
-    their own; each compiled row keeps those as `anchors`, the table's ratios for it."""
+def time_compiled(rows: list[str], anchors: list[str], args) -> dict[str, dict]:
+    """Time the `+compile` rows in a child process (`--time-rows`), beside `anchors` of their own (an eager fp32 and
+    the llama.cpp rows); each compiled row keeps those as `anchors`, the table's ratios for it."""
     import subprocess
 
-    anchors = ["fp32"] + [row for row in args.rows_timed if row.startswith("llamacpp-")]
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [sys.executable, __file__, "--time-rows", *anchors, *rows, "--out", out.name, "--work", args.work,
                    "--sweep", *[f"--{name.replace('_', '-')}={getattr(args, name)}"
@@ -486,11 +485,11 @@ def main() -> None:
         passthrough = ["--work", work, "--threads", str(args.threads), "--ppl-windows", str(args.ppl_windows)]
         passthrough += [f"--gguf={spec}" for spec in args.gguf]
         memory = {r["row"]: r for r in run_rows(__file__, rows, passthrough)}
-        args.rows_timed = rows
         speed = time_all([row for row in rows if not row.endswith("+compile")], args)
         compiled = [row for row in rows if row.endswith("+compile")]
         if compiled:
-            speed.update(time_compiled(compiled, args))
+            anchors = ["fp32"] + [row for row in rows if row.startswith("llamacpp-")]
+            speed.update(time_compiled(compiled, anchors, args))
     results = [{**memory[row], **speed[row]} for row in rows if row in speed]
     results += [{"row": row, "failed": why} for row, why in FAILED.items()]
     meta = run_meta(args, options)

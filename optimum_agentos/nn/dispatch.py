@@ -184,14 +184,15 @@ def time_paths(layer, paths: list, dtype: torch.dtype) -> dict[int, dict[str, fl
             path.run(layer, x.view_as(x))
             warm[path.name] = time.perf_counter() - start
         samples = {path.name: [] for path in active}
-        # long calls: a path already 4x slower than the best warm-up keeps its warm-up time (the output head at
-        # 512 tokens would otherwise cost seconds per slow path); the other long ones are timed once
-        fastest = min(warm.values())
-        for path in active:
-            if warm[path.name] > LONG_CALL_S and warm[path.name] > 4 * fastest:
-                samples[path.name].append(warm[path.name])
         quick = [p for p in active if warm[p.name] <= LONG_CALL_S]
-        _time_rounds(layer, [p for p in active if not samples[p.name] and p not in quick], x, samples, 1)
+        slow = [p for p in active if warm[p.name] > LONG_CALL_S]
+        # a slow path already 4x slower than the best warm-up keeps its warm-up time (the output head at 512 tokens
+        # would otherwise cost seconds per slow path); the other slow ones are timed once
+        fastest = min(warm.values())
+        for path in slow:
+            if warm[path.name] > 4 * fastest:
+                samples[path.name].append(warm[path.name])
+        _time_rounds(layer, [p for p in slow if warm[p.name] <= 4 * fastest], x, samples, 1)
         _time_rounds(layer, quick, x, samples, REPEATS)
         fastest = min(min(s) for s in samples.values())
         close = [p for p in quick if min(samples[p.name]) <= CLOSE * fastest]

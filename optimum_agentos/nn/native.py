@@ -335,8 +335,9 @@ PATHS = (*FEW_TOKEN_PATHS, *ACTIVATION_PATHS)
 
 
 def unavailable_paths() -> set[str]:
-    """The native paths this process cannot take: all without the library, those rounding activations to int8
-    when refused, the VNNI one where the library was built without it."""
+    """The native paths this process cannot take: all without the library (the float head's `NativeBF16Copy` too,
+    which is not a layer candidate), those rounding activations to int8 when refused, the VNNI one where the library
+    was built without it."""
     if unavailable():
         return {path.name for path in (*PATHS, NativeBF16Copy)}
     refused = {path.name for path in ACTIVATION_PATHS} if _int_mm_unsupported() else set()

@@ -69,7 +69,11 @@ class _Planner:
             self.seconds += time.perf_counter() - start
             self.measured.append(key)
         self.chosen[key] = self.chosen.get(key, 0) + 1
-        return self.cached[key]["routes"]
+        routes = self.cached[key]["routes"]
+        unavailable = native.unavailable_paths()
+        if any(name in unavailable for _, name in routes):  # a cached native choice not available now: the next
+            routes = dispatch.routes_without(self.cached[key], unavailable)  # fastest measured path (maybe dequant-t)
+        return routes
 
     def entry(self, module, kernel) -> dict:
         return self.cached.get(dispatch.signature(module, kernel, self.activations, self.dtype), {})
@@ -99,14 +103,11 @@ def _plan(module, kernel, planner: _Planner) -> list[list]:
     if wanted and allowed:
         transposed.prepare(module)
     routes = planner.routes(module, kernel)
-    unavailable = native.unavailable_paths()
-    if any(name in unavailable for _, name in routes):  # a cached native choice not available now: the next fastest
-        routes = dispatch.routes_without(entry, unavailable)  # measured path (which may be `dequant-t`)
     if any(name == transposed.NAME for _, name in routes):
         if allowed and transposed.layout_bytes(module) == 0:
             transposed.prepare(module)
         if transposed.layout_bytes(module) == 0:  # chosen in the cache, but turned off now (or too large)
-            routes = dispatch.routes_without(entry, unavailable | {transposed.NAME})
+            routes = dispatch.routes_without(entry, native.unavailable_paths() | {transposed.NAME})
     if not any(name == transposed.NAME for _, name in routes):
         transposed.drop(module)
     return routes
@@ -149,11 +150,7 @@ def _prepare_float_head(model, planner: _Planner) -> int:
     if head is None:
         return 0
     head.make_copy()
-    routes = planner.routes(head, None)
-    unavailable = native.unavailable_paths()
-    if any(name in unavailable for _, name in routes):  # a cached native choice not available now
-        routes = dispatch.routes_without(planner.entry(head, None), unavailable)
-    _install(head, routes)
+    _install(head, planner.routes(head, None))
     if not any(name in COPY_PATHS for _, name in head.route_names):
         head.drop_copy()
         return 0

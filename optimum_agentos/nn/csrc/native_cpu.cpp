@@ -42,6 +42,14 @@ namespace {
 #define AGENTOS_VNNI 1
 #endif
 
+// Calls of up to this many tokens read the int8 / bf16 rows one after another, prefetching along the stream
+// (`row_avx512`, below); the AVX2 and portable loops read them side by side only.
+#if defined(AGENTOS_AVX512)
+constexpr int64_t kStreamTokens = 2;
+#else
+constexpr int64_t kStreamTokens = 0;
+#endif
+
 #if defined(AGENTOS_AVX512)
 // One 64-row block of int4 codes times T tokens, every stored group folded in as it ends; y rows are N apart.
 template <int T>
@@ -100,7 +108,6 @@ inline __m512 floats16(const at::BFloat16* w) {
 // 8 KiB 7.7 ms. This loop (one accumulator): float32 / int8 time 2.60-3.19, the loop before it 2.29-2.40 in the
 // same runs.
 constexpr int64_t kRowPrefetchBytes = 4096;
-constexpr int kStreamTokens = 2;
 
 // One row of weights (int8 codes or bfloat16) times T tokens: four 16-input chunks per step, each converted once and
 // multiplied with every token; returns the dot products in dots[t][r]. The sums run in the order of the side-by-side
@@ -247,11 +254,6 @@ constexpr int64_t kRowsPerPass = 4;    // rows per pass (their weights converted
 // Software prefetch distance of the rows read side by side, in passes: SmolLM2's decode-shaped calls streaming
 // from memory took 12.0 ms per token's 120 calls without it, 9.2-9.9 ms at 4-16 passes (2 threads, this repo's Xeon;
 // the int4 blocks' loop got slower with a whole-block prefetch, so it has none).
-#if defined(AGENTOS_AVX512)
-constexpr int64_t kRowStreamTokens = kStreamTokens;  // calls of up to this many tokens prefetch in the row loop
-#else
-constexpr int64_t kRowStreamTokens = 0;
-#endif
 constexpr int64_t kPrefetchPasses = 4;
 
 // Portable fallback: the compiler vectorises the inner loops for whatever the target has.
@@ -337,7 +339,7 @@ at::Tensor rows_matmul(const at::Tensor& x, const W* wp, int64_t N, const float*
     for (int64_t p = begin; p < end; ++p) {
       const int64_t n0 = p * kRowsPerPass, R = std::min(kRowsPerPass, N - n0);
       // the rows a few passes ahead, into L1: the streams alone wait on memory
-      if (M > kRowStreamTokens && p + kPrefetchPasses < end) {
+      if (M > kStreamTokens && p + kPrefetchPasses < end) {
         const char* ahead = reinterpret_cast<const char*>(wp + (n0 + kPrefetchPasses * kRowsPerPass) * K);
         const int64_t bytes = std::min(kRowsPerPass, N - n0 - kPrefetchPasses * kRowsPerPass) * K * sizeof(W);
         for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(ahead + b, 0, 3);
