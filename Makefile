@@ -25,8 +25,9 @@ demo: install
 	$(VENV)/bin/optimum-agentos run $(DEMO_RECIPE) --output $(DEMO_DIR) --restart
 	@echo "Checkpoint with its card and report in $(DEMO_DIR)/01-quantize; report also in $(DEMO_DIR)/report"
 
+# Two workers, one file each at a time (module fixtures load the real models once), each on its share of the cores
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

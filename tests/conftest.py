@@ -17,6 +17,25 @@ import transformers
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _share_the_machine_between_workers() -> None:
+    """Under pytest-xdist (`make test` runs two workers), each worker computes on its share of the cores, and so do
+    the fresh processes its tests start (`OMP_NUM_THREADS`). Each worker also keeps its own kernel choice cache: a
+    child process must read the choices its parent measured, not those another worker measured at the same time
+    under another load, or the two would differ by rounding instead of bit for bit."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker:
+        return
+    from optimum_agentos.nn import dispatch
+
+    threads = max(1, (os.cpu_count() or 1) // int(count or 1))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    os.environ[dispatch.CACHE_ENV] = str(dispatch.cache_path().parent / f"xdist-{worker}")
+
+
+_share_the_machine_between_workers()
+
+
 def _fbgemm_reason() -> str | None:
     from optimum_agentos.nn.dynamic_int8 import engine_check
 
