@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from optimum_agentos.nn import dispatch, native, transposed
+from optimum_agentos.nn import dequant, dispatch, native, transposed
 from optimum_agentos.nn.embedding import QuantHead
 from optimum_agentos.nn.kernels import Int4PackKernel, Int8PackKernel
 from optimum_agentos.nn.prepare import prepare_kernels
@@ -116,6 +116,29 @@ def test_int8_activation_paths_stay_within_their_rounding_bound(path, bits, sym,
     if path is native.NativeInt4Vnni:  # a non-contiguous view: the op takes it as it is
         strided = path.run(module, x[None].transpose(0, 1))
         assert strided.shape == (tokens, 1, out_features) and torch.equal(strided[:, 0], out)
+
+
+@pytest.mark.parametrize("bits, group_size, in_features, out_features", [
+    (4, 128, 576, 192),  # short last group (576 = 4 x 128 + 64)
+    (4, 32, 256, 128),
+    (4, -1, 96, 64),  # one group per row
+    (8, -1, 576, 192),  # the int8 kernel's rows (`q - 128`)
+])
+def test_dequant_paths_fill_their_buffer_with_the_references_numbers(bits, group_size, in_features, out_features,
+                                                                     monkeypatch):
+    """The native loops that fill the dequant paths' scratch buffer give `dequantize()`'s numbers bit for bit, whole
+    and in chunks of rows (the output head's way), as the tensor operations they replace do."""
+    module = layer(bits, group_size, in_features, out_features)
+    prepare_kernels(module, policy="dequant-exact")
+    expected = module.dequantize(torch.float32)
+    assert dequant._native_fill(torch.empty(out_features, in_features))
+    assert torch.equal(dequant.weight(module, torch.float32), expected)
+    assert torch.equal(dequant.weight(module, torch.bfloat16), expected.to(torch.bfloat16))
+    chunk = torch.empty(64, in_features)  # the last 64 rows (the int4 blocks' unit)
+    dequant._fill(module, out_features - 64, out_features, chunk)
+    assert torch.equal(chunk, expected[-64:])
+    monkeypatch.setattr(dequant, "_native_fill", lambda out: False)
+    assert torch.equal(dequant.weight(module, torch.float32), expected)
 
 
 def test_int8_activation_grids_and_the_int4_weights_on_int8_grids():

@@ -879,6 +879,83 @@ at::Tensor int4_blocks_to_int8(const at::Tensor& packed, const at::Tensor& scale
   return out;
 }
 
+// The int4 blocks' weights as float32 rows [N, K] at `out`, as the reference dequantizes them: (q[n, k] -
+// zero[n, g]) * scale[n, g], one subtraction and one multiplication in float32 (`qmath.dequantize_codes`' numbers, bit
+// for bit); `zero` and `scale` are the layer's [N, groups] in float32. Each block's K x 32 bytes are first transposed
+// into a buffer of the thread, so every row then reads its codes one after another and the loop vectorises.
+void int4_blocks_dequantize(const at::Tensor& packed, const at::Tensor& zero, const at::Tensor& scale, int64_t group,
+                            const at::Tensor& out) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.is_contiguous(),
+              "out: contiguous float32 [N, K]");
+  const int64_t N = out.size(0), K = out.size(1);
+  TORCH_CHECK(N % 64 == 0 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+              packed.numel() * 2 == N * K, "packed: contiguous uint8 blocks [N / 64, K, 32]");
+  TORCH_CHECK(group > 0, "group must be positive");
+  const int64_t G = (K + group - 1) / group;
+  TORCH_CHECK(zero.scalar_type() == at::kFloat && zero.is_contiguous() && zero.numel() == N * G,
+              "zero: float32 [N, groups]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N * G,
+              "scale: float32 [N, groups]");
+  const uint8_t* bp = packed.data_ptr<uint8_t>();
+  const float* zp = zero.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N / 64, 1, [bp, zp, sp, op, G, K, group](int64_t begin, int64_t end) {
+    std::vector<uint8_t> rows(32 * K);  // the block's bytes, [32, K]: byte j of input k at j * K + k
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const uint8_t* bytes = bp + blk * K * 32;
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t j = 0; j < 32; ++j) rows[j * K + k] = bytes[k * 32 + j];
+      }
+      for (int64_t j = 0; j < 64; ++j) {
+        const int64_t n = blk * 64 + j;
+        const uint8_t* __restrict__ codes = rows.data() + (j % 32) * K;
+        const int nibble = j < 32 ? 0 : 4;  // rows 32-63 of the block are the high nibbles
+        float* __restrict__ o = op + n * K;
+        for (int64_t g = 0; g < G; ++g) {
+          const float z = zp[n * G + g], s = sp[n * G + g];
+          const int64_t stop = std::min(K, (g + 1) * group);
+#pragma omp simd
+          for (int64_t k = g * group; k < stop; ++k) o[k] = (static_cast<float>((codes[k] >> nibble) & 15) - z) * s;
+        }
+      }
+    }
+  });
+}
+
+// int8 code rows [N, K] (the int8 kernel's `q - 128`) as float32 rows at `out`: (c[n, k] - zero[n, g]) * scale[n, g]
+// in float32, `zero` and `scale` [N, groups] float32 (the zero points shifted by -128 like the codes).
+void int8_rows_dequantize(const at::Tensor& codes, const at::Tensor& zero, const at::Tensor& scale, int64_t group,
+                          const at::Tensor& out) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.is_contiguous(),
+              "out: contiguous float32 [N, K]");
+  const int64_t N = out.size(0), K = out.size(1);
+  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.is_contiguous() && codes.numel() == N * K,
+              "codes: contiguous int8 [N, K]");
+  TORCH_CHECK(group > 0, "group must be positive");
+  const int64_t G = (K + group - 1) / group;
+  TORCH_CHECK(zero.scalar_type() == at::kFloat && zero.is_contiguous() && zero.numel() == N * G,
+              "zero: float32 [N, groups]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N * G,
+              "scale: float32 [N, groups]");
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  const float* zp = zero.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [cp, zp, sp, op, G, K, group](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* __restrict__ c = cp + n * K;
+      float* __restrict__ o = op + n * K;
+      for (int64_t g = 0; g < G; ++g) {
+        const float z = zp[n * G + g], s = sp[n * G + g];
+        const int64_t stop = std::min(K, (g + 1) * group);
+#pragma omp simd
+        for (int64_t k = g * group; k < stop; ++k) o[k] = (static_cast<float>(c[k]) - z) * s;
+      }
+    }
+  });
+}
+
 at::Tensor int8_rows_act_matmul_meta(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                                      const c10::optional<at::Tensor>& zero_term,
                                      const c10::optional<at::Tensor>& bias, int64_t outliers) {
@@ -943,6 +1020,8 @@ TORCH_LIBRARY(agentos_native, m) {
   m.def("int8_tokens_quantize(Tensor x, int outliers, bool residual) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("int4_blocks_to_int8(Tensor packed, Tensor scale, Tensor shift, Tensor row_scale, int K, int group) "
         "-> Tensor");
+  m.def("int4_blocks_dequantize(Tensor packed, Tensor zero, Tensor scale, int group, Tensor(a!) out) -> ()");
+  m.def("int8_rows_dequantize(Tensor codes, Tensor zero, Tensor scale, int group, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(agentos_native, CPU, m) {
@@ -957,6 +1036,8 @@ TORCH_LIBRARY_IMPL(agentos_native, CPU, m) {
   m.impl("int4_blocks_vnni_matmul", &int4_blocks_vnni_matmul);
 #endif
   m.impl("int4_blocks_to_int8", &int4_blocks_to_int8);
+  m.impl("int4_blocks_dequantize", &int4_blocks_dequantize);
+  m.impl("int8_rows_dequantize", &int8_rows_dequantize);
 }
 
 TORCH_LIBRARY_IMPL(agentos_native, Meta, m) {
