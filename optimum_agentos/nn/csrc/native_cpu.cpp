@@ -879,23 +879,40 @@ at::Tensor int4_blocks_to_int8(const at::Tensor& packed, const at::Tensor& scale
   return out;
 }
 
-// The int4 blocks' weights as float32 rows [N, K] at `out`, as the reference dequantizes them: (q[n, k] -
-// zero[n, g]) * scale[n, g], one subtraction and one multiplication in float32 (`qmath.dequantize_codes`' numbers, bit
-// for bit); `zero` and `scale` are the layer's [N, groups] in float32. Each block's K x 32 bytes are first transposed
-// into a buffer of the thread, so every row then reads its codes one after another and the loop vectorises.
-void int4_blocks_dequantize(const at::Tensor& packed, const at::Tensor& zero, const at::Tensor& scale, int64_t group,
-                            const at::Tensor& out) {
+// The dequantize ops' `out` [N, K] float32 and their rows' `zero`, `scale` [N, groups] float32 checked; returns
+// the number of groups.
+int64_t dequantize_checked(const at::Tensor& zero, const at::Tensor& scale, int64_t group, const at::Tensor& out) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.is_contiguous(),
               "out: contiguous float32 [N, K]");
-  const int64_t N = out.size(0), K = out.size(1);
+  TORCH_CHECK(group > 0, "group must be positive");
+  const int64_t N = out.size(0), G = (out.size(1) + group - 1) / group;
+  for (const at::Tensor* t : {&zero, &scale}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == N * G,
+                "zero and scale: float32 [N, groups]");
+  }
+  return G;
+}
+
+// One row as the reference dequantizes it: o[k] = (code(k) - z[g]) * s[g], one subtraction and one multiplication in
+// float32 (`qmath.dequantize_codes`' numbers, bit for bit).
+template <typename Code>
+inline void dequantize_row(const Code& code, const float* z, const float* s, int64_t K, int64_t group,
+                           float* __restrict__ o) {
+  for (int64_t g = 0; g * group < K; ++g) {
+    const int64_t stop = std::min(K, (g + 1) * group);
+#pragma omp simd
+    for (int64_t k = g * group; k < stop; ++k) o[k] = (code(k) - z[g]) * s[g];
+  }
+}
+
+// The int4 blocks' weights as float32 rows [N, K] at `out` (`zero`, `scale`: the layer's [N, groups] in float32).
+// Each block's K x 32 bytes are first transposed into a buffer of the thread, so every row then reads its codes one
+// after another and the loop vectorises.
+void int4_blocks_dequantize(const at::Tensor& packed, const at::Tensor& zero, const at::Tensor& scale, int64_t group,
+                            const at::Tensor& out) {
+  const int64_t G = dequantize_checked(zero, scale, group, out), N = out.size(0), K = out.size(1);
   TORCH_CHECK(N % 64 == 0 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
               packed.numel() * 2 == N * K, "packed: contiguous uint8 blocks [N / 64, K, 32]");
-  TORCH_CHECK(group > 0, "group must be positive");
-  const int64_t G = (K + group - 1) / group;
-  TORCH_CHECK(zero.scalar_type() == at::kFloat && zero.is_contiguous() && zero.numel() == N * G,
-              "zero: float32 [N, groups]");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N * G,
-              "scale: float32 [N, groups]");
   const uint8_t* bp = packed.data_ptr<uint8_t>();
   const float* zp = zero.data_ptr<float>();
   const float* sp = scale.data_ptr<float>();
@@ -911,33 +928,19 @@ void int4_blocks_dequantize(const at::Tensor& packed, const at::Tensor& zero, co
         const int64_t n = blk * 64 + j;
         const uint8_t* __restrict__ codes = rows.data() + (j % 32) * K;
         const int nibble = j < 32 ? 0 : 4;  // rows 32-63 of the block are the high nibbles
-        float* __restrict__ o = op + n * K;
-        for (int64_t g = 0; g < G; ++g) {
-          const float z = zp[n * G + g], s = sp[n * G + g];
-          const int64_t stop = std::min(K, (g + 1) * group);
-#pragma omp simd
-          for (int64_t k = g * group; k < stop; ++k) o[k] = (static_cast<float>((codes[k] >> nibble) & 15) - z) * s;
-        }
+        const auto code = [codes, nibble](int64_t k) { return static_cast<float>((codes[k] >> nibble) & 15); };
+        dequantize_row(code, zp + n * G, sp + n * G, K, group, op + n * K);
       }
     }
   });
 }
 
-// int8 code rows [N, K] (the int8 kernel's `q - 128`) as float32 rows at `out`: (c[n, k] - zero[n, g]) * scale[n, g]
-// in float32, `zero` and `scale` [N, groups] float32 (the zero points shifted by -128 like the codes).
+// int8 code rows [N, K] (the int8 kernel's `q - 128`) as float32 rows at `out`; `zero` shifted by -128 like the codes.
 void int8_rows_dequantize(const at::Tensor& codes, const at::Tensor& zero, const at::Tensor& scale, int64_t group,
                           const at::Tensor& out) {
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.is_contiguous(),
-              "out: contiguous float32 [N, K]");
-  const int64_t N = out.size(0), K = out.size(1);
+  const int64_t G = dequantize_checked(zero, scale, group, out), N = out.size(0), K = out.size(1);
   TORCH_CHECK(codes.scalar_type() == at::kChar && codes.is_contiguous() && codes.numel() == N * K,
               "codes: contiguous int8 [N, K]");
-  TORCH_CHECK(group > 0, "group must be positive");
-  const int64_t G = (K + group - 1) / group;
-  TORCH_CHECK(zero.scalar_type() == at::kFloat && zero.is_contiguous() && zero.numel() == N * G,
-              "zero: float32 [N, groups]");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N * G,
-              "scale: float32 [N, groups]");
   const int8_t* cp = codes.data_ptr<int8_t>();
   const float* zp = zero.data_ptr<float>();
   const float* sp = scale.data_ptr<float>();
@@ -945,13 +948,8 @@ void int8_rows_dequantize(const at::Tensor& codes, const at::Tensor& zero, const
   at::parallel_for(0, N, 16, [cp, zp, sp, op, G, K, group](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int8_t* __restrict__ c = cp + n * K;
-      float* __restrict__ o = op + n * K;
-      for (int64_t g = 0; g < G; ++g) {
-        const float z = zp[n * G + g], s = sp[n * G + g];
-        const int64_t stop = std::min(K, (g + 1) * group);
-#pragma omp simd
-        for (int64_t k = g * group; k < stop; ++k) o[k] = (static_cast<float>(c[k]) - z) * s;
-      }
+      const auto code = [c](int64_t k) { return static_cast<float>(c[k]); };
+      dequantize_row(code, zp + n * G, sp + n * G, K, group, op + n * K);
     }
   });
 }
