@@ -166,16 +166,17 @@ def write_markdown(results: list[dict], layer_us: dict, meta: dict) -> str:
              "the operators' own CPU time per generated token (the 16-token prompt's forward included, as in the "
              "speed table's decode), grouped, and the time no operator accounts for "
              "(Python). The profiler itself slows each step (`profiled` row).", ""]
-    names = []
+    groups = []
     for r in results:
-        names += [n for n in r["ms_per_token"] if n not in names]
+        groups += [g for g in r["ms_per_token"] if g not in groups]
     lines += ["| ms per token | " + " | ".join(r["row"] for r in results) + " |",
               "|---|" + "---:|" * len(results)]
     lines.append("| `generate` | " + " | ".join(f"{r['generate_ms_per_token']:.1f}" for r in results) + " |")
     lines.append("| bare forward loop | " + " | ".join(f"{r['bare_ms_per_token']:.1f}" for r in results) + " |")
     lines.append("| bare loop, profiled | " + " | ".join(f"{r['profiled_ms_per_token']:.1f}" for r in results) + " |")
-    for name in names:
-        lines.append(f"| - {name} | " + " | ".join(f"{r['ms_per_token'].get(name, 0.0):.2f}" for r in results) + " |")
+    for group in groups:  # not `name`: that is the section's, used below
+        lines.append(f"| - {group} | " + " | ".join(f"{r['ms_per_token'].get(group, 0.0):.2f}" for r in results)
+                     + " |")
     if layer_us:
         lines += ["", f"One int4 576->192 layer call (1 token, 1 thread, best of 5 x 1000): `QuantLinear` "
                   f"{layer_us['layer_us']:.1f} us, the bare kernel {layer_us['kernel_us']:.1f} us, the kernel with "

@@ -130,3 +130,20 @@ def test_card_is_what_its_inputs_render(folder, tmp_path):
     shutil.copytree(folder, copy)
     write_card(copy, json.loads((folder / CARD_INFO).read_text()))
     assert (copy / "README.md").read_text() == (folder / "README.md").read_text()
+
+
+def test_benchmarks_sections_open_and_close_once_and_their_results_exist():
+    """Every BENCHMARKS.md section a script writes has its begin and end markers once each, in that order, and the
+    results file its `Raw results` line names exists (a script that closed a section under another name left the
+    next run to append a second copy instead of replacing it)."""
+    import re
+
+    text = (REPO / "BENCHMARKS.md").read_text()
+    begins = re.findall(r"<!-- (.+?):begin -->", text)
+    assert begins and sorted(re.findall(r"<!-- (.+?):end -->", text)) == sorted(begins)
+    for name in begins:
+        assert text.count(f"<!-- {name}:begin -->") == 1
+        section = text[text.index(f"<!-- {name}:begin -->"):text.index(f"<!-- {name}:end -->")]
+        assert text.index(f"<!-- {name}:begin -->") < text.index(f"<!-- {name}:end -->")
+        for results in re.findall(r"Raw results: `benchmarks/results/(.+?)`", section):
+            assert (REPO / "benchmarks" / "results" / results).exists(), (name, results)
