@@ -142,8 +142,8 @@ def test_benchmarks_sections_open_and_close_once_and_their_results_exist():
     begins = re.findall(r"<!-- (.+?):begin -->", text)
     assert begins and sorted(re.findall(r"<!-- (.+?):end -->", text)) == sorted(begins)
     for name in begins:
-        assert text.count(f"<!-- {name}:begin -->") == 1
-        section = text[text.index(f"<!-- {name}:begin -->"):text.index(f"<!-- {name}:end -->")]
-        assert text.index(f"<!-- {name}:begin -->") < text.index(f"<!-- {name}:end -->")
+        begin, end = text.index(f"<!-- {name}:begin -->"), text.index(f"<!-- {name}:end -->")
+        assert text.count(f"<!-- {name}:begin -->") == 1 and begin < end
+        section = text[begin:end]
         for results in re.findall(r"Raw results: `benchmarks/results/(.+?)`", section):
             assert (REPO / "benchmarks" / "results" / results).exists(), (name, results)

@@ -130,8 +130,10 @@ def test_dequant_paths_fill_their_buffer_with_the_references_numbers(bits, group
     and in chunks of rows (the output head's way), as the tensor operations they replace do."""
     module = layer(bits, group_size, in_features, out_features)
     prepare_kernels(module, policy="dequant-exact")
-    expected = module.dequantize(torch.float32)
+    # the layouts the native loops read (else `_fill` would take the tensor operations and this test prove nothing)
+    assert dequant._int4_layout(module) if bits == 4 else module.kernel.name == "int8pack-bf16"
     assert dequant._native_fill(torch.empty(out_features, in_features))
+    expected = module.dequantize(torch.float32)
     assert torch.equal(dequant.weight(module, torch.float32), expected)
     assert torch.equal(dequant.weight(module, torch.bfloat16), expected.to(torch.bfloat16))
     chunk = torch.empty(64, in_features)  # the last 64 rows (the int4 blocks' unit)
