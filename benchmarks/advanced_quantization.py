@@ -192,7 +192,8 @@ def write_markdown(results: list[dict], meta: dict) -> str:
     learned = [r for r in results if "block_error" in r]
     if learned:
         lines += ["", "Learned rounding's block-output mean squared error (mean over blocks, first 4 calibration "
-                  "windows): " + "; ".join(f"{r['row']} {r['block_error_rtn']:.3g} at the start (round to nearest) "
+                  "windows; against the float model's output at the block since learned rounding trains towards it, "
+                  "against the float block's output on the same inputs before): " + "; ".join(f"{r['row']} {r['block_error_rtn']:.3g} at the start (round to nearest) "
                                            f"-> {r['block_error']:.3g}" for r in learned) + "."]
     lines += ["", f"Raw results: `benchmarks/results/{name}.json`.", markers(name)[1]]
     return "\n".join(lines)

@@ -66,8 +66,9 @@ class AgentOSConfig(QuantizationConfigMixin):
             `"rtn"` (round to nearest, no data), `"gptq"` (calibrated, Frantar et al. 2022), `"awq"` (AWQ, Lin et
             al. 2024: activation-aware per-input-channel scales folded into the layer before, then round to nearest
             with AWQ's range (clip) search) or `"autoround"` (learned rounding, Cheng et al. 2023: per block, the
-            rounding offsets and range factors are trained with signed gradient descent to match the float block's
-            output). The calibrated ones need calibration data; all store the same codes, scales and zero points.
+            rounding offsets and range factors are trained with signed gradient descent so that the block, fed the
+            quantized model's inputs, reproduces the float model's output there). The calibrated ones need
+            calibration data; all store the same codes, scales and zero points.
         awq (`bool`, *optional*):
             `True`: apply AWQ's activation-aware scales before `method="gptq"` or `"autoround"` rounds the weights
             (AWQ + GPTQ, AWQ + learned rounding). `method="awq"` is AWQ with round to nearest, so it takes no flag.

@@ -130,6 +130,7 @@ def run_blocks(
     batch_size: int = 4,
     desc: str = "Calibrating",
     stream=None,
+    float_targets: bool = False,
 ) -> list[str]:
     """Calibrate every block holding target layers, in order; returns the target layers no block holds.
 
@@ -138,18 +139,26 @@ def run_blocks(
     is then run again so the next block sees the inputs the compressed model will produce. Runs under `no_grad`: a
     `process` that trains enables gradients itself.
 
+    `float_targets=True` also runs the float model beside the compressed one (a second copy of the block inputs in
+    memory): `process` then gets `targets=`, the float model's outputs of this block, one per batch, computed from the
+    float model's own inputs before `process` changes the block (learned rounding trains towards them).
+
     `stream` (a `streaming.BlockStream`, for checkpoints larger than memory) keeps the block inputs in its
     `buffer(calibration_ids)`, loads each block before it runs (`load_block(name)`) and writes and frees it after
     (`done_block(name)`).
     """
     if calibration_ids.numel() == 0:
         raise ValueError("The calibration set is empty; pass at least one window of token ids.")
+    if float_targets and stream is not None:
+        raise ValueError("float_targets keeps a second copy of the block inputs in memory, which streaming (for "
+                         "checkpoints larger than memory) does not hold; run without a stream.")
     was_training = model.training
     model.eval()
     blocks_name, blocks = find_blocks(model, layer_names)
     batches = list(torch.split(calibration_ids, batch_size))
     inputs = capture_block_inputs(model, blocks[0], batches,
                                   into=stream.buffer(calibration_ids) if stream is not None else None)
+    float_inputs = list(inputs) if float_targets else None  # the float model's inputs (the same tensors at first)
     covered = set()
     for index in tqdm(range(len(blocks)), desc=desc, unit="block"):
         prefix = f"{blocks_name}.{index}."
@@ -157,13 +166,20 @@ def run_blocks(
         block = blocks[index]
         if stream is not None:
             stream.load_block(f"{blocks_name}.{index}")
+        targets = None if float_inputs is None else block_outputs(block, float_inputs)  # the block is still float
         if names:
             covered.update(names)
             # only this dict holds the layers, so a `process` that pops what it replaced frees it at once
-            process(block, {n: model.get_submodule(n) for n in names}, inputs)
+            layers = {n: model.get_submodule(n) for n in names}
+            if targets is None:
+                process(block, layers, inputs)
+            else:
+                process(block, layers, inputs, targets=targets)
         if index + 1 < len(blocks):
             for i, (args, kwargs) in enumerate(inputs):  # in place: each batch's old input is freed at once
                 inputs[i] = ((hidden_states_of(block(*args, **kwargs)),) + tuple(args[1:]), kwargs)
+            if float_inputs is not None:
+                float_inputs = [((t,) + tuple(args[1:]), kwargs) for t, (args, kwargs) in zip(targets, float_inputs)]
         if stream is not None:
             stream.done_block(f"{blocks_name}.{index}")
     model.train(was_training)

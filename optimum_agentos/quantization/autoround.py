@@ -2,10 +2,12 @@
 
 Each weight is rounded as `clamp(round(w / scale + v) + zero, 0, 2^bits - 1)` with a learned offset `v` in
 [-0.5, 0.5] (0: round to nearest), and each group's min/max range is multiplied by learned factors in [0.5, 1]
-(clipping). Both are trained for the block to reproduce the float block's output on the calibration inputs: mean
-squared error, gradients through `round` by the straight-through estimator, and signed gradient descent (each step
-moves every parameter by the learning rate, decayed linearly to 0: at most `lr * steps / 2` in all, so `v` can
-reach the other rounding of any weight without overshooting). The result is ordinary codes, scales and zero
+(clipping). Both are trained for the block, fed what the blocks already quantized produce, to reproduce the float
+model's output at that block (the float blocks run on the float model's own inputs beside it, as AutoRound's
+default does): so each block also makes up for the error the blocks before it left. Mean squared error, gradients
+through `round` by the straight-through estimator, and signed gradient descent (each step moves every parameter by
+the learning rate, decayed linearly to 0: at most `lr * steps / 2` in all, so `v` can reach the other rounding of
+any weight without overshooting). The result is ordinary codes, scales and zero
 points, so the format, the kernels and the exporters do not change.
 """
 
@@ -89,9 +91,12 @@ class LearnedRounding(nn.Module):
 
 def learn_block_rounding(block: nn.Module, layers: dict[str, nn.Module], inputs: list[tuple], bits: int,
                          group_size: int, sym: bool, steps: int = DEFAULT_STEPS, lr: float | None = None,
-                         scale_dtype: torch.dtype = torch.float16) -> tuple[dict[str, tuple], dict[str, float]]:
-    """Learn the rounding of `layers` (full name -> float linear inside `block`) against the float block's output
-    on `inputs` (`(args, kwargs)` per batch; step `i` trains on batch `i mod len(inputs)`).
+                         scale_dtype: torch.dtype = torch.float16,
+                         targets: list[torch.Tensor] | None = None) -> tuple[dict[str, tuple], dict[str, float]]:
+    """Learn the rounding of `layers` (full name -> float linear inside `block`) so that the block, run on `inputs`
+    (`(args, kwargs)` per batch; step `i` trains on batch `i mod len(inputs)`), reproduces `targets` (one output
+    per batch: the float model's, from `run_blocks(..., float_targets=True)`; default: the float block's own
+    output on `inputs`).
 
     Returns `({name: (codes, scales, zeros)}, {"loss_rtn": ..., "loss": ...})`: the exported quantization and the
     block-output mean squared error on the first `EVAL_BATCHES` batches of round to nearest (the start) and of the
@@ -103,7 +108,7 @@ def learn_block_rounding(block: nn.Module, layers: dict[str, nn.Module], inputs:
     local = {f"{_local_name(block, module)}.weight": (rounding[name], is_conv1d(module))
              for name, module in layers.items()}
     used = inputs[: max(min(steps, len(inputs)), EVAL_BATCHES)]  # the float outputs of the batches it reads
-    targets = block_outputs(block, used)
+    targets = block_outputs(block, used) if targets is None else targets[: len(used)]
     flags = [p.requires_grad for p in block.parameters()]
     block.requires_grad_(False)
     params = [p for r in rounding.values() for p in r.parameters()]

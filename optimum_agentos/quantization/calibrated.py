@@ -3,7 +3,8 @@ AWQ's scales before GPTQ or learned rounding (`AgentOSConfig(awq=True)`).
 
 Per block: the input Hessians of its target layers are collected (GPTQ and AWQ need them), AWQ's scales are searched
 and folded (the Hessians rescaled to match), then each layer is rounded by the method and replaced by a
-`QuantLinear`; the next block then sees the quantized block's outputs.
+`QuantLinear`; the next block then sees the quantized block's outputs. Learned rounding also gets the float model's
+outputs of the block (`run_blocks(..., float_targets=True)`) as its training targets.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def quantize_calibrated(model: nn.Module, names: list[str], ids: torch.Tensor, c
     if stats is not None:
         stats.setdefault("blocks", [])
 
-    def process(block: nn.Module, layers: dict[str, nn.Module], inputs: list[tuple]) -> None:
+    def process(block: nn.Module, layers: dict[str, nn.Module], inputs: list[tuple], targets=None) -> None:
         hessians = None
         if uses_awq or config.method == "gptq":
             accumulators = collect_input_stats(block, layers, inputs)
@@ -55,7 +56,7 @@ def quantize_calibrated(model: nn.Module, names: list[str], ids: torch.Tensor, c
         if config.method == "autoround":
             steps = config.rounding_steps or DEFAULT_STEPS
             quantized, losses = learn_block_rounding(block, layers, inputs, config.bits, config.group_size, config.sym,
-                                                     steps, config.rounding_lr, scale_dtype)
+                                                     steps, config.rounding_lr, scale_dtype, targets)
             if stats is not None:
                 stats["blocks"].append(losses)
             logger.info(f"learned rounding: block output error {losses['loss_rtn']:.3g} (RTN) -> {losses['loss']:.3g}")
@@ -65,7 +66,7 @@ def quantize_calibrated(model: nn.Module, names: list[str], ids: torch.Tensor, c
             set_module(model, name, QuantLinear.from_codes(codes, scales, zeros, layers[name].bias, config.bits,
                                                            config.group_size))
 
-    return run_blocks(model, names, ids, process, batch_size, desc)
+    return run_blocks(model, names, ids, process, batch_size, desc, float_targets=config.method == "autoround")
 
 
 def _round_layer(module: nn.Module, hessian: torch.Tensor, config: AgentOSConfig):

@@ -75,3 +75,40 @@ def test_config_errors_name_the_fix():
             AgentOSConfig(**kwargs)
     with pytest.raises(ValueError, match="method='autoround' needs calibration data"):
         Quantizer(tiny_llama()).quantize_in_place(AgentOSConfig(method="autoround"))
+
+
+def test_float_targets_are_the_float_models_block_outputs_while_the_inputs_are_the_compressed_models():
+    """`run_blocks(float_targets=True)` (learned rounding's targets): block `i` is trained towards the float model's
+    output there, computed from the float model's own inputs, while it is fed the changed model's inputs."""
+    import copy
+
+    from optimum_agentos.calibration.runner import hidden_states_of, run_blocks
+
+    ids = sample_ids(4, 16)
+    model = build_tiny("llama", num_hidden_layers=3)
+    float_model = copy.deepcopy(model)
+    float_outputs, float_inputs = {}, {}
+    for index, block in enumerate(float_model.model.layers):
+        block.register_forward_pre_hook(lambda m, args, i=index: float_inputs.setdefault(i, []).append(args[0]))
+        block.register_forward_hook(lambda m, args, out, i=index: float_outputs.setdefault(i, []).append(
+            hidden_states_of(out)))
+    with torch.no_grad():
+        for batch in ids.split(2):
+            float_model(input_ids=batch, use_cache=False)
+
+    seen = []
+
+    def process(block, layers, inputs, targets):
+        seen.append(([args[0] for args, _ in inputs], targets))
+        for layer in layers.values():  # the "compression": the next blocks' inputs leave the float model's
+            layer.weight.data.mul_(0.5)
+
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(3)]
+    run_blocks(model, names, ids, process, batch_size=2, float_targets=True)
+    assert len(seen) == 3
+    for index, (inputs, targets) in enumerate(seen):
+        for got, want in zip(targets, float_outputs[index]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        drift = max((x - f).abs().max().item() for x, f in zip(inputs, float_inputs[index]))
+        assert (drift > 1e-3) == (index > 0), (index, drift)  # fed the changed model's inputs from block 1 on
+
