@@ -115,6 +115,11 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / len(d))
 
 
+def _counts(row: dict, tasks: list[str]) -> str:
+    """The `n` cell: each task's example count, in the tasks' order (whole splits differ in size)."""
+    return " / ".join(str(row["zero_shot"][task]["n"]) for task in tasks)
+
+
 def paired_markdown(shots: list[dict], by_row: dict, tasks: list[str]) -> list[str]:
     """Each row against GPTQ at its bits and group size, where both kept per-example results for the same n."""
     rows = []
@@ -130,7 +135,7 @@ def paired_markdown(shots: list[dict], by_row: dict, tasks: list[str]) -> list[s
             diff, se = paired(mine["correct"], theirs["correct"])
             cells.append(f"{diff:+.3f} ± {se:.3f} ({diff / se if se else float('inf'):+.1f} SE)")
         if len(cells) == len(tasks):
-            rows.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r['zero_shot'][tasks[0]]['n']} |")
+            rows.append(f"| {r['row']} | " + " | ".join(cells) + f" | {_counts(r, tasks)} |")
     if not rows:
         return []
     return ["", "Against GPTQ on the same examples (paired: accuracy difference ± sd(per-example difference)"
@@ -187,13 +192,13 @@ def write_markdown(results: list[dict], meta: dict) -> str:
             for task in tasks:
                 acc, n = r["zero_shot"][task]["acc"], r["zero_shot"][task]["n"]
                 cells.append(f"{acc:.3f} ± {math.sqrt(acc * (1 - acc) / max(n - 1, 1)):.3f}")
-            lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r['zero_shot'][tasks[0]]['n']} |")
+            lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {_counts(r, tasks)} |")
     lines += paired_markdown(shots, by_row, tasks)
     learned = [r for r in results if "block_error" in r]
     if learned:
         lines += ["", "Learned rounding's block-output mean squared error (mean over blocks, first 4 calibration "
-                  "windows; against the float model's output at the block since learned rounding trains towards it, "
-                  "against the float block's output on the same inputs before): " + "; ".join(f"{r['row']} {r['block_error_rtn']:.3g} at the start (round to nearest) "
+                  "windows, against the float model's output at the block; rows measured before 81ef8f6: against the "
+                  "float block's output on the quantized model's inputs): " + "; ".join(f"{r['row']} {r['block_error_rtn']:.3g} at the start (round to nearest) "
                                            f"-> {r['block_error']:.3g}" for r in learned) + "."]
     lines += ["", f"Raw results: `benchmarks/results/{name}.json`.", markers(name)[1]]
     return "\n".join(lines)
