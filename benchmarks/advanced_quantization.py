@@ -49,6 +49,9 @@ ROWS = {  # the table's order; --rows picks the run order
 }
 
 
+# what learned rounding trains towards: the float model's block outputs since 81ef8f6 (rows without the key: the float
+# block's output on the quantized model's inputs)
+FLOAT_MODEL = "float model"
 ZERO_SHOT = ["arc_easy", "lambada"]  # the issue's two tasks for "better than GPTQ" (lm-eval)
 
 
@@ -77,6 +80,7 @@ def worker(row: str, args) -> dict:
             if learned:
                 settings.setdefault("rounding_steps", args.rounding_steps)
                 result["rounding_steps"] = settings["rounding_steps"]
+                result["rounding_targets"] = FLOAT_MODEL
             config = AgentOSConfig(**settings)
             windows, batch = (rounding_windows, 1) if learned else (args.calib_windows, 4)
             calibration = None if config.method == "rtn" else "wikitext2"
@@ -196,10 +200,14 @@ def write_markdown(results: list[dict], meta: dict) -> str:
     lines += paired_markdown(shots, by_row, tasks)
     learned = [r for r in results if "block_error" in r]
     if learned:
-        lines += ["", "Learned rounding's block-output mean squared error (mean over blocks, first 4 calibration "
-                  "windows, against the float model's output at the block; rows measured before 81ef8f6: against the "
-                  "float block's output on the quantized model's inputs): " + "; ".join(f"{r['row']} {r['block_error_rtn']:.3g} at the start (round to nearest) "
-                                           f"-> {r['block_error']:.3g}" for r in learned) + "."]
+        older = [r["row"] for r in learned if r.get("rounding_targets") != FLOAT_MODEL]
+        lines += ["", "Learned rounding trains each block, fed the quantized blocks' outputs, towards the float model's "
+                  "output at that block (since 81ef8f6)" + (
+                      f"; rows measured before it trained towards the float block's output on the quantized inputs: "
+                      f"{', '.join(older)}" if older else "") + ". Its block-output mean squared error against those "
+                  "targets (mean over blocks, first 4 calibration windows): " + "; ".join(
+                      f"{r['row']} {r['block_error_rtn']:.3g} at the start (round to nearest) -> {r['block_error']:.3g}"
+                      for r in learned) + "."]
     lines += ["", f"Raw results: `benchmarks/results/{name}.json`.", markers(name)[1]]
     return "\n".join(lines)
 
