@@ -7,8 +7,8 @@ model's output at that block (the float blocks run on the float model's own inpu
 default does): so each block also makes up for the error the blocks before it left. Mean squared error, gradients
 through `round` by the straight-through estimator, and signed gradient descent (each step moves every parameter by
 the learning rate, decayed linearly to 0: at most `lr * steps / 2` in all, so `v` can reach the other rounding of
-any weight without overshooting). The result is ordinary codes, scales and zero
-points, so the format, the kernels and the exporters do not change.
+any weight without overshooting). The result is ordinary codes, scales and zero points, so the format, the kernels
+and the exporters do not change.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def learn_block_rounding(block: nn.Module, layers: dict[str, nn.Module], inputs:
     rounding = {name: LearnedRounding(float_weight(module), bits, group_size, sym) for name, module in layers.items()}
     local = {f"{_local_name(block, module)}.weight": (rounding[name], is_conv1d(module))
              for name, module in layers.items()}
-    used = inputs[: max(min(steps, len(inputs)), EVAL_BATCHES)]  # the float outputs of the batches it reads
+    used = inputs[: max(min(steps, len(inputs)), EVAL_BATCHES)]  # the batches it reads, and their targets
     targets = block_outputs(block, used) if targets is None else targets[: len(used)]
     flags = [p.requires_grad for p in block.parameters()]
     block.requires_grad_(False)

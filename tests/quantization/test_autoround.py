@@ -111,4 +111,3 @@ def test_float_targets_are_the_float_models_block_outputs_while_the_inputs_are_t
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         drift = max((x - f).abs().max().item() for x, f in zip(inputs, float_inputs[index]))
         assert (drift > 1e-3) == (index > 0), (index, drift)  # fed the changed model's inputs from block 1 on
-
