@@ -90,8 +90,9 @@ def load(row: str, work: Path, threads: int = 1, separate_process: bool = False)
         # every compiled row adds its graphs (prefill, prompt, decode step) to the same function's cache; past
         # dynamo's limit (8) the later rows silently run eagerly behind the compiled wrapper
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(COMPILED_ROWS))
-        model.forward = torch.compile(model.forward, dynamic=False)
-        return model
+        from optimum_agentos.generation import compile_for_generation
+
+        return compile_for_generation(model)
 
     import optimum_agentos  # noqa: F401
     from optimum_agentos.models import resolve_model
@@ -398,8 +399,11 @@ def write_markdown(results: list[dict], args, meta: dict) -> str:
            "was later found to slow torch's decode and llama.cpp's own (on an Intel Xeon: SmolLM2 int4 decode 41 -> "
            "77-109 ms per token, llama.cpp 13 -> 34 ms per token), so this table's decode ratios to llama.cpp are "
            "not reliable")
-        + "). `+compile` rows wrap `model.forward` in `torch.compile` (inductor, "
-        "`dynamic=False`) and decode with `cache_implementation=\"static\"`; their warm-up column is the first "
+        + ("). `+compile` rows are compiled with `optimum_agentos.compile_for_generation(model)`: `model.forward` in "
+           "`torch.compile` (inductor, `dynamic=False`) without dynamo's guards on the model's modules and inductor's "
+           "size asserts (`optimum_agentos/generation.py`)" if meta.get("compiled_with") else
+           "). `+compile` rows wrap `model.forward` in `torch.compile` (inductor, `dynamic=False`)")
+        + " and decode with `cache_implementation=\"static\"`; their warm-up column is the first "
         "prefill and the first generation, compilation included; they are left out of the prefill sweep (every "
         "new length compiles a new graph).",
         "",
@@ -496,6 +500,7 @@ def main() -> None:
     meta.update(cpu=cpu_name(), cpu_flags=cpu_flags(), xllamacpp=_version("xllamacpp"), name=args.name,
                 dequant_t=True, llamacpp_process=True,  # runs since dequant-t and the llama.cpp child process
                 compiled_process=True,  # and since the compiled rows' own process
+                compiled_with="compile_for_generation",  # and since the compiled rows use the library's helper
                 native=native_state(), native_paths=native_paths())
     if args.no_publish:
         print(json.dumps(results, indent=1))

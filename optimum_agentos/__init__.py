@@ -19,7 +19,7 @@ _DISTILLATION = {"DistillationConfig", "DistillationTrainer", "make_student", "p
 __all__ = [
     "AgentOSConfig", "DistillationConfig", "DistillationTrainer", "Pruner", "PruningConfig", "QuantLinear",
     "Quantizer", "SparseLinear", "FORMAT_VERSION", "__version__", "make_student", "precompute_teacher_topk",
-    "plan_mixed_precision", "export", "prepare_qat", "convert_qat", "QATCallback",
+    "plan_mixed_precision", "export", "prepare_qat", "convert_qat", "QATCallback", "compile_for_generation",
 ]
 
 
@@ -37,6 +37,10 @@ def __getattr__(name):
         from .quantization.mixed import plan_mixed_precision
 
         return plan_mixed_precision
+    if name == "compile_for_generation":
+        from .generation import compile_for_generation
+
+        return compile_for_generation
     if name == "Pruner":
         from .pruning.pruner import Pruner
 
