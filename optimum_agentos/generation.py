@@ -11,14 +11,19 @@ reshaped weights); compile a fresh copy instead. In-place updates of weight valu
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import shutil
+import types
 
 import torch
 from transformers.utils import logging
 
 
 logger = logging.get_logger(__name__)
+
+_COUNT = itertools.count()
 
 # what the fast compile leaves out (measured per decode step of SmolLM2-135M int4 g128 in BENCHMARKS.md's `speed`)
 FAST_OPTIONS = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "size_asserts": False}
@@ -32,6 +37,9 @@ def compile_for_generation(model, *, check_modules: bool = False, dynamic: bool 
     (tens of seconds on a laptop CPU). `check_modules=True` keeps dynamo's guards on the model's modules and
     inductor's size asserts (plain `torch.compile`), for a model that changes between calls. Returns the model.
     """
+    if not model.can_generate():
+        raise ValueError(f"{type(model).__name__} has no `generate`: compile_for_generation is for generative models "
+                         "(e.g. AutoModelForCausalLM); compile an encoder's forward with torch.compile directly.")
     if hasattr(model.forward, "_torchdynamo_orig_callable"):
         raise ValueError("model.forward is already compiled; compile_for_generation takes an uncompiled model "
                          "(load it again, or use the compiled one as it is).")
@@ -40,8 +48,21 @@ def compile_for_generation(model, *, check_modules: bool = False, dynamic: bool 
         raise RuntimeError(f"torch.compile's inductor builds C++ on CPU and needs a compiler: {compiler!r} is not "
                            "on PATH. Install one (e.g. `apt install g++`) or set CXX; without it, decode eagerly.")
     options = None if check_modules else dict(FAST_OPTIONS)
-    model.forward = torch.compile(model.forward, dynamic=dynamic, options=options)
+    model.forward = torch.compile(_with_own_code(model.forward), dynamic=dynamic, options=options)
     model.generation_config.cache_implementation = "static"
     logger.info("model.forward compiled with inductor%s; generate uses a static KV cache. The first call compiles.",
                 "" if check_modules else " (no guards on the model's modules, no size asserts)")
     return model
+
+
+def _with_own_code(forward):
+    """`forward` behind a function with a code object of its own. Dynamo keeps compiled graphs on the code object it
+    compiled: every model of a class would share `forward`'s, and without the module guards a second model would run
+    the first one's graph (a float model's with a quantized model's weights). Its own code object gives each model its
+    own graphs (and its own recompile limit)."""
+
+    def call(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    code = call.__code__.replace(co_name=f"compiled_forward_{next(_COUNT)}")
+    return functools.wraps(forward)(types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__))
