@@ -2,11 +2,12 @@
 
 `torch.compile` of `model.forward` with a static KV cache turns a decode step into one graph, but on a small model
 the compiled step still pays per-call checks that cost more than its element-wise work: dynamo evaluates about ten
-thousand guards on every module attribute the forward read (SmolLM2-135M int4: 2.2 ms of an 11 ms step on an AMD EPYC),
-and inductor asserts the size and stride of each of the graph's ~800 inputs (0.7 ms). `compile_for_generation` keeps
-the guards on the call's own inputs (token ids, cache tensors, positions), which pick the graph, and drops those on the
-model's modules and the size asserts: the model must not change after compiling (new modules, changed attributes,
-reshaped weights); compile a fresh copy instead. In-place updates of weight values are still read by the graph.
+thousand guards on the module attributes the forward read, and inductor asserts the size and stride of each of the
+graph's ~800 inputs (SmolLM2-135M int4 on an AMD EPYC: 3-3.5 and 0.9-1.1 ms of a 17-19 ms step; BENCHMARKS.md,
+`compile_overhead`). `compile_for_generation` keeps the guards on the call's own inputs (token ids, cache tensors,
+positions), which pick the graph, and drops those on the model's modules and the size asserts: the model must not
+change after compiling (new modules, changed attributes, reshaped weights); compile a fresh copy instead. In-place
+updates of weight values are still read by the graph.
 """
 
 from __future__ import annotations
@@ -25,16 +26,18 @@ logger = logging.get_logger(__name__)
 
 _COUNT = itertools.count()
 
-# what the fast compile leaves out (measured per decode step of SmolLM2-135M int4 g128 in BENCHMARKS.md's `speed`)
+# what the fast compile leaves out (its cost per decode step: BENCHMARKS.md, `compile_overhead`)
 FAST_OPTIONS = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "size_asserts": False}
 
 
 def compile_for_generation(model, *, check_modules: bool = False, dynamic: bool = False):
-    """Wrap `model.forward` in `torch.compile` (inductor) and make `generate` use a static KV cache.
+    """Wrap `model.forward` in `torch.compile` (inductor) and make `generate` use a static KV cache (set in
+    `model.generation_config`, so a later `save_pretrained` saves it too).
 
     Every decode step then runs one graph; the prompt runs another (one per prompt length with `dynamic=False`; past
-    `torch._dynamo.config.recompile_limit` distinct lengths it runs eagerly). The first `generate` pays the compile
-    (tens of seconds on a laptop CPU). `check_modules=True` keeps dynamo's guards on the model's modules and
+    `torch._dynamo.config.recompile_limit` distinct lengths it runs eagerly). The first `generate` pays the
+    compile (SmolLM2-135M int4 on a 2-core AMD EPYC: 23-60 s, the warm-up column of BENCHMARKS.md's
+    `compile_overhead`). `check_modules=True` keeps dynamo's guards on the model's modules and
     inductor's size asserts (plain `torch.compile`), for a model that changes between calls. Returns the model.
     """
     if not model.can_generate():
