@@ -35,12 +35,13 @@ ALLOWED = {
     "pruning": GROUND | {"nn", "formats", "calibration", "compressor", "hub", "quantization", "streaming"},
     "evaluation": GROUND | {"nn", "formats", "data", "models"},
     "hub": GROUND | {"formats", "models", "evaluation"},
-    "export": GROUND | {"nn"},
     "distillation": GROUND | {"nn", "formats", "data", "models", "evaluation", "hub"},
     "export": GROUND | {"nn", "formats", "models", "compressor", "hub"},
+    "generation": GROUND,  # compile_for_generation: runs a loaded model, imports no other part
     "cli": None,  # the command line (cli.py, commands/, recipes.py) may import any part
     "_moved": set(),
-    "__init__": GROUND | {"nn", "integrations", "_moved", "quantization", "pruning", "distillation", "export"},
+    "__init__": GROUND | {"nn", "integrations", "_moved", "quantization", "pruning", "distillation", "export",
+                          "generation"},
 }
 CLI_PART = {"cli", "commands", "recipes"}
 # The one way an algorithm package may use another: the pruner composes with quantization's package entry point.
