@@ -87,8 +87,8 @@ def load(row: str, work: Path, threads: int = 1, separate_process: bool = False)
 
     if row.endswith("+compile"):
         model = load(row.removesuffix("+compile"), work, threads)
-        # every compiled row adds its graphs (prefill, prompt, decode step) to the same function's cache; past
-        # dynamo's limit (8) the later rows silently run eagerly behind the compiled wrapper
+        # each row's graphs (prefill, prompt, decode step) live on a code object of its own (compile_for_generation),
+        # so rows never share dynamo's cache; the limit is raised as it was when they did (8 graphs per code object)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(COMPILED_ROWS))
         from optimum_agentos.generation import compile_for_generation
 

@@ -44,7 +44,7 @@ def test_compiled_model_decodes_the_eager_models_tokens_and_reads_weight_updates
     torch._dynamo.reset()
     eager, compiled = int4_model(), compile_for_generation(int4_model())
     assert compiled.generation_config.cache_implementation == "static"
-    # a float model of the same class compiled first in this process: without module guards, only its own code
+    # a float model of the same class generates first in this process: without module guards, only its own code
     # object keeps the quantized model from running the float model's graph
     float_eager = transformers.AutoModelForCausalLM.from_pretrained(folders[0]).eval()
     float_compiled = compile_for_generation(transformers.AutoModelForCausalLM.from_pretrained(folders[0]).eval())
