@@ -1,7 +1,7 @@
 """What a compiled decode step of SmolLM2-135M-Instruct (int4 g128, int8 embeddings) pays besides its kernels, with
 plain `torch.compile` and with `optimum_agentos.compile_for_generation`, beside llama.cpp's `Q4_1` decode.
 
-Each row is a fresh process (dynamo would reuse one compiled graph for two models of one class in a process): load
+Each row is a fresh process (plain `torch.compile` shares one code object's graphs between two models): load
 the RTN checkpoint quantized on load, compile, one warm-up `generate`, then cProfile over `--profiled` generates (the
 self time per decode step of dynamo's wrapper, which evaluates the guards, of inductor's size asserts, and of the
 generated Python wrapper), then `--repeats` generates timed round-robin with llama.cpp (`xllamacpp`, a child process,
@@ -30,6 +30,7 @@ ROWS = ("torch.compile", "compile_for_generation")
 def worker(row: str, args) -> dict:
     import torch
     from runtime_rows import llamacpp_row, shipped_gguf
+    from speed import generate_kwargs
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optimum_agentos import AgentOSConfig, compile_for_generation
@@ -46,8 +47,7 @@ def worker(row: str, args) -> dict:
         model.forward = torch.compile(model.forward, dynamic=False)
     else:
         compile_for_generation(model)
-    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                  cache_implementation="static")
+    kwargs = generate_kwargs("+compile", args.new_tokens)  # as speed.py's compiled rows: static KV cache
     start = time.perf_counter()
     tokens = model.generate(ids, **kwargs)
     warm_up = time.perf_counter() - start
