@@ -8,6 +8,10 @@ graph's ~800 inputs (SmolLM2-135M int4 on an AMD EPYC: 3-3.5 and 0.9-1.1 ms of a
 positions), which pick the graph, and drops those on the model's modules and the size asserts: the model must not
 change after compiling (new modules, changed attributes, reshaped weights); compile a fresh copy instead. In-place
 updates of weight values are still read by the graph.
+
+The compiled graphs also compute fused sibling layers (q/k/v, gate/up: `nn.fusion`) in one kernel call: each member
+calls the group's path on the same input, and a graph pass (`SharedCalls`) merges identical calls of the native
+kernels, which compute a pure function of their inputs.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import shutil
 import types
 
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from transformers.utils import logging
 
 
 logger = logging.get_logger(__name__)
 
 _COUNT = itertools.count()
+NAMESPACE = "agentos_native"  # the native kernels' operators (`nn/csrc/native_cpu.cpp`)
 
 # what the fast compile leaves out (its cost per decode step: BENCHMARKS.md, `compile_overhead`)
 FAST_OPTIONS = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "size_asserts": False}
@@ -50,12 +56,37 @@ def compile_for_generation(model, *, check_modules: bool = False, dynamic: bool 
     if shutil.which(compiler) is None:
         raise RuntimeError(f"torch.compile's inductor builds C++ on CPU and needs a compiler: {compiler!r} is not "
                            "on PATH. Install one (e.g. `apt install g++`) or set CXX; without it, decode eagerly.")
-    options = None if check_modules else dict(FAST_OPTIONS)
+    options = {} if check_modules else dict(FAST_OPTIONS)
+    options["post_grad_custom_post_pass"] = SharedCalls()
+    for module in model.modules():
+        if getattr(module, "fused", None) is not None:
+            module.fused.in_graphs = True
     model.forward = torch.compile(_with_own_code(model.forward), dynamic=dynamic, options=options)
     model.generation_config.cache_implementation = "static"
     logger.info("model.forward compiled with inductor%s; generate uses a static KV cache. The first call compiles.",
                 "" if check_modules else " (no guards on the model's modules, no size asserts)")
     return model
+
+
+class SharedCalls(CustomGraphPass):
+    """Inductor graph pass: identical calls of an `agentos_native` kernel (same operator, same input nodes and
+    arguments) become one, as fused sibling layers make them (`nn.fusion.FusedGroup.traced_output`). The kernels are
+    pure functions of their inputs, so the merged call computes the same numbers."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        seen = {}
+        for node in list(graph.nodes):
+            if node.op != "call_function" or getattr(node.target, "namespace", None) != NAMESPACE:
+                continue
+            key = (node.target, node.args, tuple(sorted(node.kwargs.items())))
+            if key in seen:
+                node.replace_all_uses_with(seen[key])
+                graph.erase_node(node)
+            else:
+                seen[key] = node
+
+    def uuid(self) -> str:  # part of inductor's cache key: a new version of the pass compiles anew
+        return get_hash_for_files((__file__,)).hex()
 
 
 def _with_own_code(forward):

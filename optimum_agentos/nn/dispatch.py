@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
-from . import dequant, native, transposed
+from . import dequant, fusion, native, transposed
 
 
 logger = logging.get_logger(__name__)
@@ -39,9 +39,10 @@ CLOSE, CONFIRM_REPEATS = 1.2, 6
 EVICT_MAX_BYTES = 64 << 20
 LONG_CALL_S = 0.05  # a path whose warm-up call is this slow is timed once, not REPEATS times: the head at 512 tokens
 CACHE_ENV = "OPTIMUM_AGENTOS_KERNEL_CACHE"  # folder of the choice cache (default: under the HF cache directory)
-CACHE_FORMAT = 7  # 2: the float head's paths; 3: `dequant-t` (`transposed`); 4: the native paths; 5: `native-int8-act`
+CACHE_FORMAT = 8  # 2: the float head's paths; 3: `dequant-t` (`transposed`); 4: the native paths; 5: `native-int8-act`
 # (`native`); 6: `native-int4-vnni`, and timings with the weights out of the caches (`evict`); 7: the int8 rows'
-# few-token loop reads them one after another, close calls are timed again, and `native-bf16-copy` for a float head.
+# few-token loop reads them one after another, close calls are timed again, and `native-bf16-copy` for a float head;
+# 8: sibling groups' one-token choices (`fusion`).
 # Each format has its own file, so older versions sharing the cache folder keep reading theirs instead of rejecting
 # entries they do not know
 DEFAULT_TOLERANCE = 1e-2  # the packed bf16 kernels: bf16 rounding of activations (and int4 scales), of max |y|
@@ -160,11 +161,12 @@ def evict(layer) -> None:
                 native.OPS.evict(tensor)
 
 
-def _time_rounds(layer, paths: list, x: torch.Tensor, samples: dict[str, list], rounds: int) -> None:
-    """Time each path once per round, round-robin, with the layer's tensors evicted before each call."""
+def _time_rounds(layer, paths: list, x: torch.Tensor, samples: dict[str, list], rounds: int, evicted=None) -> None:
+    """Time each path once per round, round-robin, with the layer's tensors (or `evicted`'s) evicted before each
+    call."""
     for _ in range(rounds):
         for path in paths:
-            evict(layer)
+            evict(evicted if evicted is not None else layer)
             start = time.perf_counter()
             path.run(layer, x.view_as(x))
             samples[path.name].append(time.perf_counter() - start)
@@ -200,6 +202,32 @@ def time_paths(layer, paths: list, dtype: torch.dtype) -> dict[int, dict[str, fl
             _time_rounds(layer, close, x, samples, CONFIRM_REPEATS)
         timings[tokens] = {name: round(min(s) * 1e6, 1) for name, s in samples.items()}
     return timings
+
+
+class _MembersAlone:
+    """A sibling group's members each on its own shortest path (`fusion.SEPARATE`), timed like a path."""
+
+    name = fusion.SEPARATE
+
+    @staticmethod
+    def run(group, x: torch.Tensor) -> None:
+        for member in group.members:
+            member.routes[0][1](member, x)
+
+
+def time_group(group, paths: list, dtype: torch.dtype) -> dict[str, float]:
+    """Microseconds of a one-token call of a sibling group (`fusion.FusedGroup`) on each of `paths`, and of its members
+    called alone (`fusion.SEPARATE`): the fastest of the calls, round-robin, the members' codes and scales evicted
+    before each call (their codes are views of the group's)."""
+    x = torch.randn(1, group.in_features).to(dtype)
+    candidates = [*paths, _MembersAlone]
+    members = torch.nn.ModuleList(group.members)  # evicts every member's tensors
+    samples = {path.name: [] for path in candidates}
+    with torch.no_grad():
+        _time_rounds(group, candidates, x, samples, 1, members)  # warm-up
+        samples = {path.name: [] for path in candidates}
+        _time_rounds(group, candidates, x, samples, REPEATS + CONFIRM_REPEATS, members)
+    return {name: round(min(s) * 1e6, 1) for name, s in samples.items()}
 
 
 def routes_from(timings: dict[int, dict[str, float]]) -> list[list]:

@@ -10,6 +10,15 @@ once and keeps the others' outputs for that same input tensor (same object, same
 other call (another input, an in-place change, `inference_mode` tensors without a version, autograd on, compiled
 graphs, token counts beyond the group's path) computes the layer alone, exactly as without fusion. The paths compute
 each output row from its own weight row, so the outputs are the same numbers.
+
+Siblings whose shortest calls chose different paths (SmolLM2 on an AVX-512 machine: q_proj the VNNI loop, the
+narrower k_proj and v_proj the float32 one) are timed at one token at load, the group on each of their paths against
+the members called alone (`dispatch.time_group`, cached with the layers' choices); the group is formed only where
+one call wins, and then serves one-token calls.
+
+Compiled graphs (`generation.compile_for_generation`, which marks the groups `in_graphs`) cannot keep outputs
+between calls: each member calls the group's path on the same input and takes its rows, and the compile's graph pass
+(`generation.SharedCalls`) merges those identical calls into one.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from . import native
 from .kernels import ALIGNMENT
 
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+SEPARATE = "separate"  # a group's measured choice: its members compute alone
 
 
 class FusedGroup:
@@ -62,7 +72,19 @@ class FusedGroup:
             [torch.zeros(m.out_features, dtype=next(b for b in biases if b is not None).dtype) if b is None
              else b.detach() for m, b in zip(members, biases)])
         self.max_tokens = min(m.routes[0][0] for m in members)  # all siblings on the group's path up to here
+        self.starts = dict(zip(members, starts))
+        self.in_graphs = False  # set by `compile_for_generation`, whose graph pass merges the members' calls
         self._kept = (None, -1, {})
+
+    def serve_one_token(self, path) -> None:
+        """Compute one-token calls on `path` (measured for siblings whose shortest calls chose different paths)."""
+        self.run, self.max_tokens = path.run, 1
+
+    def traced_output(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """`layer`'s rows of the group's call on `x`, in a compiled graph: every member makes the same call, which the
+        graph pass merges (`generation.SharedCalls`)."""
+        start = self.starts[layer]
+        return self.run(self, x)[..., start:start + layer.out_features]
 
     def output(self, layer, x: torch.Tensor) -> torch.Tensor | None:
         """`layer`'s output for `x`: kept from the group's call on this same input, or from a new group call that
@@ -86,18 +108,23 @@ class FusedGroup:
         return sum(t.numel() * t.element_size() for t in extra + [self.bias] if t is not None)
 
 
+def _path(run):
+    """The few-token path (or packed kernel) class whose `run` this is."""
+    return next(path for path in native.FEW_TOKEN_PATHS if path.run is run)
+
+
 def _fusable(members: list) -> bool:
+    """Whether the siblings' codes can be concatenated: one packed kernel, the same inputs, each member's shortest
+    calls on the packed kernel or a native path reading its layout, int4 groups alike."""
     first = members[0]
     kernel = first.kernel
     if getattr(kernel, "name", None) not in ("int4pack-bf16", "int8pack-bf16"):
         return False
     few_token_paths = (kernel.run, *(path.run for path in native.FEW_TOKEN_PATHS))
-    if first.routes is None or first.routes[0][1] not in few_token_paths:
-        return False  # the packed kernel or a native path (reading its layout) serves the shortest calls
     for m in members:
         if m.kernel is not kernel or m.routes is None or m.in_features != first.in_features:
             return False
-        if m.routes[0][1] is not first.routes[0][1]:
+        if m.routes[0][1] not in few_token_paths:
             return False
         if kernel.name == "int4pack-bf16" and not (getattr(m, "int4_layout_known", False)
                                                      and m.kernel_group == first.kernel_group
@@ -106,19 +133,38 @@ def _fusable(members: list) -> bool:
     return True
 
 
-def fuse_siblings(model) -> list[FusedGroup]:
-    """Fuse every sibling group of `QuantLinear` layers on the same packed kernel (see the module docstring)."""
+def one_token_paths(members: list, accurate: list[set[str]]) -> list:
+    """The native paths that may serve a group whose members' shortest calls chose different ones: those chosen by
+    a member that every member passed the accuracy check with at one token (`accurate`) and whose tensors every
+    member kept (`native.drop_unused`)."""
+    chosen = {m.routes[0][1] for m in members if m.routes[0][1] is not m.kernel.run}
+    paths = [_path(run) for run in chosen]
+    kept = all(getattr(m, buffer, None) is not None for m in members for buffer in native.INT4_BUFFERS[:2])
+    return [p for p in sorted(paths, key=lambda p: p.name) if all(p.name in names for names in accurate)
+            and (kept or members[0].kernel.name != "int4pack-bf16")]
+
+
+def fuse_siblings(model, choose=None) -> list[FusedGroup]:
+    """Fuse every sibling group of `QuantLinear` layers on the same packed kernel (see the module docstring).
+    `choose(group)`: the measured one-token choice (a path's name or `SEPARATE`) for siblings whose shortest calls
+    chose different paths; without it they stay apart."""
     from .linear import QuantLinear
 
     groups = []
     for parent in model.modules():
         for names in SIBLINGS:
             members = [getattr(parent, n, None) for n in names]
-            if all(isinstance(m, QuantLinear) for m in members) and _fusable(members):
-                group = FusedGroup(members, members[0].kernel)
-                for m in members:
-                    m.fused = group
-                groups.append(group)
+            if not (all(isinstance(m, QuantLinear) for m in members) and _fusable(members)):
+                continue
+            group = FusedGroup(members, members[0].kernel)
+            if any(m.routes[0][1] is not members[0].routes[0][1] for m in members):
+                name = choose(group) if choose is not None else SEPARATE
+                if name == SEPARATE:  # the members keep their views of the group's codes: the same bytes
+                    continue
+                group.serve_one_token(next(p for p in native.FEW_TOKEN_PATHS if p.name == name))
+            for m in members:
+                m.fused = group
+            groups.append(group)
     return groups
 
 

@@ -264,10 +264,13 @@ def forward(layer, x: torch.Tensor) -> torch.Tensor:
     if routes is not None and x.numel() and not torch.is_grad_enabled():
         tokens = x.numel() // layer.in_features
         fused = layer.fused  # q/k/v or gate/up in one call (`fusion`)
-        if fused is not None and tokens <= fused.max_tokens and not torch.compiler.is_compiling():
-            y = fused.output(layer, x)
-            if y is not None:
-                return y
+        if fused is not None and tokens <= fused.max_tokens:
+            if not torch.compiler.is_compiling():
+                y = fused.output(layer, x)
+                if y is not None:
+                    return y
+            elif fused.in_graphs:  # `compile_for_generation`: the members' identical calls become one
+                return fused.traced_output(layer, x)
         for limit, run in routes:
             if tokens <= limit:
                 return run(layer, x)

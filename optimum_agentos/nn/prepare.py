@@ -12,7 +12,7 @@ from transformers.utils import logging
 from . import dequant, dispatch, native, transposed
 from .embedding import QuantHead
 from .float_head import COPY_PATHS, PATHS as FLOAT_HEAD_PATHS, float_head
-from .fusion import fuse_siblings
+from .fusion import SEPARATE, fuse_siblings, one_token_paths
 from .kernels import HEAD_KERNELS, KERNELS, KERNELS_ENV, choose_kernel
 from .linear import QuantLinear
 from .memory import release_free_memory
@@ -51,7 +51,7 @@ class _Planner:
     def __init__(self, policy: str, activations: str | None, dtype: torch.dtype):
         self.policy, self.activations, self.dtype = policy, activations, dtype
         self.path = dispatch.cache_path()
-        self.cached = dispatch.read_cache(self.path, set(PATHS) | {"reference"}) if policy == "auto" else {}
+        self.cached = dispatch.read_cache(self.path, set(PATHS) | {"reference", SEPARATE}) if policy == "auto" else {}
         self.chosen, self.measured, self.seconds = {}, [], 0.0
 
     def routes(self, module, kernel) -> list[list]:
@@ -75,6 +75,24 @@ class _Planner:
             routes = dispatch.routes_without(self.cached[key], unavailable)  # fastest measured path (maybe dequant-t)
         return routes
 
+    def group_path(self, group) -> str:
+        """A sibling group's one-token choice (`fusion`): a path's name or `SEPARATE`, measured or from the cache."""
+        members = group.members
+        accurate = [set(self.entry(m, m.kernel).get("us", {}).get("1", {})) | {m.route_names[0][1]} for m in members]
+        paths = one_token_paths(members, accurate)
+        if not paths:
+            return SEPARATE
+        key = "fused:" + "+".join(dispatch.signature(m, m.kernel, self.activations, self.dtype) for m in members)
+        cached = self.cached.get(key)
+        if cached is None or cached["routes"][0][1] not in {p.name for p in paths} | {SEPARATE}:
+            start = time.perf_counter()
+            timings = dispatch.time_group(group, paths, self.dtype)
+            self.seconds += time.perf_counter() - start
+            self.cached[key] = {"routes": [[None, min(timings, key=timings.get)]], "us": {"1": timings}}
+            self.measured.append(key)
+        self.chosen[key] = self.chosen.get(key, 0) + 1
+        return self.cached[key]["routes"][0][1]
+
     def entry(self, module, kernel) -> dict:
         return self.cached.get(dispatch.signature(module, kernel, self.activations, self.dtype), {})
 
@@ -85,7 +103,9 @@ class _Planner:
             return
         source = (f"measured {len(self.measured)} layer signature(s) now in {self.seconds:.1f} s" if self.measured
                   else "read from the cache")
-        lines = [f"{key} x{count}: {dispatch.describe(self.cached[key]['routes'])}"
+        lines = [f"{key} x{count}: " + (f"one-token calls {self.cached[key]['routes'][0][1]} (us: "
+                                          f"{self.cached[key]['us']['1']})" if key.startswith("fused:") else
+                                          dispatch.describe(self.cached[key]['routes']))
                  + (f" (rejected: {'; '.join(self.cached[key]['rejected'])})" if self.cached[key].get("rejected") else "")
                  for key, count in self.chosen.items()]
         logger.info(f"Kernel choices ({source}; cache {self.path}; the fastest path per token count on this "
@@ -203,7 +223,7 @@ def prepare_kernels(model, policy: str | None = None, activations: str | None = 
         memory[f"transposed codes for dequant-t ({transposed.ENV}=0 saves them)"] += transposed.layout_bytes(module)
         if kernel is None:
             slow[name] = reason
-    groups = fuse_siblings(model) if policy != "reference" else []
+    groups = fuse_siblings(model, planner.group_path) if policy != "reference" else []
     if groups:
         memory[f"{len(groups)} fused sibling groups (int4 scales, zero points)"] += sum(g.layout_bytes() for g in groups)
     if any(path != "dense" for path in chosen.values()):  # layers computing from codes; float sparse ones are exact

@@ -1,6 +1,8 @@
 """q/k/v and gate/up in one kernel call (nn/fusion.py): the same outputs as the layers alone, no second copy of the
 codes, the same checkpoint, and every case it must not serve falling back to the layers alone."""
 
+import shutil
+
 import pytest
 import torch
 import transformers
@@ -121,3 +123,74 @@ def test_save_and_reload_in_a_fresh_process_fuses_again(tmp_path):
             logits = model(torch.tensor([[5]])).logits
         assert torch.equal(logits, torch.load({str(tmp_path / "logits.pt")!r}, weights_only=True))
     """, env={dispatch.CACHE_ENV: str(tmp_path / "kernels"), "OPTIMUM_AGENTOS_KERNELS": "int4pack-bf16"})
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor needs a C++ compiler")
+def test_compiled_graphs_call_the_kernel_once_per_group(tmp_path):
+    if native.unavailable():
+        pytest.skip(native.unavailable())
+    from optimum_agentos import compile_for_generation
+
+    eager = load(tmp_path, dict(bits=4, group_size=128), "native-int4")
+    compiled = compile_for_generation(load(tmp_path, dict(bits=4, group_size=128), "native-int4"))
+    assert all(group.in_graphs for group in groups(compiled).values())
+    prompt = torch.tensor([[5, 9, 17, 33, 2, 70]])
+    kwargs = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    torch._dynamo.reset()
+    try:
+        want = eager.generate(prompt, cache_implementation="static", **kwargs)
+        got = compiled.generate(prompt, **kwargs)
+        with torch.profiler.profile() as profile:
+            compiled.generate(prompt, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got.sequences, want.sequences)
+    for logits, wanted in zip(got.logits, want.logits):  # inductor's float ops in another order: float32 rounding
+        assert (logits - wanted).abs().max() <= 1e-3 * wanted.abs().max()
+    calls = sum(e.count for e in profile.key_averages() if e.key == "agentos_native::int4_blocks_matmul")
+    # 6 forwards x 2 blocks x (q/k/v, o, gate/up, down): 7 calls per block if the members' calls were not merged
+    assert calls == 6 * 2 * 4
+
+
+def test_siblings_on_different_paths_are_timed_as_a_group_and_the_choice_reproduces(tmp_path):
+    if native.unavailable():
+        pytest.skip(native.unavailable())
+    from optimum_agentos.nn.fusion import SEPARATE, fuse_siblings
+    from optimum_agentos.nn.prepare import _install, _Planner
+
+    model = load(tmp_path, dict(bits=4, group_size=128), "auto")  # measures every path: the cache has their timings
+
+    def split_routes():  # q and gate on the float32 loop, their siblings on the packed kernel at one token
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                module.unfuse()
+                module.restore_weight()
+                module.kernel.prepare(module)  # the native paths' scales, whatever the load chose
+        for block in model.model.layers:
+            for layer in (block.self_attn.q_proj, block.mlp.gate_proj):
+                _install(layer, [[None, "native-int4"]])
+            for layer in (block.self_attn.k_proj, block.self_attn.v_proj, block.mlp.up_proj):
+                _install(layer, [[1, "int4pack-bf16"], [None, "native-int4"]])
+        planner = _Planner("auto", None, torch.float32)
+        found = fuse_siblings(model, planner.group_path)
+        planner.finish()
+        return planner, found
+
+    planner, found = split_routes()
+    fused = {key: entry for key, entry in planner.cached.items() if key.startswith("fused:")}
+    assert len(fused) == 2 and len(planner.measured) == 2  # q/k/v and gate/up shapes, timed once each
+    for entry in fused.values():
+        assert set(entry["us"]["1"]) == {"native-int4", SEPARATE} and all(us > 0 for us in entry["us"]["1"].values())
+        assert entry["routes"] == [[None, min(entry["us"]["1"], key=entry["us"]["1"].get)]]
+    assert len(found) == sum(2 for entry in fused.values() if entry["routes"][0][1] != SEPARATE)
+    x = torch.randn(1, 1, 192)
+    with torch.no_grad():
+        for group in found:  # one-token calls only; each member's rows are what it computes alone on that path
+            assert group.max_tokens == 1
+            alone = [native.NativeInt4Blocks.run(m, x) for m in group.members]
+            assert all(torch.equal(m(x), want) for m, want in zip(group.members, alone))
+    cache = dispatch.cache_path().read_text()
+    planner, again = split_routes()  # a second load reads the choice
+    assert planner.measured == [] and dispatch.cache_path().read_text() == cache
+    names = {id(module): name for name, module in model.named_modules()}
+    assert [[names[id(m)] for m in g.members] for g in again] == [[names[id(m)] for m in g.members] for g in found]
