@@ -1,11 +1,13 @@
 """What a compiled decode step of SmolLM2-135M-Instruct (int4 g128, int8 embeddings) pays besides its kernels, with
-plain `torch.compile` and with `optimum_agentos.compile_for_generation`, beside llama.cpp's `Q4_1` decode.
+plain `torch.compile` and with `optimum_agentos.compile_for_generation` (with its graphs computing the fused sibling
+groups in one call, and without: `groups apart`), beside llama.cpp's `Q4_1` decode.
 
 Each row is a fresh process (plain `torch.compile` shares one code object's graphs between two models): load
 the RTN checkpoint quantized on load, compile, one warm-up `generate`, then cProfile over `--profiled` generates (the
 self time per decode step of dynamo's wrapper, which evaluates the guards, of inductor's size asserts, and of the
 generated Python wrapper), then `--repeats` generates timed round-robin with llama.cpp (`xllamacpp`, a child process,
-the shipped GGUF, same threads, `poll=0`). The rows alternate for `--rounds` rounds.
+the shipped GGUF, same threads, `poll=0`, `ignore_eos`) and with the same `generate` forced to its length by
+`min_new_tokens` instead of `eos_token_id=None` (what that costs). The rows alternate for `--rounds` rounds.
 
     python benchmarks/compile_overhead.py
     python benchmarks/compile_overhead.py --render-only
@@ -24,7 +26,7 @@ from common import add_row_runner_arguments, cpu_description, load_for_render, m
     run_worker
 
 NAME = "compile_overhead"
-ROWS = ("torch.compile", "compile_for_generation")
+ROWS = ("torch.compile", "compile_for_generation, groups apart", "compile_for_generation")
 
 
 def worker(row: str, args) -> dict:
@@ -47,6 +49,10 @@ def worker(row: str, args) -> dict:
         model.forward = torch.compile(model.forward, dynamic=False)
     else:
         compile_for_generation(model)
+        if row.endswith("groups apart"):  # each sibling layer calls its own kernel in the graphs, as before
+            for module in model.modules():
+                if getattr(module, "fused", None) is not None:
+                    module.fused.in_graphs = False
     kwargs = generate_kwargs("+compile", args.new_tokens)  # as speed.py's compiled rows: static KV cache
     start = time.perf_counter()
     tokens = model.generate(ids, **kwargs)
@@ -65,11 +71,18 @@ def worker(row: str, args) -> dict:
 
     llamacpp = llamacpp_row(shipped_gguf(), args.threads, separate_process=True)
     llamacpp.decode(ids, args.new_tokens)
-    ours, theirs = [], []
+    forced = dict(kwargs, min_new_tokens=args.new_tokens)
+    del forced["eos_token_id"]
+    model.generate(ids, **forced)
+    ours, theirs, masked = [], [], []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        model.generate(ids, **kwargs)
+        new = model.generate(ids, **kwargs).shape[1] - ids.shape[1]
         ours.append((time.perf_counter() - start) / args.new_tokens * 1e3)
+        assert new == args.new_tokens, new
+        start = time.perf_counter()
+        model.generate(ids, **forced)
+        masked.append((time.perf_counter() - start) / args.new_tokens * 1e3)
         start = time.perf_counter()
         llamacpp.decode(ids, args.new_tokens)
         theirs.append((time.perf_counter() - start) / args.new_tokens * 1e3)
@@ -78,7 +91,8 @@ def worker(row: str, args) -> dict:
             "size_asserts_ms": self_ms(lambda k: "assert_size_stride" in k[2]),
             "wrapper_ms": self_ms(lambda k: k[2] == "call" and "torchinductor" in k[0]),
             "ms_per_token": statistics.median(ours), "llamacpp_ms_per_token": statistics.median(theirs),
-            "ms_all": ours, "llamacpp_ms_all": theirs,
+            "min_new_tokens_ms_per_token": statistics.median(masked), "ms_all": ours, "llamacpp_ms_all": theirs,
+            "min_new_tokens_ms_all": masked,
             "tokens_sha1": hashlib.sha1(tokens.numpy().tobytes()).hexdigest()[:12]}
 
 
@@ -91,20 +105,26 @@ def write_markdown(results: list[dict], meta: dict) -> str:
               "after a 16-token prompt with a static KV cache. Each row is a fresh process; the rows alternate for "
               f"{a['rounds']} rounds. `torch.compile`: `model.forward = torch.compile(model.forward, dynamic=False)`; "
               "`compile_for_generation`: the library's helper (no dynamo guards on the model's modules, no "
-              "inductor size asserts). Per decode step, cProfile self time over "
+              "inductor size asserts), its graphs computing each fused q/k/v and gate/up group in one kernel call; "
+              "`groups apart`: the same with each sibling layer calling its own kernel in the graphs. "
+              "Per decode step, cProfile self time over "
               f"{a['profiled']} generates: `guards` is dynamo's wrapper (its guard evaluation), `size asserts` "
               "inductor's `assert_size_stride` on the graph's inputs, `wrapper` the generated Python code that "
               f"calls the kernels. Then {a['repeats']} generates timed round-robin with llama.cpp (`xllamacpp` "
-              f"{meta.get('xllamacpp', '')}, the shipped `Q4_1` GGUF, same threads, `poll=0`, served by a child "
-              "process), medians; `ratio` = llama.cpp's ms per token / ours (1.0 = as fast). `tokens` hashes the "
+              f"{meta.get('xllamacpp', '')}, the shipped `Q4_1` GGUF, same threads, `poll=0`, `ignore_eos`, served "
+              "by a child process), medians; ours decode exactly that many tokens with `eos_token_id=None`, as "
+              "`speed.py`; `min_new_tokens` is the same `generate` forced to its length by `min_new_tokens` instead, "
+              "timed in the same rounds (its logits processor masks the EOS token over the whole vocabulary at every "
+              "step). `ratio` = llama.cpp's ms per token / ours (1.0 = as fast). `tokens` hashes the "
               "generated ids (the same in every row: the helper changes no numbers)."), "",
              "| round | row | guards (ms/step) | size asserts (ms/step) | wrapper (ms/step) | ms/token | "
-             "llama.cpp ms/token | ratio | warm-up (s) | tokens |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "llama.cpp ms/token | ratio | ms/token with min_new_tokens | warm-up (s) | tokens |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         lines.append(f"| {r['round']} | {r['row']} | {r['guards_ms']:.2f} | {r['size_asserts_ms']:.2f} | "
                      f"{r['wrapper_ms']:.2f} | {r['ms_per_token']:.2f} | {r['llamacpp_ms_per_token']:.2f} | "
-                     f"{r['llamacpp_ms_per_token'] / r['ms_per_token']:.2f} | {r['warm_up_s']:.0f} | "
+                     f"{r['llamacpp_ms_per_token'] / r['ms_per_token']:.2f} | "
+                     f"{r['min_new_tokens_ms_per_token']:.2f} | {r['warm_up_s']:.0f} | "
                      f"`{r['tokens_sha1']}` |")
     lines.append("")
     for row in ROWS:
