@@ -363,7 +363,9 @@ def write_markdown(results: list[dict], args, meta: dict) -> str:
         f"({meta.get('cpu_flags', 'flags not recorded')}), {meta['cpu_count']} CPU cores, torch "
         f"on {args.threads} thread(s). "
         f"Prefill: one forward of {args.prefill_tokens} WikiText-2 tokens; decode: greedy generation of "
-        f"{args.new_tokens} new tokens after a 16-token prompt, batch 1, KV cache on. "
+        f"{args.new_tokens} new tokens after a 16-token prompt, batch 1, KV cache on"
+        + (" (exactly that many: `eos_token_id=None`, no end-of-sequence stop, as llama.cpp's `ignore_eos`). "
+           if meta.get("eos_none") else " (`min_new_tokens`). ")
         + ("The eager models (and llama.cpp) live in one process and are timed round-robin; the `+compile` rows "
            "in a second process, round-robin with an eager fp32 and llama.cpp of their own (in one pair of runs the "
            "eager rows decoded slower relative to fp32 beside compiled models). "
@@ -503,6 +505,7 @@ def main() -> None:
     meta = run_meta(args, options)
     meta.update(cpu=cpu_name(), cpu_flags=cpu_flags(), xllamacpp=_version("xllamacpp"), name=args.name,
                 dequant_t=True, llamacpp_process=True,  # runs since dequant-t and the llama.cpp child process
+                eos_none=True,  # and since decode stops at no end-of-sequence token (`generate_kwargs`)
                 compiled_process=True,  # and since the compiled rows' own process
                 compiled_with="compile_for_generation",  # and since the compiled rows use the library's helper
                 native=native_state(), native_paths=native_paths())

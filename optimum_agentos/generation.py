@@ -3,11 +3,11 @@
 `torch.compile` of `model.forward` with a static KV cache turns a decode step into one graph, but on a small model
 the compiled step still pays per-call checks that cost more than its element-wise work: dynamo evaluates about ten
 thousand guards on the module attributes the forward read, and inductor asserts the size and stride of each of the
-graph's ~800 inputs (SmolLM2-135M int4 on an AMD EPYC: 3-3.5 and 0.9-1.1 ms of a 17-19 ms step; BENCHMARKS.md,
-`compile_overhead`). `compile_for_generation` keeps the guards on the call's own inputs (token ids, cache tensors,
-positions), which pick the graph, and drops those on the model's modules and the size asserts: the model must not
-change after compiling (new modules, changed attributes, reshaped weights); compile a fresh copy instead. In-place
-updates of weight values are still read by the graph.
+graph's ~800 inputs (SmolLM2-135M int4 on an AMD EPYC: 2.7-3.0 and 0.8-0.9 ms of an 11.2-11.3 ms step;
+BENCHMARKS.md, `compile_overhead`). `compile_for_generation` keeps the guards on the call's own inputs (token ids,
+cache tensors, positions), which pick the graph, and drops those on the model's modules and the size asserts: the
+model must not change after compiling (new modules, changed attributes, reshaped weights); compile a fresh copy
+instead. In-place updates of weight values are still read by the graph.
 
 The compiled graphs also compute fused sibling layers (q/k/v, gate/up: `nn.fusion`) in one kernel call: each member
 calls the group's path on the same input, and a graph pass (`SharedCalls`) merges identical calls of the native
@@ -42,7 +42,7 @@ def compile_for_generation(model, *, check_modules: bool = False, dynamic: bool 
 
     Every decode step then runs one graph; the prompt runs another (one per prompt length with `dynamic=False`; past
     `torch._dynamo.config.recompile_limit` distinct lengths it runs eagerly). The first `generate` pays the
-    compile (SmolLM2-135M int4 on a 2-core AMD EPYC: 23-60 s, the warm-up column of BENCHMARKS.md's
+    compile (SmolLM2-135M int4 on a 2-core AMD EPYC: 16-42 s, the warm-up column of BENCHMARKS.md's
     `compile_overhead`). `check_modules=True` keeps dynamo's guards on the model's modules and
     inductor's size asserts (plain `torch.compile`), for a model that changes between calls. Returns the model.
     """

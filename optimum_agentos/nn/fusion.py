@@ -7,9 +7,10 @@ buffer, and each layer's own kernel buffer becomes a view of its rows in it (no 
 scales, a few KiB per layer, are copied). The first sibling called with an input runs the group's path (the packed
 kernel, or the native path reading its layout, whichever the siblings' measured routes give their shortest calls)
 once and keeps the others' outputs for that same input tensor (same object, same version); they return them. Any
-other call (another input, an in-place change, `inference_mode` tensors without a version, autograd on, compiled
-graphs, token counts beyond the group's path) computes the layer alone, exactly as without fusion. The paths compute
-each output row from its own weight row, so the outputs are the same numbers.
+other call (another input, an in-place change, `inference_mode` tensors without a version, autograd on, graphs
+compiled other than by `compile_for_generation`, token counts beyond the group's path) computes the layer alone,
+exactly as without fusion. The paths compute each output row from its own weight row, so the outputs are the same
+numbers.
 
 Siblings whose shortest calls chose different paths (SmolLM2 on an AVX-512 machine: q_proj the VNNI loop, the
 narrower k_proj and v_proj the float32 one) are timed at one token at load, the group on each of their paths against
