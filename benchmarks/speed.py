@@ -191,9 +191,9 @@ def worker(row: str, args) -> dict:
 def generate_kwargs(row: str, new_tokens: int) -> dict:
     """Greedy decoding of exactly `new_tokens`, as the llama.cpp rows (`ignore_eos`): no end-of-sequence token stops
     it (`eos_token_id=None`). `min_new_tokens` would do the same through a logits processor that masks the EOS token
-    over the whole vocabulary at every step (`arange`, `isin`, `where` on 49,152 logits: 0.4-0.9 ms of a 10 ms step
-    of SmolLM2 int4 in a profile), a cost of `generate`'s forced length that llama.cpp's one-token bias does not have
-    (BENCHMARKS.md, `compile_overhead`). Compiled rows use a static KV cache (fixed shapes, no recompiles)."""
+    over the whole vocabulary at every step (`arange`, `isin`, `where` on 49,152 logits), a cost of `generate`'s forced
+    length that llama.cpp's bias on the end-of-generation tokens does not have: 0.2-1.8 ms per token on SmolLM2 int4
+    compiled (BENCHMARKS.md, `compile_overhead`). Compiled rows use a static KV cache (fixed shapes, no recompiles)."""
     kwargs = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
     if row.endswith("+compile"):
         kwargs["cache_implementation"] = "static"

@@ -70,13 +70,15 @@ def compile_for_generation(model, *, check_modules: bool = False, dynamic: bool 
 
 class SharedCalls(CustomGraphPass):
     """Inductor graph pass: identical calls of an `agentos_native` kernel (same operator, same input nodes and
-    arguments) become one, as fused sibling layers make them (`nn.fusion.FusedGroup.traced_output`). The kernels are
-    pure functions of their inputs, so the merged call computes the same numbers."""
+    arguments) become one, as fused sibling layers make them (`nn.fusion.FusedGroup.traced_output`). Only operators
+    that write none of their arguments: those are pure functions of their inputs, so the merged call computes the
+    same numbers (a kernel writing into a buffer could find it changed between two identical calls)."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         seen = {}
         for node in list(graph.nodes):
-            if node.op != "call_function" or getattr(node.target, "namespace", None) != NAMESPACE:
+            if node.op != "call_function" or getattr(node.target, "namespace", None) != NAMESPACE \
+                    or node.target._schema.is_mutable:
                 continue
             key = (node.target, node.args, tuple(sorted(node.kwargs.items())))
             if key in seen:
