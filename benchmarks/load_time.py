@@ -7,6 +7,7 @@ cache folder, `warm` with the folder the cold load filled; medians of `--repeats
 
     python benchmarks/load_time.py
     python benchmarks/load_time.py --render-only
+    python benchmarks/load_time.py --name load_time-epyc         # another CPU's own section
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_description, load_for_render, publish, run_meta
+from common import cpu_description, load_for_render, markers, publish, run_meta
 
 NAME = "load_time"
-MARK_BEGIN, MARK_END = "<!-- load_time:begin -->", "<!-- load_time:end -->"
 CHECKPOINTS = ("agentos-int8", "agentos-int4-g128", "agentos-int4-g128-e8")  # built as speed.py builds them
 # `forced`: the load with no choice to make (`OPTIMUM_AGENTOS_KERNELS=<path>`: no timing, no cache), as loads were
 # before the measured dispatch; the repacking into the kernel's layout is the same
@@ -73,8 +73,11 @@ def measure(work: Path, repeats: int) -> list[dict]:
 
 def write_markdown(results: list[dict], meta: dict) -> str:
     fp32 = next(r["seconds"] for r in results if r["row"] == "fp32")
-    lines = [MARK_BEGIN, "## Load time and the kernel-choice cache: SmolLM2-135M-Instruct", "",
-             (f"Written by `python benchmarks/load_time.py` on {meta['date']}, {meta['cpu_count']} CPU cores "
+    name = meta.get("name", NAME)
+    command = "python benchmarks/load_time.py" + (f" --name {name}" if name != NAME else "")
+    lines = [markers(name)[0], "## Load time and the kernel-choice cache: SmolLM2-135M-Instruct"
+             + (f", {meta['cpu'].split(' (')[0]}" if name != NAME else ""), "",
+             (f"Written by `{command}` on {meta['date']}, {meta['cpu_count']} CPU cores "
               f"({meta.get('cpu', 'CPU model not recorded')}). Each "
               "load is a fresh process timing `AutoModelForCausalLM.from_pretrained` (imports excluded), median of "
               f"{meta['args']['repeats']}. Checkpoints: the speed table's round-to-nearest folders. `cold`: an empty "
@@ -94,15 +97,18 @@ def write_markdown(results: list[dict], meta: dict) -> str:
                       if "forced_s" in r else "- | -")
             lines.append(f"| {r['row']} | {r['cold_s']:.2f} | {r['warm_s']:.2f} | {forced} | "
                          f"{r['warm_s'] - fp32:+.2f} | {r['cold_s'] - r['warm_s']:.2f} |")
-    lines += ["", f"Raw results: `benchmarks/results/{NAME}.json`.", MARK_END]
+    lines += ["", f"Raw results: `benchmarks/results/{name}.json`.", markers(name)[1]]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--name", default=NAME,
+                        help="Results file and BENCHMARKS.md section (another name: another CPU's section beside "
+                             "this one).")
     parser.add_argument("--render-only", action="store_true",
-                        help=f"Rewrite the BENCHMARKS.md section from benchmarks/results/{NAME}.json.")
+                        help="Rewrite the BENCHMARKS.md section from benchmarks/results/NAME.json.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -110,7 +116,7 @@ def main() -> None:
         print(json.dumps({"seconds": child(args.child, Path(args.work))}))
         return
     if args.render_only:
-        results, meta = load_for_render(NAME)
+        results, meta = load_for_render(args.name)
     else:
         from speed import build_checkpoints
 
@@ -118,8 +124,8 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         build_checkpoints(work, list(CHECKPOINTS))
         results = measure(work, args.repeats)
-        meta = {**run_meta(args, ["repeats"]), "cpu": cpu_description()}
-    publish(NAME, results, write_markdown(results, meta), MARK_BEGIN, MARK_END, meta)
+        meta = {**run_meta(args, ["repeats"]), "cpu": cpu_description(), "name": args.name}
+    publish(args.name, results, write_markdown(results, meta), *markers(args.name), meta)
 
 
 if __name__ == "__main__":
