@@ -110,7 +110,7 @@ class FusedGroup:
 
 
 def _path(run):
-    """The few-token path (or packed kernel) class whose `run` this is."""
+    """The native few-token path (`native.FEW_TOKEN_PATHS`) whose `run` this is."""
     return next(path for path in native.FEW_TOKEN_PATHS if path.run is run)
 
 
