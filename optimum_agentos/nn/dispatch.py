@@ -222,10 +222,9 @@ def time_group(group, paths: list, dtype: torch.dtype) -> dict[str, float]:
     x = torch.randn(1, group.in_features).to(dtype)
     candidates = [*paths, _MembersAlone]
     members = torch.nn.ModuleList(group.members)  # evicts every member's tensors
-    samples = {path.name: [] for path in candidates}
+    warm_up, samples = ({path.name: [] for path in candidates} for _ in range(2))
     with torch.no_grad():
-        _time_rounds(group, candidates, x, samples, 1, members)  # warm-up
-        samples = {path.name: [] for path in candidates}
+        _time_rounds(group, candidates, x, warm_up, 1, members)
         _time_rounds(group, candidates, x, samples, REPEATS + CONFIRM_REPEATS, members)
     return {name: round(min(s) * 1e6, 1) for name, s in samples.items()}
 

@@ -140,7 +140,9 @@ def one_token_paths(members: list, accurate: list[set[str]]) -> list:
     member kept (`native.drop_unused`)."""
     chosen = {m.routes[0][1] for m in members if m.routes[0][1] is not m.kernel.run}
     paths = [_path(run) for run in chosen]
-    kept = all(getattr(m, buffer, None) is not None for m in members for buffer in native.INT4_BUFFERS[:2])
+    # the native int4 paths read these float32 scales and shifts, freed where none of a layer's routes used them
+    kept = all(getattr(m, buffer, None) is not None for m in members
+               for buffer in ("kernel_group_scales", "kernel_group_shifts"))
     return [p for p in sorted(paths, key=lambda p: p.name) if all(p.name in names for names in accurate)
             and (kept or members[0].kernel.name != "int4pack-bf16")]
 
